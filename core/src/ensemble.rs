@@ -1,0 +1,855 @@
+//! Combining the next-token distributions of several models.
+//!
+//! `M` models give logits `z_m` for the same `B` rows over a shared
+//! vocabulary of `V` tokens (model `m` may cover only its first `V_m <= V`
+//! tokens, with its own row stride and element type). [`combine`] writes one
+//! distribution per row, as `f32` log-probabilities and/or probabilities, plus
+//! optional per-row argmax and log-normalizer.
+//!
+//! # Modes
+//!
+//! With `T_m` the per-model temperature, `P_m = softmax(z_m / T_m)` and
+//! `T_out` the output temperature:
+//!
+//! - [`Mode::Linear`] ("logical OR"): `P ∝ (sum_m w_m P_m)^(1/T_out)`, with
+//!   `w_m >= 0`. Computed in log space as
+//!   `ln P(v) = LSE_m(ln(w_m / W) + z_m(v)/T_m - lse_m)` with `W = sum_m w_m`,
+//!   so a model assigning probability 0 to a token (or a token far in a
+//!   model's tail) is exact: the token keeps the mass the other models give
+//!   it. The weights are normalized by `W`; [`Output::log_normalizer`]
+//!   returns the mass, so `ln sum_m w_m P_m(v)` is `log_prob + log_normalizer`
+//!   when `T_out = 1`.
+//! - [`Mode::LogLinear`] ("logical AND", product of experts):
+//!   `P = softmax_v(sum_m c_m z_m)` with `c_m = lambda_m / (T_m T_out)` and
+//!   signed, unnormalized `lambda_m`. Per-model normalizers are constant
+//!   along the vocabulary and cancel, so raw logits suffice. Negative
+//!   coefficients give DExperts (`z_base + a (z_expert - z_anti)`),
+//!   contrastive decoding (`lambda = (1, -beta)`) or classifier-free guidance
+//!   (`(g, 1 - g)`). "Averaging logits" is log-linear with `lambda_m = 1/M`.
+//!
+//! Weights are per model ([`Weights::PerModel`]) or per row
+//! ([`Weights::PerRow`], a `B x M` table, for context-dependent interpolation
+//! from a router). A model whose weight (coefficient) is zero for a row is
+//! skipped: its logits are not read for that row.
+//!
+//! # Masks and edge cases
+//!
+//! - Tokens `v >= V_m` are `-inf` for model `m` (probability 0).
+//! - Log-linear: a token that is `-inf` in any model with a nonzero
+//!   coefficient is `-inf` in the output, whatever the sign of the coefficient
+//!   (never `0 * inf`, never `inf - inf`).
+//! - Linear: by default ([`MaskRule::All`]) a token is `-inf` in the output
+//!   only when every model with nonzero weight gives it `-inf` (probability 0
+//!   in all of them): that is what a mixture means. [`MaskRule::Any`] treats
+//!   `-inf` as a hard constraint from any model; the output is renormalized
+//!   over the surviving tokens.
+//! - Plausibility (contrastive decoding's `alpha`): with
+//!   [`Plausibility { model: j, alpha }`](Plausibility), only tokens with
+//!   `P_j(v) >= alpha * max_v P_j(v)` are kept (`P_j` at model `j`'s
+//!   temperature); the rest are `-inf` and the output is renormalized over
+//!   the kept set. Model `j` is read even if its weight is zero. `alpha = 0`
+//!   keeps every token; if model `j`'s row is fully masked nothing is kept.
+//! - A fully masked row (no token survives) gets log-probabilities `-inf`,
+//!   probabilities 0, log-normalizer `-inf`, argmax [`NO_TOKEN`], and is
+//!   counted in [`Report::masked_rows`].
+//! - A NaN or `+inf` logit read from a model used for the row (or a combined
+//!   score that overflows `f32`) makes the whole row NaN (argmax
+//!   [`NO_TOKEN`]), counted in [`Report::nan_rows`]. Logits are not
+//!   silently cleaned: a NaN is an upstream bug.
+//! - Log-linear rows with every coefficient zero are uniform over the tokens
+//!   the plausibility mask keeps (over all `V` without one).
+//!
+//! All arithmetic is `f32` with stable (max-shifted) exponentials. A call
+//! that returns `Err` writes nothing.
+
+use crate::element::{Element, widen};
+use crate::error::{Error, ensure, ensure_len, ensure_len_at};
+use crate::math::{exp, ln, max_fast};
+use crate::rowops::{Online, TILE, argmax, exp_shift_inplace, exp_shift_into, row_online};
+use crate::rows::{Rows, RowsMut};
+use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace};
+use half::{bf16, f16};
+
+/// Most models one call combines.
+pub const MAX_MODELS: usize = 64;
+
+/// Argmax value of a row with no valid token (fully masked or NaN).
+pub const NO_TOKEN: u32 = u32::MAX;
+
+/// One model's logits, of any supported element type.
+#[derive(Debug, Clone, Copy)]
+pub enum Logits<'a> {
+    /// `f32` logits.
+    F32(Rows<'a, f32>),
+    /// `f16` logits.
+    F16(Rows<'a, f16>),
+    /// `bf16` logits.
+    BF16(Rows<'a, bf16>),
+}
+
+impl<'a> From<Rows<'a, f32>> for Logits<'a> {
+    fn from(r: Rows<'a, f32>) -> Self {
+        Logits::F32(r)
+    }
+}
+impl<'a> From<Rows<'a, f16>> for Logits<'a> {
+    fn from(r: Rows<'a, f16>) -> Self {
+        Logits::F16(r)
+    }
+}
+impl<'a> From<Rows<'a, bf16>> for Logits<'a> {
+    fn from(r: Rows<'a, bf16>) -> Self {
+        Logits::BF16(r)
+    }
+}
+
+impl<'a> Logits<'a> {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            Logits::F32(r) => r.rows(),
+            Logits::F16(r) => r.rows(),
+            Logits::BF16(r) => r.rows(),
+        }
+    }
+
+    /// Valid vocabulary length of this model (its row length).
+    pub fn len(&self) -> usize {
+        match self {
+            Logits::F32(r) => r.len(),
+            Logits::F16(r) => r.len(),
+            Logits::BF16(r) => r.len(),
+        }
+    }
+
+    /// True if the model has no rows or an empty vocabulary.
+    pub fn is_empty(&self) -> bool {
+        self.rows() == 0 || self.len() == 0
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> crate::DType {
+        match self {
+            Logits::F32(_) => crate::DType::F32,
+            Logits::F16(_) => crate::DType::F16,
+            Logits::BF16(_) => crate::DType::BF16,
+        }
+    }
+
+    /// Elements `lo..hi` of row `b` as `f32`: borrowed for `f32` input,
+    /// widened into `buf` otherwise.
+    #[inline]
+    pub(crate) fn tile<'s>(&'s self, b: usize, lo: usize, hi: usize, buf: &'s mut [f32]) -> &'s [f32] {
+        fn w<'s, T: Element>(r: &[T], buf: &'s mut [f32]) -> &'s [f32] {
+            let t = &mut buf[..r.len()];
+            widen(r, t);
+            t
+        }
+        match self {
+            Logits::F32(r) => &r.row(b)[lo..hi],
+            Logits::F16(r) => w(&r.row(b)[lo..hi], buf),
+            Logits::BF16(r) => w(&r.row(b)[lo..hi], buf),
+        }
+    }
+
+    /// Online (max, sum) statistics of row `b` at `1/inv_t`.
+    pub(crate) fn online(&self, b: usize, inv_t: f32, tile: &mut [f32; TILE]) -> Online {
+        match self {
+            Logits::F32(r) => row_online(r.row(b), inv_t, tile),
+            Logits::F16(r) => row_online(r.row(b), inv_t, tile),
+            Logits::BF16(r) => row_online(r.row(b), inv_t, tile),
+        }
+    }
+}
+
+/// One input of a combination: logits and a temperature.
+#[derive(Debug, Clone, Copy)]
+pub struct Model<'a> {
+    /// `B` rows of this model's logits (row length `V_m <= V`).
+    pub logits: Logits<'a>,
+    /// Temperature `T_m > 0` applied to this model's logits.
+    pub temperature: f32,
+}
+
+impl<'a> Model<'a> {
+    /// A model at temperature 1.
+    pub fn new(logits: impl Into<Logits<'a>>) -> Self {
+        Self {
+            logits: logits.into(),
+            temperature: 1.0,
+        }
+    }
+
+    /// The same model at temperature `t`.
+    pub fn with_temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+}
+
+/// How the models combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Mixture of distributions, `sum_m w_m P_m` ("logical OR"); weights are
+    /// `>= 0` and normalized by their sum.
+    Linear,
+    /// Product of experts, `softmax(sum_m lambda_m z_m / T_m)` ("logical
+    /// AND"); coefficients are signed and not normalized.
+    LogLinear,
+}
+
+/// Which `-inf` logits mask a token in linear mode (log-linear mode always
+/// uses [`MaskRule::Any`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskRule {
+    /// A token is masked when every model with nonzero weight masks it.
+    #[default]
+    All,
+    /// A token is masked when any model with nonzero weight masks it.
+    Any,
+}
+
+/// Model weights (linear) or coefficients (log-linear).
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// One value per model (`M` values).
+    PerModel(&'a [f32]),
+    /// One row of `M` values per output row (`B x M`, any row stride).
+    PerRow(Rows<'a, f32>),
+}
+
+/// Contrastive decoding's plausibility constraint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plausibility {
+    /// The model whose distribution decides plausibility.
+    pub model: usize,
+    /// Keep tokens with `P_model(v) >= alpha * max P_model`; `0 <= alpha <= 1`.
+    pub alpha: f32,
+}
+
+/// Parameters of a combination.
+#[derive(Debug, Clone, Copy)]
+pub struct Config<'a> {
+    /// Linear or log-linear.
+    pub mode: Mode,
+    /// Weights or coefficients.
+    pub weights: Weights<'a>,
+    /// Output temperature `T_out > 0` (1 for none).
+    pub out_temperature: f32,
+    /// Optional plausibility mask.
+    pub plausibility: Option<Plausibility>,
+    /// Masking rule in linear mode.
+    pub mask_rule: MaskRule,
+}
+
+impl<'a> Config<'a> {
+    /// Linear interpolation with per-model weights, `T_out = 1`, no mask.
+    pub fn linear(weights: &'a [f32]) -> Self {
+        Self {
+            mode: Mode::Linear,
+            weights: Weights::PerModel(weights),
+            out_temperature: 1.0,
+            plausibility: None,
+            mask_rule: MaskRule::All,
+        }
+    }
+
+    /// Log-linear combination with per-model coefficients, `T_out = 1`, no mask.
+    pub fn log_linear(coefficients: &'a [f32]) -> Self {
+        Self {
+            mode: Mode::LogLinear,
+            ..Self::linear(coefficients)
+        }
+    }
+}
+
+/// Where a combination writes. At least one of `log_probs` and `probs` must
+/// be given; each given output has one entry (row) per output row.
+#[derive(Debug, Default)]
+pub struct Output<'o> {
+    /// `B x V` log-probabilities.
+    pub log_probs: Option<RowsMut<'o, f32>>,
+    /// `B x V` probabilities.
+    pub probs: Option<RowsMut<'o, f32>>,
+    /// Per row, the token with the highest probability (lowest index among
+    /// ties); [`NO_TOKEN`] for masked and NaN rows.
+    pub argmax: Option<&'o mut [u32]>,
+    /// Per row, `ln Z` of the row: `log_probs = u - ln Z` with `u` the
+    /// unnormalized log-score. Log-linear: `u_v = sum_m c_m z_m(v)` over kept
+    /// tokens. Linear: `u_v = ln(sum_m w_m P_m(v)) / T_out` over kept tokens
+    /// (so with `T_out = 1` and nothing masked, `ln Z = ln sum_m w_m`).
+    pub log_normalizer: Option<&'o mut [f32]>,
+}
+
+/// Validated, resolved parameters.
+struct Plan<'c, 'a> {
+    models: &'c [Model<'a>],
+    mode: Mode,
+    weights: Weights<'c>,
+    inv_t: [f32; MAX_MODELS],
+    inv_t_out: f32,
+    /// (model, ln alpha)
+    plaus: Option<(usize, f32)>,
+    mask_any: bool,
+    vocab: usize,
+}
+
+/// One active model of a row: its index and coefficient (log-linear) or
+/// weight (linear).
+#[derive(Clone, Copy, Default)]
+struct Active {
+    m: usize,
+    w: f32,
+}
+
+impl<'c, 'a> Plan<'c, 'a> {
+    fn new(models: &'c [Model<'a>], cfg: &Config<'c>, rows: usize, vocab: usize) -> Result<Self, Error> {
+        let m_count = models.len();
+        ensure(m_count > 0, Error::Empty { arg: "models" })?;
+        ensure(
+            m_count <= MAX_MODELS,
+            Error::TooLarge {
+                arg: "models",
+                index: 0,
+                max: MAX_MODELS,
+                got: m_count,
+            },
+        )?;
+        let mut inv_t = [0.0f32; MAX_MODELS];
+        for (i, md) in models.iter().enumerate() {
+            ensure_len_at("models.logits.rows", i, rows, md.logits.rows())?;
+            let v = md.logits.len();
+            ensure(
+                v <= vocab,
+                Error::TooLarge {
+                    arg: "models.logits.len",
+                    index: i,
+                    max: vocab,
+                    got: v,
+                },
+            )?;
+            inv_t[i] = inv_temperature("models.temperature", i, md.temperature)?;
+        }
+        let inv_t_out = inv_temperature("out_temperature", 0, cfg.out_temperature)?;
+        let plaus = match cfg.plausibility {
+            None => None,
+            Some(p) => {
+                ensure(
+                    p.model < m_count,
+                    Error::IndexOutOfBounds {
+                        arg: "plausibility.model",
+                        index: p.model,
+                        bound: m_count,
+                    },
+                )?;
+                ensure(
+                    !p.alpha.is_nan(),
+                    Error::NonFinite {
+                        arg: "plausibility.alpha",
+                        index: 0,
+                    },
+                )?;
+                ensure(
+                    (0.0..=1.0).contains(&p.alpha),
+                    Error::OutOfRange {
+                        arg: "plausibility.alpha",
+                        index: 0,
+                    },
+                )?;
+                Some((p.model, ln(p.alpha)))
+            }
+        };
+        // Weights: shape, finiteness, sign (linear), coefficient range.
+        let check_row = |ws: &[f32], row: usize| -> Result<(), Error> {
+            let mut sum = 0.0f32;
+            for (i, &w) in ws.iter().enumerate() {
+                let flat = row * m_count + i;
+                ensure(
+                    w.is_finite(),
+                    Error::NonFinite {
+                        arg: "weights",
+                        index: flat,
+                    },
+                )?;
+                match cfg.mode {
+                    Mode::Linear => {
+                        ensure(
+                            w >= 0.0,
+                            Error::OutOfRange {
+                                arg: "weights",
+                                index: flat,
+                            },
+                        )?;
+                        sum += w;
+                    }
+                    Mode::LogLinear => {
+                        let c = w * inv_t[i] * inv_t_out;
+                        ensure(
+                            c.is_finite(),
+                            Error::OutOfRange {
+                                arg: "weights",
+                                index: flat,
+                            },
+                        )?;
+                    }
+                }
+            }
+            if cfg.mode == Mode::Linear {
+                ensure(
+                    sum > 0.0,
+                    Error::ZeroSum {
+                        arg: "weights",
+                        index: row,
+                    },
+                )?;
+                ensure(
+                    sum.is_finite(),
+                    Error::OutOfRange {
+                        arg: "weights",
+                        index: row,
+                    },
+                )?;
+            }
+            Ok(())
+        };
+        match cfg.weights {
+            Weights::PerModel(ws) => {
+                ensure_len("weights", m_count, ws.len())?;
+                check_row(ws, 0)?;
+            }
+            Weights::PerRow(t) => {
+                ensure_len("weights.rows", rows, t.rows())?;
+                ensure_len("weights.len", m_count, t.len())?;
+                for b in 0..rows {
+                    check_row(t.row(b), b)?;
+                }
+            }
+        }
+        Ok(Plan {
+            models,
+            mode: cfg.mode,
+            weights: cfg.weights,
+            inv_t,
+            inv_t_out,
+            plaus,
+            mask_any: cfg.mode == Mode::LogLinear || cfg.mask_rule == MaskRule::Any,
+            vocab,
+        })
+    }
+
+    /// The models used by row `b` (nonzero weight), with their resolved
+    /// coefficient (log-linear) or weight (linear). Returns the count and,
+    /// for linear, the weight sum.
+    fn active(&self, b: usize, out: &mut [Active; MAX_MODELS]) -> (usize, f32) {
+        let ws = match self.weights {
+            Weights::PerModel(ws) => ws,
+            Weights::PerRow(t) => t.row(b),
+        };
+        let mut n = 0;
+        let mut sum = 0.0f32;
+        for (m, &w) in ws.iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            let w = match self.mode {
+                Mode::Linear => {
+                    sum += w;
+                    w
+                }
+                Mode::LogLinear => w * self.inv_t[m] * self.inv_t_out,
+            };
+            out[n] = Active { m, w };
+            n += 1;
+        }
+        (n, sum)
+    }
+}
+
+/// Per-row result of the row engine.
+#[derive(Clone, Copy)]
+struct RowOut {
+    status: RowStatus,
+    log_z: f32,
+}
+
+/// Scratch tiles for one call (on the stack, about 24 KiB).
+struct Scratch {
+    conv: [f32; TILE],
+    acc: [f32; TILE],
+    mn: [f32; TILE],
+    conv2: [f32; TILE],
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            conv: [0.0; TILE],
+            acc: [0.0; TILE],
+            mn: [0.0; TILE],
+            conv2: [0.0; TILE],
+        }
+    }
+}
+
+/// The plausibility threshold of a row in model `j`'s raw logit units:
+/// keep `v` iff `z_j(v) >= thr`. `Err(status)` when the model's row decides
+/// the whole row (NaN, or fully masked so nothing is kept).
+fn plaus_threshold(plan: &Plan<'_, '_>, b: usize, s: &mut Scratch) -> Result<Option<f32>, RowStatus> {
+    let Some((j, ln_alpha)) = plan.plaus else {
+        return Ok(None);
+    };
+    let o = plan.models[j].logits.online(b, plan.inv_t[j], &mut s.conv);
+    if o.bad {
+        return Err(RowStatus::Nan);
+    }
+    if o.max == f32::NEG_INFINITY {
+        return Err(RowStatus::Masked);
+    }
+    // z/T_j - max/T_j >= ln alpha  <=>  z >= max + T_j ln alpha.
+    Ok(Some(o.max + ln_alpha / plan.inv_t[j]))
+}
+
+/// Applies the plausibility mask of model `j` to `out[lo..hi]`.
+fn apply_plausibility(
+    plan: &Plan<'_, '_>,
+    b: usize,
+    lo: usize,
+    out: &mut [f32],
+    thr: f32,
+    conv: &mut [f32; TILE],
+) {
+    let (j, _) = plan.plaus.expect("threshold implies plausibility");
+    let md = &plan.models[j].logits;
+    let hi = lo + out.len();
+    let vj = md.len().min(hi);
+    if lo < vj {
+        let z = md.tile(b, lo, vj, conv);
+        for (o, &zj) in out.iter_mut().zip(z) {
+            *o = if zj >= thr { *o } else { f32::NEG_INFINITY };
+        }
+    }
+    let keep = vj.saturating_sub(lo);
+    // Beyond model j's vocabulary P_j = 0: kept only when alpha = 0.
+    if thr > f32::NEG_INFINITY {
+        out[keep..].fill(f32::NEG_INFINITY);
+    }
+}
+
+/// Log-linear row: `out = sum c_m z_m` with masks, then normalized in place.
+fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
+    let mut act = [Active::default(); MAX_MODELS];
+    let (n, _) = plan.active(b, &mut act);
+    let act = &act[..n];
+    let thr = match plaus_threshold(plan, b, s) {
+        Ok(t) => t,
+        Err(st) => return fill_status(out, st),
+    };
+    let mut online = Online::EMPTY;
+    let v = plan.vocab;
+    let mut lo = 0;
+    while lo < v {
+        let hi = (lo + TILE).min(v);
+        let acc = &mut out[lo..hi];
+        acc.fill(0.0);
+        for a in act {
+            let md = &plan.models[a.m].logits;
+            let vm = md.len().min(hi);
+            if lo < vm {
+                let z = md.tile(b, lo, vm, &mut s.conv);
+                let c = a.w;
+                let part = &mut acc[..vm - lo];
+                if c > 0.0 {
+                    for (o, &x) in part.iter_mut().zip(z) {
+                        *o += c * x;
+                    }
+                } else {
+                    // c < 0: a masked logit must give -inf, not +inf; a +inf
+                    // logit is invalid and must surface as NaN.
+                    for (o, &x) in part.iter_mut().zip(z) {
+                        let invalid = x == f32::INFINITY;
+                        let x = if x == f32::NEG_INFINITY { f32::INFINITY } else { x };
+                        let x = if invalid { f32::NAN } else { x };
+                        *o += c * x;
+                    }
+                }
+            }
+            let keep = vm.saturating_sub(lo);
+            acc[keep..].fill(f32::NEG_INFINITY);
+        }
+        if let Some(t) = thr {
+            apply_plausibility(plan, b, lo, acc, t, &mut s.conv);
+        }
+        online.push(acc, 1.0);
+        if online.bad {
+            break;
+        }
+        lo = hi;
+    }
+    finish_log_row(out, online)
+}
+
+/// Writes the status fill of a row decided without computing it.
+fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
+    match st {
+        RowStatus::Nan => {
+            out.fill(f32::NAN);
+            RowOut {
+                status: st,
+                log_z: f32::NAN,
+            }
+        }
+        _ => {
+            out.fill(f32::NEG_INFINITY);
+            RowOut {
+                status: RowStatus::Masked,
+                log_z: f32::NEG_INFINITY,
+            }
+        }
+    }
+}
+
+/// Finishes a row of unnormalized scores `u` (already in `out`) with online
+/// statistics `o` (computed at `inv_t = 1`): `out = u - ln Z`.
+fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
+    if o.bad {
+        return fill_status(out, RowStatus::Nan);
+    }
+    if o.max == f32::NEG_INFINITY {
+        return fill_status(out, RowStatus::Masked);
+    }
+    let log_z = o.max + o.log_sum();
+    for x in out.iter_mut() {
+        *x -= log_z;
+    }
+    RowOut {
+        status: RowStatus::Ok,
+        log_z,
+    }
+}
+
+/// Per-model statistics for the linear pass 2.
+#[derive(Clone, Copy, Default)]
+struct LinModel {
+    m: usize,
+    max: f32,
+    inv_t: f32,
+    off: f32,
+}
+
+/// Linear row: per-model log-sum-exp, then the per-token LSE over models.
+fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
+    let mut act = [Active::default(); MAX_MODELS];
+    let (n, wsum) = plan.active(b, &mut act);
+    let thr = match plaus_threshold(plan, b, s) {
+        Ok(t) => t,
+        Err(st) => return fill_status(out, st),
+    };
+    let ln_w = ln(wsum);
+    // Pass 1: per-model (max, sum).
+    let mut lm = [LinModel::default(); MAX_MODELS];
+    let mut k = 0;
+    for a in &act[..n] {
+        let md = &plan.models[a.m].logits;
+        let o = md.online(b, plan.inv_t[a.m], &mut s.conv);
+        if o.bad {
+            return fill_status(out, RowStatus::Nan);
+        }
+        if o.max == f32::NEG_INFINITY {
+            if plan.mask_any {
+                return fill_status(out, RowStatus::Masked);
+            }
+            continue; // contributes nothing
+        }
+        lm[k] = LinModel {
+            m: a.m,
+            max: o.max,
+            inv_t: plan.inv_t[a.m],
+            off: ln(a.w) - ln_w - o.log_sum(),
+        };
+        k += 1;
+    }
+    if k == 0 {
+        return fill_status(out, RowStatus::Masked);
+    }
+    let lm = &lm[..k];
+    let v = plan.vocab;
+    let renorm = plan.mask_any || thr.is_some() || plan.inv_t_out != 1.0;
+    let mut lo = 0;
+    while lo < v {
+        let hi = (lo + TILE).min(v);
+        let n_t = hi - lo;
+        let mx = &mut out[lo..hi];
+        mx.fill(f32::NEG_INFINITY);
+        let mn = &mut s.mn[..n_t];
+        mn.fill(f32::INFINITY);
+        // Sweep 1: per-token max (and min, for MaskRule::Any) over models.
+        for l in lm {
+            let md = &plan.models[l.m].logits;
+            let vm = md.len().min(hi);
+            if lo < vm {
+                let z = md.tile(b, lo, vm, &mut s.conv);
+                for ((o, q), &x) in mx.iter_mut().zip(mn.iter_mut()).zip(z) {
+                    let y = (x - l.max) * l.inv_t + l.off;
+                    *o = max_fast(y, *o);
+                    *q = if y < *q { y } else { *q };
+                }
+            }
+            let keep = vm.saturating_sub(lo);
+            mn[keep..].fill(f32::NEG_INFINITY);
+        }
+        // Sweep 2: sum of exp(y - max) over models.
+        let acc = &mut s.acc[..n_t];
+        acc.fill(0.0);
+        for l in lm {
+            let md = &plan.models[l.m].logits;
+            let vm = md.len().min(hi);
+            if lo < vm {
+                let z = md.tile(b, lo, vm, &mut s.conv);
+                for ((a, &m), &x) in acc.iter_mut().zip(mx.iter()).zip(z) {
+                    let y = (x - l.max) * l.inv_t + l.off;
+                    // m is -inf only when y is too: skip (exp(NaN) otherwise).
+                    let m = if m == f32::NEG_INFINITY { 0.0 } else { m };
+                    *a += exp(y - m);
+                }
+            }
+        }
+        let mask_any = plan.mask_any;
+        for ((o, &a), &q) in mx.iter_mut().zip(acc.iter()).zip(mn.iter()) {
+            let r = *o + ln(a);
+            let r = if *o == f32::NEG_INFINITY {
+                f32::NEG_INFINITY
+            } else {
+                r
+            };
+            *o = if mask_any && q == f32::NEG_INFINITY {
+                f32::NEG_INFINITY
+            } else {
+                r
+            };
+        }
+        if let Some(t) = thr {
+            apply_plausibility(plan, b, lo, mx, t, &mut s.conv2);
+        }
+        lo = hi;
+    }
+    if !renorm {
+        return RowOut {
+            status: RowStatus::Ok,
+            log_z: ln_w,
+        };
+    }
+    let (lse, st) = log_softmax_row_inplace(out, plan.inv_t_out);
+    match st {
+        RowStatus::Ok => RowOut {
+            status: st,
+            log_z: ln_w * plan.inv_t_out + lse,
+        },
+        other => fill_status(out, other),
+    }
+}
+
+/// Combines `models` into one distribution per row.
+///
+/// The output shape is taken from `out`: `B` rows of `V` tokens. Every
+/// model must have `B` rows and `V_m <= V` tokens. See the module
+/// documentation for the exact semantics and edge cases.
+///
+/// Errors (checked before anything is written):
+/// [`Error::Empty`] (`models`), [`Error::TooLarge`] (`models` beyond
+/// [`MAX_MODELS`], `models.logits.len` beyond `V`, `vocab` beyond `u32` ids
+/// when `argmax` is asked for), [`Error::LengthMismatch`] (row counts, the
+/// weight list or table, the per-row outputs, `probs` vs `log_probs`),
+/// [`Error::NonFinite`] / [`Error::OutOfRange`] (temperatures, weights,
+/// negative linear weights, coefficients whose scaled value overflows,
+/// `plausibility.alpha` outside `[0, 1]`), [`Error::ZeroSum`] (linear
+/// weights of a row summing to 0), [`Error::IndexOutOfBounds`]
+/// (`plausibility.model`), [`Error::Unsupported`] (neither `log_probs` nor
+/// `probs` given).
+///
+/// ```
+/// use medley_core::{Rows, RowsMut, ensemble::{combine, Config, Model, Output}};
+/// // Two models, one row, four tokens.
+/// let a = [2.0f32, 1.0, 0.0, f32::NEG_INFINITY];
+/// let b = [0.0f32, 1.0, 2.0, 3.0];
+/// let models = [Model::new(Rows::single(&a)), Model::new(Rows::single(&b))];
+/// let mut lp = [0.0f32; 4];
+/// let mut best = [0u32; 1];
+/// let out = Output { log_probs: Some(RowsMut::single(&mut lp)), argmax: Some(&mut best), ..Default::default() };
+/// let report = combine(&models, &Config::linear(&[0.5, 0.5]), out).unwrap();
+/// assert!(report.is_clean());
+/// // Token 3 is impossible under model a but keeps model b's mass (OR).
+/// assert!(lp[3].is_finite());
+/// let total: f32 = lp.iter().map(|x| x.exp()).sum();
+/// assert!((total - 1.0).abs() < 1e-6);
+/// ```
+pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> Result<Report, Error> {
+    let (rows, vocab) = match (&out.log_probs, &out.probs) {
+        (Some(l), Some(p)) => {
+            ensure_len("probs.rows", l.rows(), p.rows())?;
+            ensure_len("probs.len", l.len(), p.len())?;
+            (l.rows(), l.len())
+        }
+        (Some(l), None) => (l.rows(), l.len()),
+        (None, Some(p)) => (p.rows(), p.len()),
+        (None, None) => {
+            return Err(Error::Unsupported {
+                what: "no row output: give log_probs or probs",
+            });
+        }
+    };
+    if let Some(a) = &out.argmax {
+        ensure_len("argmax", rows, a.len())?;
+        ensure(
+            vocab <= u32::MAX as usize,
+            Error::TooLarge {
+                arg: "vocab",
+                index: 0,
+                max: u32::MAX as usize,
+                got: vocab,
+            },
+        )?;
+    }
+    if let Some(z) = &out.log_normalizer {
+        ensure_len("log_normalizer", rows, z.len())?;
+    }
+    let plan = Plan::new(models, cfg, rows, vocab)?;
+    let mut s = Scratch::new();
+    let mut report = Report::default();
+    for b in 0..rows {
+        // The log-probability row, or the probability row used as scratch.
+        let r = match (&mut out.log_probs, &mut out.probs) {
+            (Some(l), _) => combine_row(&plan, b, l.row_mut(b), &mut s),
+            (None, Some(p)) => combine_row(&plan, b, p.row_mut(b), &mut s),
+            (None, None) => unreachable!("checked above"),
+        };
+        report.add(r.status);
+        if let Some(a) = out.argmax.as_deref_mut() {
+            let row = match (&out.log_probs, &out.probs) {
+                (Some(l), _) => l.row(b),
+                (None, Some(p)) => p.row(b),
+                (None, None) => unreachable!("checked above"),
+            };
+            a[b] = match r.status {
+                RowStatus::Ok => argmax(row).map_or(NO_TOKEN, |i| i as u32),
+                _ => NO_TOKEN,
+            };
+        }
+        if let Some(z) = out.log_normalizer.as_deref_mut() {
+            z[b] = r.log_z;
+        }
+        match (&mut out.log_probs, &mut out.probs) {
+            (Some(l), Some(p)) => exp_shift_into(l.row(b), 0.0, p.row_mut(b)),
+            (None, Some(p)) => exp_shift_inplace(p.row_mut(b), 0.0),
+            _ => {}
+        }
+    }
+    Ok(report)
+}
+
+/// Writes row `b`'s log-probabilities into `out` (length `V`).
+fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
+    match plan.mode {
+        Mode::LogLinear => loglinear_row(plan, b, out, s),
+        Mode::Linear => linear_row(plan, b, out, s),
+    }
+}

@@ -1,0 +1,41 @@
+#![no_std]
+#![forbid(unsafe_code)]
+#![doc(test(attr(deny(warnings))))]
+//! # medley-core
+//!
+//! The `no_std`, allocation-free numeric core of medley: primitives for
+//! combining models.
+//!
+//! - [`softmax`]: softmax, log-softmax and log-sum-exp over strided rows,
+//!   with temperature and defined behaviour for masked, `+inf` and NaN rows.
+//! - [`ensemble`]: combining the next-token distributions of several models
+//!   (linear and log-linear interpolation, per-row weights, temperatures,
+//!   padded vocabularies, plausibility masks).
+//!
+//! ## Conventions (every module follows them)
+//!
+//! - The caller provides every buffer; nothing allocates. Inputs are slices
+//!   or [`Rows`] views (rows, length, stride), outputs are `&mut` slices or
+//!   [`RowsMut`] views.
+//! - Inputs may be `f32`, [`f16`] or [`bf16`] ([`Element`]); arithmetic and
+//!   accumulation are `f32`.
+//! - Every fallible function returns `Result<_, `[`Error`]`>`; the error
+//!   names the argument (and index) that was wrong, and a failed call leaves
+//!   its outputs untouched.
+//! - Row-wise functions return a [`Report`] counting fully masked rows and
+//!   rows whose outputs are NaN, so no NaN leaves the core unflagged.
+//! - No `unsafe`: the crate is `#![forbid(unsafe_code)]`.
+
+pub mod element;
+pub mod ensemble;
+pub mod error;
+pub mod math;
+pub(crate) mod rowops;
+pub mod rows;
+pub mod softmax;
+
+pub use element::{DType, Element};
+pub use error::Error;
+pub use half::{bf16, f16};
+pub use rows::{Rows, RowsMut};
+pub use softmax::Report;

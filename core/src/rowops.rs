@@ -1,0 +1,188 @@
+//! Vectorizable row kernels shared by the softmax family, the ensemble and
+//! distillation. Internal: every function works on already-validated `f32`
+//! tiles and is written as fixed-width lane loops so that LLVM emits SIMD.
+
+use crate::element::{Element, widen};
+use crate::math::{exp, ln, max_fast};
+
+/// Lanes of the SIMD-shaped loops (two AVX or four SSE registers).
+pub(crate) const LANES: usize = 16;
+/// Elements converted and processed at a time; a tile of `f32` stays in L1.
+pub(crate) const TILE: usize = 2048;
+
+/// Maximum of `t` (NaN-blind) and whether `t` holds a NaN or `+inf`.
+#[inline]
+pub(crate) fn max_and_bad(t: &[f32]) -> (f32, bool) {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut bad = [0u32; LANES];
+    let mut it = t.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            mx[j] = max_fast(c[j], mx[j]);
+            bad[j] |= (!(c[j] < f32::INFINITY) & (c[j] != f32::NEG_INFINITY)) as u32;
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    let mut b = 0u32;
+    for &x in it.remainder() {
+        m = max_fast(x, m);
+        b |= (!(x < f32::INFINITY) & (x != f32::NEG_INFINITY)) as u32;
+    }
+    for j in 0..LANES {
+        m = max_fast(mx[j], m);
+        b |= bad[j];
+    }
+    (m, b != 0)
+}
+
+/// `sum_i exp((t_i - m) * inv_t)` with lane-wise partial sums.
+/// Requires `m` finite and `>= t_i` for all finite `t_i`.
+#[inline]
+pub(crate) fn sum_exp_shifted(t: &[f32], m: f32, inv_t: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = t.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += exp((c[j] - m) * inv_t);
+        }
+    }
+    let mut s = 0.0f32;
+    for &x in it.remainder() {
+        s += exp((x - m) * inv_t);
+    }
+    pairwise_sum(&acc) + s
+}
+
+/// Sum of 16 lanes as a balanced tree.
+#[inline(always)]
+pub(crate) fn pairwise_sum(a: &[f32; LANES]) -> f32 {
+    let mut b = [0.0f32; 8];
+    for j in 0..8 {
+        b[j] = a[j] + a[j + 8];
+    }
+    let c = [b[0] + b[4], b[1] + b[5], b[2] + b[6], b[3] + b[7]];
+    (c[0] + c[2]) + (c[1] + c[3])
+}
+
+/// Running (max, sum of exp) of a stream of values, in "raw" units: the
+/// represented quantity is `sum exp((x - max) * inv_t)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Online {
+    pub(crate) max: f32,
+    pub(crate) sum: f32,
+    pub(crate) bad: bool,
+}
+
+impl Online {
+    pub(crate) const EMPTY: Online = Online {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        bad: false,
+    };
+
+    /// Folds one `f32` tile in.
+    #[inline]
+    pub(crate) fn push(&mut self, t: &[f32], inv_t: f32) {
+        let (cm, cbad) = max_and_bad(t);
+        if cbad {
+            self.bad = true;
+            return;
+        }
+        if cm > self.max {
+            // (old - new) * inv_t is -inf when old is -inf: exp gives 0.
+            self.sum *= exp((self.max - cm) * inv_t);
+            self.max = cm;
+        }
+        if self.max > f32::NEG_INFINITY {
+            self.sum += sum_exp_shifted(t, self.max, inv_t);
+        }
+    }
+
+    /// `ln sum exp((x - max) * inv_t)`; the row's log-sum-exp (scaled
+    /// units) is `max * inv_t + log_sum()`.
+    #[inline]
+    pub(crate) fn log_sum(&self) -> f32 {
+        ln(self.sum)
+    }
+}
+
+/// Online statistics of a row of any element type, tile by tile.
+pub(crate) fn row_online<T: Element>(row: &[T], inv_t: f32, tile: &mut [f32; TILE]) -> Online {
+    let mut o = Online::EMPTY;
+    for chunk in row.chunks(TILE) {
+        let t = &mut tile[..chunk.len()];
+        widen(chunk, t);
+        o.push(t, inv_t);
+        if o.bad {
+            break;
+        }
+    }
+    o
+}
+
+/// What a row holds that the fast path cannot handle: NaN, or `+inf` (and how
+/// many). Only called after a tile reported "bad".
+pub(crate) fn classify_bad<T: Element>(row: &[T]) -> Bad {
+    let mut n_inf = 0usize;
+    for x in row {
+        let x = x.to_f32();
+        if x.is_nan() {
+            return Bad::Nan;
+        }
+        if x == f32::INFINITY {
+            n_inf += 1;
+        }
+    }
+    Bad::PosInf(n_inf)
+}
+
+/// Classification of a row with non-finite maxima.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bad {
+    /// At least one NaN.
+    Nan,
+    /// No NaN; this many `+inf` entries (at least one).
+    PosInf(usize),
+}
+
+/// `out_i = (x_i - m) * inv_t - c` (log-softmax finish).
+#[inline]
+pub(crate) fn write_shift_scale<T: Element>(x: &[T], m: f32, inv_t: f32, c: f32, out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v.to_f32() - m) * inv_t - c;
+    }
+}
+
+/// `out_i = exp((x_i - m) * inv_t) * scale` (softmax finish).
+#[inline]
+pub(crate) fn write_exp_scale<T: Element>(x: &[T], m: f32, inv_t: f32, scale: f32, out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = exp((v.to_f32() - m) * inv_t) * scale;
+    }
+}
+
+/// `out_i = exp(x_i - c)` in place.
+#[inline]
+pub(crate) fn exp_shift_inplace(x: &mut [f32], c: f32) {
+    for v in x.iter_mut() {
+        *v = exp(*v - c);
+    }
+}
+
+/// `out_i = exp(x_i - c)` from `x` into `out`.
+#[inline]
+pub(crate) fn exp_shift_into(x: &[f32], c: f32, out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = exp(*v - c);
+    }
+}
+
+/// Index of the first maximum of `x` among values `> -inf`, or `None` when
+/// every value is `-inf` (or `x` is empty). NaN values are never chosen.
+pub(crate) fn argmax(x: &[f32]) -> Option<usize> {
+    let (m, _) = max_and_bad(x);
+    if m == f32::NEG_INFINITY || m.is_nan() {
+        return None;
+    }
+    x.iter().position(|&v| v == m)
+}
