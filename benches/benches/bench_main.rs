@@ -1,0 +1,8 @@
+//! The one benchmark entry point: `cargo bench -p medley-benches`
+//! (filter with `-- <group>`, e.g. `-- ensemble`).
+
+use criterion::criterion_main;
+
+mod ensemble;
+
+criterion_main!(ensemble::benches);

@@ -1,0 +1,65 @@
+//! Ensemble combination on one core: input logits per second against a
+//! memcpy of the same input bytes.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use medley_benches::{memcpy_ceiling, random_f32};
+use medley_core::bf16;
+use medley_core::ensemble::{Config, Logits, Model, Output, combine};
+use medley_core::{Rows, RowsMut};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn ensemble(c: &mut Criterion) {
+    for &v in &[32_000usize, 128_256] {
+        for &b in &[1usize, 64] {
+            for &m in &[2usize, 4, 8] {
+                let n = m * b * v;
+                let mut group = c.benchmark_group(format!("ensemble/M{m}_B{b}_V{v}"));
+                group
+                    .sample_size(10)
+                    .warm_up_time(Duration::from_millis(300))
+                    .measurement_time(Duration::from_secs(1));
+                memcpy_ceiling(&mut group, n * 4, n as u64);
+                let data = random_f32(7, n, 8.0);
+                let data_bf: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                let mut out = vec![0.0f32; b * v];
+                let weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
+                let coefs: Vec<f32> = (0..m).map(|i| if i == m - 1 { -0.5 } else { 1.0 }).collect();
+                group.throughput(Throughput::Elements(n as u64));
+                for dtype in ["f32", "bf16"] {
+                    let models: Vec<Model<'_>> = (0..m)
+                        .map(|i| {
+                            let logits: Logits<'_> = if dtype == "f32" {
+                                Rows::dense(&data[i * b * v..(i + 1) * b * v], b, v)
+                                    .unwrap()
+                                    .into()
+                            } else {
+                                Rows::dense(&data_bf[i * b * v..(i + 1) * b * v], b, v)
+                                    .unwrap()
+                                    .into()
+                            };
+                            Model::new(logits)
+                        })
+                        .collect();
+                    for (mode, cfg) in [
+                        ("linear", Config::linear(&weights)),
+                        ("loglinear", Config::log_linear(&coefs)),
+                    ] {
+                        group.bench_function(BenchmarkId::new(mode, dtype), |bch| {
+                            bch.iter(|| {
+                                let o = Output {
+                                    log_probs: Some(RowsMut::dense(&mut out, b, v).unwrap()),
+                                    ..Default::default()
+                                };
+                                black_box(combine(black_box(&models), &cfg, o).unwrap())
+                            })
+                        });
+                    }
+                }
+                group.finish();
+            }
+        }
+    }
+}
+
+criterion_group!(benches, ensemble);

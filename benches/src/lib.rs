@@ -1,0 +1,36 @@
+//! Shared helpers for medley's criterion benchmarks: deterministic inputs and
+//! the memcpy ceiling every memory-bound benchmark is measured against.
+
+use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
+use std::hint::black_box;
+
+/// Deterministic pseudo-random `f32` values in `[-scale, scale)`
+/// (SplitMix64), so runs compare like with like.
+pub fn random_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Adds a `memcpy` of `bytes` bytes to `group` under the id `memcpy`,
+/// with throughput reported as `elements` (so it reads in the same unit as
+/// the benchmarks beside it). This is the ceiling of a one-pass kernel.
+pub fn memcpy_ceiling(group: &mut BenchmarkGroup<'_, WallTime>, bytes: usize, elements: u64) {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    group.throughput(Throughput::Elements(elements));
+    group.bench_function("memcpy", |b| {
+        b.iter(|| {
+            dst.copy_from_slice(black_box(&src));
+            black_box(&mut dst);
+        })
+    });
+}
