@@ -18,7 +18,9 @@
 //!   model's tail) is exact: the token keeps the mass the other models give
 //!   it. The weights are normalized by `W`; [`Output::log_normalizer`]
 //!   returns the mass, so `ln sum_m w_m P_m(v)` is `log_prob + log_normalizer`
-//!   when `T_out = 1`.
+//!   when `T_out = 1`. A model whose row is fully masked has no distribution
+//!   for that row: it leaves the mixture and its weight does not count in
+//!   `W` ([`MaskRule::All`]), or it masks the whole row ([`MaskRule::Any`]).
 //! - [`Mode::LogLinear`] ("logical AND", product of experts):
 //!   `P = softmax_v(sum_m c_m z_m)` with `c_m = lambda_m / (T_m T_out)` and
 //!   signed, unnormalized `lambda_m`. Per-model normalizers are constant
@@ -282,7 +284,7 @@ pub struct Output<'o> {
 }
 
 /// Validated, resolved parameters.
-struct Plan<'c, 'a> {
+pub(crate) struct Plan<'c, 'a> {
     models: &'c [Model<'a>],
     mode: Mode,
     weights: Weights<'c>,
@@ -303,7 +305,12 @@ struct Active {
 }
 
 impl<'c, 'a> Plan<'c, 'a> {
-    fn new(models: &'c [Model<'a>], cfg: &Config<'c>, rows: usize, vocab: usize) -> Result<Self, Error> {
+    pub(crate) fn new(
+        models: &'c [Model<'a>],
+        cfg: &Config<'c>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Self, Error> {
         let m_count = models.len();
         ensure(m_count > 0, Error::Empty { arg: "models" })?;
         ensure(
@@ -467,21 +474,21 @@ impl<'c, 'a> Plan<'c, 'a> {
 
 /// Per-row result of the row engine.
 #[derive(Clone, Copy)]
-struct RowOut {
-    status: RowStatus,
-    log_z: f32,
+pub(crate) struct RowOut {
+    pub(crate) status: RowStatus,
+    pub(crate) log_z: f32,
 }
 
 /// Scratch tiles for one call (on the stack, about 24 KiB).
-struct Scratch {
-    conv: [f32; TILE],
+pub(crate) struct Scratch {
+    pub(crate) conv: [f32; TILE],
     acc: [f32; TILE],
     mn: [f32; TILE],
     conv2: [f32; TILE],
 }
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Scratch {
             conv: [0.0; TILE],
             acc: [0.0; TILE],
@@ -639,15 +646,16 @@ struct LinModel {
 /// Linear row: per-model log-sum-exp, then the per-token LSE over models.
 fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     let mut act = [Active::default(); MAX_MODELS];
-    let (n, wsum) = plan.active(b, &mut act);
+    let (n, _) = plan.active(b, &mut act);
     let thr = match plaus_threshold(plan, b, s) {
         Ok(t) => t,
         Err(st) => return fill_status(out, st),
     };
-    let ln_w = ln(wsum);
-    // Pass 1: per-model (max, sum).
+    // Pass 1: per-model (max, sum). A model whose row is fully masked has no
+    // distribution: it leaves the mixture (MaskRule::All) or masks the row.
     let mut lm = [LinModel::default(); MAX_MODELS];
     let mut k = 0;
+    let mut wsum = 0.0f32;
     for a in &act[..n] {
         let md = &plan.models[a.m].logits;
         let o = md.online(b, plan.inv_t[a.m], &mut s.conv);
@@ -658,18 +666,23 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
             if plan.mask_any {
                 return fill_status(out, RowStatus::Masked);
             }
-            continue; // contributes nothing
+            continue;
         }
+        wsum += a.w;
         lm[k] = LinModel {
             m: a.m,
             max: o.max,
             inv_t: plan.inv_t[a.m],
-            off: ln(a.w) - ln_w - o.log_sum(),
+            off: ln(a.w) - o.log_sum(),
         };
         k += 1;
     }
     if k == 0 {
         return fill_status(out, RowStatus::Masked);
+    }
+    let ln_w = ln(wsum);
+    for l in &mut lm[..k] {
+        l.off -= ln_w;
     }
     let lm = &lm[..k];
     let v = plan.vocab;
@@ -847,7 +860,7 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
 }
 
 /// Writes row `b`'s log-probabilities into `out` (length `V`).
-fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
+pub(crate) fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     match plan.mode {
         Mode::LogLinear => loglinear_row(plan, b, out, s),
         Mode::Linear => linear_row(plan, b, out, s),
