@@ -855,3 +855,22 @@ fn errors_name_the_argument_and_leave_outputs_untouched() {
         }
     );
 }
+
+#[test]
+fn deep_tail_log_probs_do_not_underflow() {
+    // Token 1 has log-probability about -150 under both models: far below
+    // f32's smallest probability, but its log-probability is representable.
+    let a = [0.0f32, -150.0, 0.0];
+    let b = [0.0f32, -151.0, -1.0];
+    let r = one_row(&[&a, &b], &Config::linear(&[1.0, 1.0]));
+    let la = -150.0 - (2.0f64 + (-150f64).exp()).ln();
+    let lb = -151.0 - (1.0f64 + (-1f64).exp() + (-151f64).exp()).ln();
+    let want = ((0.5 * la.exp() + 0.5 * lb.exp()) as f64).ln();
+    let want = if want.is_finite() {
+        want
+    } else {
+        (0.5f64).ln() + la + (1.0 + (lb - la).exp()).ln()
+    };
+    assert!((r.lp[1] as f64 - want).abs() < 1e-4, "{} vs {want}", r.lp[1]);
+    assert_eq!(r.p[1], 0.0);
+}
