@@ -865,7 +865,7 @@ fn deep_tail_log_probs_do_not_underflow() {
     let r = one_row(&[&a, &b], &Config::linear(&[1.0, 1.0]));
     let la = -150.0 - (2.0f64 + (-150f64).exp()).ln();
     let lb = -151.0 - (1.0f64 + (-1f64).exp() + (-151f64).exp()).ln();
-    let want = ((0.5 * la.exp() + 0.5 * lb.exp()) as f64).ln();
+    let want = (0.5 * la.exp() + 0.5 * lb.exp()).ln();
     let want = if want.is_finite() {
         want
     } else {
