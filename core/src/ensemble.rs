@@ -72,7 +72,7 @@ use crate::rowops::{
     sum_exp_shifted,
 };
 use crate::rows::{Rows, RowsMut};
-use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace};
+use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace_parts};
 use half::{bf16, f16};
 
 /// Most models one call combines.
@@ -675,10 +675,13 @@ fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
     if o.max == f32::NEG_INFINITY {
         return fill_status(out, RowStatus::Masked);
     }
-    let log_z = o.max + o.log_sum();
+    // (u - max) - ln sum, not u - (max + ln sum): for |max| large the second
+    // form rounds ln sum away.
+    let log_sum = o.log_sum();
     for x in out.iter_mut() {
-        *x -= log_z;
+        *x = (*x - o.max) - log_sum;
     }
+    let log_z = o.max + log_sum;
     RowOut {
         status: RowStatus::Ok,
         log_z,
@@ -837,11 +840,13 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
             log_z: ln_w,
         };
     }
-    let (lse, st) = log_softmax_row_inplace(out, plan.inv_t_out);
+    // ln Z = (ln W + max u') / T_out + ln sum exp((u' - max) / T_out): the
+    // sum is formed before scaling so extreme T_out overflows to inf, never NaN.
+    let (max, log_sum, st) = log_softmax_row_inplace_parts(out, plan.inv_t_out);
     match st {
         RowStatus::Ok => RowOut {
             status: st,
-            log_z: ln_w * plan.inv_t_out + lse,
+            log_z: (ln_w + max) * plan.inv_t_out + log_sum,
         },
         other => fill_status(out, other),
     }
