@@ -614,7 +614,17 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
                     (false, false) => accumulate::<false, false>(part, z, a.w),
                 }
             }
-            acc[vm.saturating_sub(lo)..].fill(f32::NEG_INFINITY);
+            // Beyond model m's vocabulary the token is masked. The first model
+            // initializes the tile; later ones add -inf, which keeps a NaN an
+            // earlier model put there (a NaN read always surfaces).
+            let tail = &mut acc[vm.saturating_sub(lo)..];
+            if i == 0 {
+                tail.fill(f32::NEG_INFINITY);
+            } else {
+                for o in tail.iter_mut() {
+                    *o += f32::NEG_INFINITY;
+                }
+            }
         }
         if let Some(t) = thr {
             apply_plausibility(plan, b, lo, acc, t, &mut s.conv);

@@ -905,3 +905,14 @@ fn subnormal_output_temperature_overflows_cleanly() {
     assert_eq!(r.am[0], 0);
     assert_eq!(r.p, vec![1.0, 0.0, 0.0]);
 }
+
+#[test]
+fn nan_beyond_another_models_vocabulary_still_surfaces() {
+    // Model 0 has a NaN at token 3, which model 1 does not cover: the row
+    // must still be reported as NaN (it was masked silently before).
+    let a = [0.0f32, 1.0, 2.0, f32::NAN];
+    let b = [0.0f32, 1.0, 2.0];
+    let models = [Model::new(Rows::single(&a)), Model::new(Rows::single(&b))];
+    let r = run(&models, &Config::log_linear(&[1.0, 1.0]), 1, 4).unwrap();
+    assert_eq!(r.report.nan_rows, 1);
+}
