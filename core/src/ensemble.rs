@@ -339,6 +339,171 @@ pub(crate) struct Plan<'c, 'a> {
     vocab: usize,
 }
 
+/// Shape of one model's logits and its temperature: what validating a
+/// combination needs when the logits themselves live elsewhere (on a GPU).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    /// Rows of logits.
+    pub rows: usize,
+    /// Valid vocabulary length `V_m`.
+    pub len: usize,
+    /// Temperature `T_m`.
+    pub temperature: f32,
+}
+
+/// A validated combination's resolved scalars, from [`resolve`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    /// `1 / T_m` per model (first `M` entries).
+    pub inv_t: [f32; MAX_MODELS],
+    /// `1 / T_out`.
+    pub inv_t_out: f32,
+    /// Plausibility model and `ln alpha` (`-inf` for `alpha = 0`).
+    pub plausibility: Option<(usize, f32)>,
+    /// Whether any active `-inf` masks a token (log-linear, or
+    /// [`MaskRule::Any`]).
+    pub mask_any: bool,
+}
+
+/// Validates a combination of models of the given shapes into `rows x
+/// vocab` outputs, exactly as [`combine`] does before reading any logit,
+/// and returns the resolved scalars. Same errors as [`combine`] (except the
+/// output checks, which belong to the caller).
+pub fn resolve(
+    models: &[ModelShape],
+    cfg: &Config<'_>,
+    rows: usize,
+    vocab: usize,
+) -> Result<Resolved, Error> {
+    let m_count = models.len();
+    ensure(m_count > 0, Error::Empty { arg: "models" })?;
+    ensure(
+        m_count <= MAX_MODELS,
+        Error::TooLarge {
+            arg: "models",
+            index: 0,
+            max: MAX_MODELS,
+            got: m_count,
+        },
+    )?;
+    let mut inv_t = [0.0f32; MAX_MODELS];
+    for (i, md) in models.iter().enumerate() {
+        ensure_len_at("models.logits.rows", i, rows, md.rows)?;
+        let v = md.len;
+        ensure(
+            v <= vocab,
+            Error::TooLarge {
+                arg: "models.logits.len",
+                index: i,
+                max: vocab,
+                got: v,
+            },
+        )?;
+        inv_t[i] = inv_temperature("models.temperature", i, md.temperature)?;
+    }
+    let inv_t_out = inv_temperature("out_temperature", 0, cfg.out_temperature)?;
+    let plaus = match cfg.plausibility {
+        None => None,
+        Some(p) => {
+            ensure(
+                p.model < m_count,
+                Error::IndexOutOfBounds {
+                    arg: "plausibility.model",
+                    index: p.model,
+                    bound: m_count,
+                },
+            )?;
+            ensure(
+                !p.alpha.is_nan(),
+                Error::NonFinite {
+                    arg: "plausibility.alpha",
+                    index: 0,
+                },
+            )?;
+            ensure(
+                (0.0..=1.0).contains(&p.alpha),
+                Error::OutOfRange {
+                    arg: "plausibility.alpha",
+                    index: 0,
+                },
+            )?;
+            Some((p.model, ln(p.alpha)))
+        }
+    };
+    // Weights: shape, finiteness, sign (linear), coefficient range.
+    let check_row = |ws: &[f32], row: usize| -> Result<(), Error> {
+        let mut sum = 0.0f32;
+        for (i, &w) in ws.iter().enumerate() {
+            let flat = row * m_count + i;
+            ensure(
+                w.is_finite(),
+                Error::NonFinite {
+                    arg: "weights",
+                    index: flat,
+                },
+            )?;
+            match cfg.mode {
+                Mode::Linear => {
+                    ensure(
+                        w >= 0.0,
+                        Error::OutOfRange {
+                            arg: "weights",
+                            index: flat,
+                        },
+                    )?;
+                    sum += w;
+                }
+                Mode::LogLinear => {
+                    let c = w * inv_t[i] * inv_t_out;
+                    ensure(
+                        c.is_finite(),
+                        Error::OutOfRange {
+                            arg: "weights",
+                            index: flat,
+                        },
+                    )?;
+                }
+            }
+        }
+        if cfg.mode == Mode::Linear {
+            ensure(
+                sum > 0.0,
+                Error::ZeroSum {
+                    arg: "weights",
+                    index: row,
+                },
+            )?;
+            ensure(
+                sum.is_finite(),
+                Error::OutOfRange {
+                    arg: "weights",
+                    index: row,
+                },
+            )?;
+        }
+        Ok(())
+    };
+    match cfg.weights {
+        Weights::PerModel(ws) => {
+            ensure_len("weights", m_count, ws.len())?;
+            check_row(ws, 0)?;
+        }
+        Weights::PerRow(t) => {
+            ensure_len("weights.rows", rows, t.rows())?;
+            ensure_len("weights.len", m_count, t.len())?;
+            for b in 0..rows {
+                check_row(t.row(b), b)?;
+            }
+        }
+    }
+    Ok(Resolved {
+        inv_t,
+        inv_t_out,
+        plausibility: plaus,
+        mask_any: cfg.mode == Mode::LogLinear || cfg.mask_rule == MaskRule::Any,
+    })
+}
+
 /// One active model of a row: its index and coefficient (log-linear) or
 /// weight (linear).
 #[derive(Clone, Copy, Default)]
@@ -354,135 +519,36 @@ impl<'c, 'a> Plan<'c, 'a> {
         rows: usize,
         vocab: usize,
     ) -> Result<Self, Error> {
-        let m_count = models.len();
-        ensure(m_count > 0, Error::Empty { arg: "models" })?;
         ensure(
-            m_count <= MAX_MODELS,
+            models.len() <= MAX_MODELS,
             Error::TooLarge {
                 arg: "models",
                 index: 0,
                 max: MAX_MODELS,
-                got: m_count,
+                got: models.len(),
             },
         )?;
-        let mut inv_t = [0.0f32; MAX_MODELS];
-        for (i, md) in models.iter().enumerate() {
-            ensure_len_at("models.logits.rows", i, rows, md.logits.rows())?;
-            let v = md.logits.len();
-            ensure(
-                v <= vocab,
-                Error::TooLarge {
-                    arg: "models.logits.len",
-                    index: i,
-                    max: vocab,
-                    got: v,
-                },
-            )?;
-            inv_t[i] = inv_temperature("models.temperature", i, md.temperature)?;
+        let mut shapes = [ModelShape {
+            rows: 0,
+            len: 0,
+            temperature: 1.0,
+        }; MAX_MODELS];
+        for (s, m) in shapes.iter_mut().zip(models) {
+            *s = ModelShape {
+                rows: m.logits.rows(),
+                len: m.logits.len(),
+                temperature: m.temperature,
+            };
         }
-        let inv_t_out = inv_temperature("out_temperature", 0, cfg.out_temperature)?;
-        let plaus = match cfg.plausibility {
-            None => None,
-            Some(p) => {
-                ensure(
-                    p.model < m_count,
-                    Error::IndexOutOfBounds {
-                        arg: "plausibility.model",
-                        index: p.model,
-                        bound: m_count,
-                    },
-                )?;
-                ensure(
-                    !p.alpha.is_nan(),
-                    Error::NonFinite {
-                        arg: "plausibility.alpha",
-                        index: 0,
-                    },
-                )?;
-                ensure(
-                    (0.0..=1.0).contains(&p.alpha),
-                    Error::OutOfRange {
-                        arg: "plausibility.alpha",
-                        index: 0,
-                    },
-                )?;
-                Some((p.model, ln(p.alpha)))
-            }
-        };
-        // Weights: shape, finiteness, sign (linear), coefficient range.
-        let check_row = |ws: &[f32], row: usize| -> Result<(), Error> {
-            let mut sum = 0.0f32;
-            for (i, &w) in ws.iter().enumerate() {
-                let flat = row * m_count + i;
-                ensure(
-                    w.is_finite(),
-                    Error::NonFinite {
-                        arg: "weights",
-                        index: flat,
-                    },
-                )?;
-                match cfg.mode {
-                    Mode::Linear => {
-                        ensure(
-                            w >= 0.0,
-                            Error::OutOfRange {
-                                arg: "weights",
-                                index: flat,
-                            },
-                        )?;
-                        sum += w;
-                    }
-                    Mode::LogLinear => {
-                        let c = w * inv_t[i] * inv_t_out;
-                        ensure(
-                            c.is_finite(),
-                            Error::OutOfRange {
-                                arg: "weights",
-                                index: flat,
-                            },
-                        )?;
-                    }
-                }
-            }
-            if cfg.mode == Mode::Linear {
-                ensure(
-                    sum > 0.0,
-                    Error::ZeroSum {
-                        arg: "weights",
-                        index: row,
-                    },
-                )?;
-                ensure(
-                    sum.is_finite(),
-                    Error::OutOfRange {
-                        arg: "weights",
-                        index: row,
-                    },
-                )?;
-            }
-            Ok(())
-        };
-        match cfg.weights {
-            Weights::PerModel(ws) => {
-                ensure_len("weights", m_count, ws.len())?;
-                check_row(ws, 0)?;
-            }
-            Weights::PerRow(t) => {
-                ensure_len("weights.rows", rows, t.rows())?;
-                ensure_len("weights.len", m_count, t.len())?;
-                for b in 0..rows {
-                    check_row(t.row(b), b)?;
-                }
-            }
-        }
+        let r = resolve(&shapes[..models.len()], cfg, rows, vocab)?;
         Ok(Plan {
             models,
             mode: cfg.mode,
             weights: cfg.weights,
-            inv_t,
-            inv_t_out,
-            plaus,
-            mask_any: cfg.mode == Mode::LogLinear || cfg.mask_rule == MaskRule::Any,
+            inv_t: r.inv_t,
+            inv_t_out: r.inv_t_out,
+            plaus: r.plausibility,
+            mask_any: r.mask_any,
             vocab,
         })
     }
@@ -498,16 +564,18 @@ impl<'c, 'a> Plan<'c, 'a> {
         let mut n = 0;
         let mut sum = 0.0f32;
         for (m, &w) in ws.iter().enumerate() {
-            if w == 0.0 {
-                continue;
-            }
             let w = match self.mode {
                 Mode::Linear => {
                     sum += w;
                     w
                 }
+                // A coefficient that underflows to 0 once scaled is skipped
+                // too (never 0 * inf).
                 Mode::LogLinear => w * self.inv_t[m] * self.inv_t_out,
             };
+            if w == 0.0 {
+                continue;
+            }
             out[n] = Active { m, w };
             n += 1;
         }
