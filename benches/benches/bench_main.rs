@@ -4,5 +4,6 @@
 use criterion::criterion_main;
 
 mod ensemble;
+mod gpu_ensemble;
 
-criterion_main!(ensemble::benches);
+criterion_main!(ensemble::benches, gpu_ensemble::benches);

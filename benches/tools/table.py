@@ -43,6 +43,8 @@ def main():
             rate = fmt_rate(tp["Elements"] / (ns * 1e-9), "elem")
         elif "Bytes" in tp:
             rate = fmt_rate(tp["Bytes"] / (ns * 1e-9), "B")
+        elif "BytesDecimal" in tp:
+            rate = fmt_rate(tp["BytesDecimal"] / (ns * 1e-9), "B")
         rows.append((bid, fmt_time(ns), rate))
     print("| benchmark | median time | throughput |")
     print("|---|---|---|")

@@ -120,11 +120,101 @@ pub struct DeviceOutput<'o> {
 /// Which kernel version runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Version {
-    /// The fastest version that applies.
+    /// `V2` when it applies (aligned rows, a large enough workspace,
+    /// cooperative launch), else `V1`.
     #[default]
     Auto,
     /// `ensemble_v1`: one block per row (the on-device reference).
     V1,
+    /// `ensemble_v2`: rows split over co-resident blocks; an error if it
+    /// does not apply.
+    V2,
+}
+
+/// How `ensemble_v2` splits the work for one call shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V2Plan {
+    /// Elements of a row per block (a multiple of 8).
+    pub chunk: u32,
+    /// Blocks per row.
+    pub chunks: u32,
+    /// Rows processed at once (grid = teams x chunks).
+    pub teams: u32,
+}
+
+impl V2Plan {
+    /// Workspace bytes this plan needs: the fixed 128 KiB barrier header
+    /// plus the partial records.
+    pub fn workspace_bytes(&self) -> usize {
+        WORKSPACE_HEADER + self.teams as usize * 512 * self.chunks as usize
+    }
+}
+
+/// Most elements of a row one v2 block handles (its scores stay in
+/// `4 * V2_MAX_CHUNK` bytes of shared memory).
+pub const V2_MAX_CHUNK: usize = 12288;
+/// The dynamic shared memory v2 plans its occupancy with.
+pub(crate) const V2_MAX_SMEM: u32 = (4 * V2_MAX_CHUNK) as u32;
+
+/// Barrier state for up to [`MAX_TEAMS`] teams at the start of every v2
+/// workspace (fixed, so one zeroing serves calls of any shape).
+const WORKSPACE_HEADER: usize = 128 * MAX_TEAMS;
+/// Most rows v2 processes at once.
+const MAX_TEAMS: usize = 1024;
+
+/// L2 bytes a wave of v2 blocks may keep live between its two reads of
+/// the logits (linear mode; log-linear keeps its scores on chip).
+const L2_BUDGET: usize = 16 << 20;
+
+/// The v2 split for `rows x vocab` outputs of `n_models` models with
+/// `elem_bytes`-byte logits, or `None` when v2 cannot run on this device.
+pub fn v2_plan(
+    kernels: &Kernels,
+    rows: usize,
+    vocab: usize,
+    n_models: usize,
+    elem_bytes: usize,
+) -> Option<V2Plan> {
+    if !kernels.cooperative() || rows == 0 || vocab == 0 || n_models == 0 {
+        return None;
+    }
+    let g_max = kernels.sm_count() as usize * kernels.info(Kernel::EnsembleV2).blocks_per_sm as usize;
+    if g_max == 0 {
+        return None;
+    }
+    // Chunk size bounded so a wave's inputs stay in L2 for the second read.
+    let target = (L2_BUDGET / (g_max * n_models * elem_bytes)).clamp(1024, V2_MAX_CHUNK) & !7;
+    let mut chunks = vocab.div_ceil(target);
+    // Few rows: split them further so every SM has work.
+    if rows * chunks < g_max {
+        chunks = chunks.max(g_max.div_ceil(rows).min(vocab.div_ceil(512)));
+    }
+    chunks = chunks.min(g_max).max(1);
+    let chunk = vocab.div_ceil(chunks).next_multiple_of(8);
+    let chunks = vocab.div_ceil(chunk);
+    // Rows too long for the grid at V2_MAX_CHUNK per block: v1 runs.
+    if chunk > V2_MAX_CHUNK {
+        return None;
+    }
+    let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);
+    Some(V2Plan {
+        chunk: chunk as u32,
+        chunks: chunks as u32,
+        teams: teams as u32,
+    })
+}
+
+/// Workspace bytes [`combine`] needs to run `ensemble_v2` for this call
+/// shape (0 when v2 cannot run; v1 needs none). Zero the workspace once
+/// before its first use; calls leave it ready for the next.
+pub fn workspace_bytes(
+    kernels: &Kernels,
+    rows: usize,
+    vocab: usize,
+    n_models: usize,
+    elem_bytes: usize,
+) -> usize {
+    v2_plan(kernels, rows, vocab, n_models, elem_bytes).map_or(0, |p| p.workspace_bytes())
 }
 
 /// The 488-byte by-value parameter of `ensemble_v1/v2` (layout documented
@@ -413,11 +503,32 @@ pub(crate) fn build_params(
     Ok(p)
 }
 
+/// Whether every row the v2 kernel touches starts 16-byte aligned.
+fn v2_aligned(models: &[DeviceModel<'_>], out: &DeviceOutput<'_>) -> bool {
+    let rows16 =
+        |ptr: u64, stride: usize, size: usize| ptr.is_multiple_of(16) && (stride * size).is_multiple_of(16);
+    models.iter().all(|m| {
+        let (ptr, _, _, stride, _, size) = m.logits.parts();
+        rows16(ptr, stride, size)
+    }) && out
+        .log_probs
+        .as_ref()
+        .is_none_or(|l| rows16(l.as_raw(), l.stride(), 4))
+        && out
+            .probs
+            .as_ref()
+            .is_none_or(|q| rows16(q.as_raw(), q.stride(), 4))
+}
+
 /// Combines `models` into one distribution per row, on the caller's
 /// `stream`, writing `out`. Validates everything before launching (same
 /// errors as the CPU function, plus [`CudaError::Null`],
 /// [`CudaError::Misaligned`] and the GPU limits); never synchronizes,
 /// never allocates: the call can be captured in a CUDA graph.
+///
+/// `workspace` (device memory of at least [`workspace_bytes`], 16-byte
+/// aligned, zeroed once before its first use, not shared with a concurrent
+/// call) lets the fast split-row kernel run; without it `ensemble_v1` runs.
 ///
 /// ```no_run
 /// # use medley_cuda::{Kernels, Stream, ensemble::*, mem::*};
@@ -428,7 +539,7 @@ pub(crate) fn build_params(
 ///     DeviceModel { logits: DeviceLogits::BF16(b), temperature: 1.0 },
 /// ];
 /// let out = DeviceOutput { log_probs: Some(lp), ..Default::default() };
-/// combine(k, &models, &DeviceConfig::log_linear(&[1.0, -0.5]), out, stream, Version::Auto)?;
+/// combine(k, &models, &DeviceConfig::log_linear(&[1.0, -0.5]), out, None, stream, Version::Auto)?;
 /// # Ok(()) }
 /// ```
 pub fn combine(
@@ -436,23 +547,78 @@ pub fn combine(
     models: &[DeviceModel<'_>],
     cfg: &DeviceConfig<'_>,
     out: DeviceOutput<'_>,
+    workspace: Option<DeviceSliceMut<'_, u8>>,
     stream: Stream<'_>,
     version: Version,
 ) -> Result<(), CudaError> {
-    let params = build_params(models, cfg, &out)?;
+    let mut params = build_params(models, cfg, &out)?;
     if params.rows == 0 {
         return Ok(());
     }
+    let elem_bytes = if params.dtype == 0 { 4 } else { 2 };
+    let plan = v2_plan(
+        kernels,
+        params.rows as usize,
+        params.vocab as usize,
+        models.len(),
+        elem_bytes,
+    );
+    let v2 = match (version, plan, &workspace) {
+        (Version::V1, _, _) => None,
+        (_, Some(p), Some(ws)) if v2_aligned(models, &out) => {
+            let needed = p.workspace_bytes();
+            if ws.len() < needed {
+                return Err(Error::BufferTooShort {
+                    arg: "workspace",
+                    needed,
+                    got: ws.len(),
+                }
+                .into());
+            }
+            check_ptr("workspace", ws.as_raw(), needed, 16)?;
+            Some((p, ws.as_raw()))
+        }
+        (Version::V2, None, _) => {
+            return Err(CudaError::Unsupported {
+                what: "ensemble_v2 (cooperative launch, resident blocks, or rows longer than the grid can split)",
+            });
+        }
+        (Version::V2, _, None) => {
+            return Err(Error::Unsupported {
+                what: "ensemble_v2 needs a workspace",
+            }
+            .into());
+        }
+        (Version::V2, _, _) => {
+            return Err(CudaError::Misaligned {
+                arg: "models.logits / outputs (rows for v2)",
+                align: 16,
+            });
+        }
+        (Version::Auto, _, _) => None,
+    };
     let _ctx = kernels.enter()?;
-    let f = *kernels.func(Kernel::EnsembleV1);
-    let _ = version;
-    let grid = params.rows;
-    // SAFETY: `params` matches ensemble_v1's single by-value parameter
-    // (size asserted, layout documented in the PTX); build_params checked
-    // every device view against the shapes the kernel indexes (rows x
-    // stride spans, output lengths, alignment, non-null), and the views'
+    let (f, grid, smem) = match v2 {
+        Some((p, ws)) => {
+            params.work = ws;
+            params.chunk = p.chunk;
+            params.chunks = p.chunks;
+            params.teams = p.teams;
+            (*kernels.func(Kernel::EnsembleV2), p.teams * p.chunks, 4 * p.chunk)
+        }
+        None => (*kernels.func(Kernel::EnsembleV1), params.rows, 0),
+    };
+    // SAFETY: `params` matches the single by-value parameter of ensemble_v1
+    // and ensemble_v2 (size asserted, layout documented in the PTX);
+    // build_params checked every device view against the shapes the kernel
+    // indexes (rows x stride spans, output lengths, alignment, non-null);
+    // for v2 the workspace holds the plan's bytes, the dynamic shared
+    // memory is the 4 * chunk bytes the kernel keeps its scores in, and the
+    // grid is the
+    // plan.s teams x chunks, which the occupancy query allows to be
+    // co-resident (the cooperative launch fails otherwise); the views'
     // lifetimes cover the launch; the stream belongs to the kernels'
     // context (made current by `enter`).
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, 0, stream>>>(params)) };
+    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, smem, stream>>>(params)) };
     r.map_err(CudaError::from)
 }

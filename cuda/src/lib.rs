@@ -38,6 +38,7 @@ pub mod driver;
 pub mod ensemble;
 pub mod error;
 pub mod mem;
+pub mod owned;
 pub mod registry;
 
 pub use error::CudaError;

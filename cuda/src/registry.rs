@@ -35,19 +35,24 @@ pub enum Kernel {
     /// `ensemble.ptx: ensemble_v1` (one block per row, the on-device
     /// reference).
     EnsembleV1,
+    /// `ensemble.ptx: ensemble_v2` (rows split over co-resident blocks,
+    /// launched cooperatively).
+    EnsembleV2,
 }
 
-/// (module index, entry name, launched cooperatively)
-type Spec = (usize, &'static CStr, bool);
+/// (module index, entry name, launched cooperatively, most dynamic shared
+/// memory per block in bytes: the occupancy the launchers plan with)
+type Spec = (usize, &'static CStr, bool, u32);
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 2] = [Kernel::FillU32, Kernel::EnsembleV1];
+    pub const ALL: [Kernel; 3] = [Kernel::FillU32, Kernel::EnsembleV1, Kernel::EnsembleV2];
 
     const fn spec(self) -> Spec {
         match self {
-            Kernel::FillU32 => (0, c"fill_u32", false),
-            Kernel::EnsembleV1 => (1, c"ensemble_v1", false),
+            Kernel::FillU32 => (0, c"fill_u32", false, 0),
+            Kernel::EnsembleV1 => (1, c"ensemble_v1", false, 0),
+            Kernel::EnsembleV2 => (1, c"ensemble_v2", true, crate::ensemble::V2_MAX_SMEM),
         }
     }
 
@@ -127,15 +132,23 @@ impl Kernels {
         }; Kernel::ALL.len()];
         let mut info = [KernelInfo::default(); Kernel::ALL.len()];
         for k in Kernel::ALL {
-            let (m, name, coop) = k.spec();
+            let (m, name, coop, smem) = k.spec();
             let resolved = (|| -> Result<(Func, KernelInfo), DriverError> {
                 // SAFETY: modules[m] was loaded above in the current context.
                 let raw = unsafe { driver::module_function(modules[m], name) }?;
+                if smem > 0 {
+                    // Above 48 KiB in all (static + dynamic) a kernel must
+                    // opt in to its dynamic shared memory.
+                    // SAFETY: raw was just resolved from a live module.
+                    unsafe {
+                        driver::set_function_attribute(raw, driver::FUNC_ATTR_MAX_DYNAMIC_SMEM, smem as i32)
+                    }?;
+                }
                 // SAFETY: raw was just resolved from a live module.
                 let registers =
                     unsafe { driver::function_attribute(raw, driver::FUNC_ATTR_NUM_REGS) }? as u32;
                 // SAFETY: as above.
-                let blocks_per_sm = unsafe { driver::occupancy(raw, BLOCK, 0) }?;
+                let blocks_per_sm = unsafe { driver::occupancy(raw, BLOCK, smem as usize) }?;
                 Ok((
                     Func {
                         raw,

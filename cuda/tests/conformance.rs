@@ -76,9 +76,17 @@ impl Case {
         let vms: Vec<usize> = (0..m)
             .map(|_| if g.chance(0.3) { 1 + g.below(v) } else { v })
             .collect();
+        // Half the cases pad rows to 16-byte multiples (v2 runs on those).
+        let align16 = g.chance(0.5);
         let strides: Vec<usize> = vms
             .iter()
-            .map(|&x| x + if g.chance(0.4) { g.below(9) } else { 0 })
+            .map(|&x| {
+                if align16 {
+                    (x + g.below(9)).next_multiple_of(8)
+                } else {
+                    x + if g.chance(0.4) { g.below(9) } else { 0 }
+                }
+            })
             .collect();
         let temps = (0..m)
             .map(|_| {
@@ -414,7 +422,7 @@ fn poisoned(n: usize) -> DeviceBuffer<u32> {
     DeviceBuffer::from_slice(&vec![POISON; n.max(1)]).expect("alloc")
 }
 
-fn run_gpu(g: &Gpu, c: &Case, version: Version) -> Result<Outs, String> {
+fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result<Outs, String> {
     // Upload logits in their dtype.
     let bufs: Vec<DeviceBuffer<u32>> = Vec::new();
     let mut dev16: Vec<DeviceBuffer<u16>> = Vec::new();
@@ -448,7 +456,9 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version) -> Result<Outs, String> {
             }
         })
         .collect();
-    let n = c.b * c.v;
+    // Output rows padded to a multiple of 8 elements (16-byte aligned rows).
+    let os = c.v.next_multiple_of(8);
+    let n = c.b * os;
     let lp = poisoned(n);
     let p = poisoned(n);
     let am = poisoned(c.b);
@@ -471,16 +481,18 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version) -> Result<Outs, String> {
     let out = DeviceOutput {
         log_probs: c
             .want_log
-            .then(|| DeviceRowsMut::dense(view_mut(&lp, n), c.b, c.v).unwrap()),
+            .then(|| DeviceRowsMut::new(view_mut(&lp, n), c.b, c.v, os).unwrap()),
         probs: c
             .want_prob
-            .then(|| DeviceRowsMut::dense(view_mut(&p, n), c.b, c.v).unwrap()),
+            .then(|| DeviceRowsMut::new(view_mut(&p, n), c.b, c.v, os).unwrap()),
         argmax: Some(view_mut(&am, c.b)),
         log_normalizer: Some(view_mut(&lz, c.b)),
     };
     // SAFETY: the stream is live for the call.
     let stream = unsafe { Stream::from_raw(g.stream.as_inner().cast()) };
-    gpu_combine(&g.kernels, &models, &cfg, out, stream, version).map_err(|e| format!("launch: {e:?}"))?;
+    let workspace = (version != Version::V1).then(|| view_mut(ws, ws.len()));
+    gpu_combine(&g.kernels, &models, &cfg, out, workspace, stream, version)
+        .map_err(|e| format!("launch: {e:?}"))?;
     g.stream
         .synchronize()
         .map_err(|e| format!("synchronize: {e:?}"))?;
@@ -493,12 +505,18 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version) -> Result<Outs, String> {
     let mut o = Outs::default();
     for (want, buf, dst) in [(c.want_log, &lp, &mut o.lp), (c.want_prob, &p, &mut o.p)] {
         if want {
-            let bits = fetch(buf, n);
-            if let Some(i) = bits.iter().position(|&x| x == POISON) {
-                return Err(format!(
-                    "{}: element {i} of a row output was never written",
-                    c.name
-                ));
+            let padded = fetch(buf, n);
+            // Keep the row elements; the padding must stay untouched.
+            let mut bits = Vec::with_capacity(c.b * c.v);
+            for r in 0..c.b {
+                let row = &padded[r * os..(r + 1) * os];
+                if let Some(i) = row[..c.v].iter().position(|&x| x == POISON) {
+                    return Err(format!("{}: row {r} element {i} was never written", c.name));
+                }
+                if row[c.v..].iter().any(|&x| x != POISON) {
+                    return Err(format!("{}: row {r} padding was written", c.name));
+                }
+                bits.extend_from_slice(&row[..c.v]);
             }
             *dst = bits.into_iter().map(f32::from_bits).collect();
         }
@@ -580,6 +598,13 @@ fn cases() -> Vec<Case> {
     v
 }
 
+/// v2 needs 16-byte aligned rows: strides that are multiples of 16 bytes
+/// (device buffers themselves are 256-byte aligned).
+fn v2_applies(c: &Case) -> bool {
+    let esize = if c.dtype == 0 { 4 } else { 2 };
+    c.strides.iter().all(|s| (s * esize) % 16 == 0)
+}
+
 #[test]
 fn conformance_cpu_and_gpu() {
     let cases = cases();
@@ -592,10 +617,29 @@ fn conformance_cpu_and_gpu() {
     let cpu_fail = failures.len();
     let mut gpu_runs = 0;
     if let Some(g) = gpu() {
-        for version in [Version::V1] {
+        // One workspace, zeroed once, reused by every v2 call (the kernel
+        // must leave it ready for the next call).
+        let ws_len = cases
+            .iter()
+            .map(|c| {
+                let esize = if c.dtype == 0 { 4 } else { 2 };
+                medley_cuda::ensemble::workspace_bytes(&g.kernels, c.b, c.v, c.m(), esize)
+            })
+            .max()
+            .unwrap_or(0);
+        let ws = DeviceBuffer::from_slice(&vec![0u8; ws_len.max(16)]).expect("workspace");
+        eprintln!(
+            "ensemble_v2: {} regs, {} blocks/SM; workspace {ws_len} bytes",
+            g.kernels.info(medley_cuda::Kernel::EnsembleV2).registers,
+            g.kernels.info(medley_cuda::Kernel::EnsembleV2).blocks_per_sm
+        );
+        for version in [Version::V1, Version::V2] {
             for c in &cases {
+                if version == Version::V2 && !v2_applies(c) {
+                    continue;
+                }
                 gpu_runs += 1;
-                match run_gpu(&g, c, version) {
+                match run_gpu(&g, c, version, &ws) {
                     Ok(o) => {
                         if let Err(e) = check(c, &o, &format!("gpu {version:?}")) {
                             failures.push(e);

@@ -1,0 +1,119 @@
+//! Fused ensemble softmax on the GPU (`medley_cuda::ensemble::combine`),
+//! timed with CUDA events on the stream over back-to-back launches. Inputs
+//! rotate through at least 120 MB of copies so L2 (50 MB on the H100) never
+//! holds them. Throughput is the effective bandwidth: bytes read (every
+//! model's logits) plus bytes written (one f32 log-probability row), per
+//! second. Without a GPU the group prints why it was skipped.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use medley_benches::random_f32;
+use medley_core::bf16;
+use medley_cuda::driver::Event;
+use medley_cuda::ensemble::{
+    DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Version, combine, workspace_bytes,
+};
+use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
+use medley_cuda::owned::{Buffer, Gpu};
+use std::time::Duration;
+
+/// Bytes the rotating input sets span at least.
+const ROTATE_BYTES: usize = 120 << 20;
+
+fn ensemble(c: &mut Criterion) {
+    let gpu = match Gpu::open() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("cuda/ensemble benchmarks skipped: {why}");
+            return;
+        }
+    };
+    let shapes: Vec<(usize, usize, usize)> = [32_000usize, 128_256]
+        .iter()
+        .flat_map(|&v| {
+            [1usize, 8, 64, 256]
+                .into_iter()
+                .flat_map(move |b| [2usize, 4, 8].into_iter().map(move |m| (m, b, v)))
+        })
+        .collect();
+    let host = random_f32(11, 8 * 256 * 128_256, 8.0);
+    for (m, b, v) in shapes {
+        let set = m * b * v; // elements per input set (all models)
+        let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
+        let data: Vec<bf16> = (0..sets * set)
+            .map(|i| bf16::from_f32(host[i % host.len()]))
+            .collect();
+        let input = Buffer::from_slice(&data).expect("inputs");
+        let out = Buffer::zeroed(b * v * 4).expect("outputs");
+        let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2);
+        let ws = Buffer::zeroed(ws_len).expect("workspace");
+        let bytes = (set * 2 + b * v * 4) as u64;
+        let mut group = c.benchmark_group(format!("cuda/ensemble/M{m}_B{b}_V{v}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(100))
+            .measurement_time(Duration::from_millis(400))
+            .throughput(Throughput::BytesDecimal(bytes));
+        let weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
+        let coefs: Vec<f32> = (0..m).map(|i| if i == m - 1 { -0.5 } else { 1.0 }).collect();
+        let versions: &[Version] = if b == 1 || b == 256 {
+            &[Version::Auto, Version::V1]
+        } else {
+            &[Version::Auto]
+        };
+        for (mode, cfg) in [
+            ("linear", DeviceConfig::linear(&weights)),
+            ("loglinear", DeviceConfig::log_linear(&coefs)),
+        ] {
+            for &version in versions {
+                let name = match version {
+                    Version::V1 => "v1",
+                    _ => "v2",
+                };
+                group.bench_function(BenchmarkId::new(mode, name), |bch| {
+                    bch.iter_custom(|iters| {
+                        let start = Event::new().expect("event");
+                        let end = Event::new().expect("event");
+                        // SAFETY: the stream is the Gpu's own, live here.
+                        unsafe { start.record(gpu.stream().raw()) }.expect("record");
+                        for i in 0..iters as usize {
+                            let s = (i % sets) * set;
+                            let models: Vec<DeviceModel<'_>> = (0..m)
+                                .map(|k| {
+                                    let off = (s + k * b * v) * 2;
+                                    // SAFETY: [off, off + b*v*2) lies inside `input`, which outlives the launch.
+                                    let slice = unsafe {
+                                        medley_cuda::mem::DeviceSlice::from_raw(
+                                            input.as_raw() + off as u64,
+                                            b * v,
+                                        )
+                                    };
+                                    DeviceModel {
+                                        logits: DeviceLogits::BF16(DeviceRows::dense(slice, b, v).unwrap()),
+                                        temperature: 1.0,
+                                    }
+                                })
+                                .collect();
+                            let o = DeviceOutput {
+                                log_probs: Some(
+                                    DeviceRowsMut::dense(out.view_mut::<f32>(b * v), b, v).unwrap(),
+                                ),
+                                ..Default::default()
+                            };
+                            let w = (version != Version::V1).then(|| ws.view_mut::<u8>(ws.len()));
+                            combine(gpu.kernels(), &models, &cfg, o, w, gpu.stream(), version)
+                                .expect("launch");
+                        }
+                        // SAFETY: as above.
+                        unsafe { end.record(gpu.stream().raw()) }.expect("record");
+                        end.synchronize().expect("sync");
+                        let ms = end.elapsed_ms(&start).expect("elapsed");
+                        Duration::from_secs_f64(ms as f64 / 1e3)
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, ensemble);

@@ -1,0 +1,141 @@
+//! Owned device resources for tests, benchmarks and examples.
+//!
+//! The production path never uses this module: library calls borrow the
+//! caller's context, stream and memory. Tests and benchmarks have no caller,
+//! so they own a context ([`Gpu`]) and buffers ([`Buffer`]) here, built on
+//! cust's owning types. This keeps every use of cust inside medley-cuda.
+
+use crate::driver::{self, DriverError};
+use crate::mem::{DeviceSlice, DeviceSliceMut, Stream};
+use crate::registry::Kernels;
+use cust::memory::{CopyDestination, DeviceBuffer};
+
+/// A device with its own context, one stream and the loaded kernels.
+#[derive(Debug)]
+pub struct Gpu {
+    kernels: Kernels,
+    stream: cust::stream::Stream,
+    _ctx: cust::context::Context,
+}
+
+impl Gpu {
+    /// Opens device 0: primary context, a stream, every kernel loaded.
+    /// `Err` carries the reason there is no usable GPU (the stub driver, no
+    /// device, a load failure), for tests to print when they skip.
+    pub fn open() -> Result<Gpu, String> {
+        if let Err(e) = driver::init() {
+            return Err(format!(
+                "no usable CUDA driver (cuInit returned {}: {:?})",
+                e.code,
+                e.name()
+            ));
+        }
+        let ctx = cust::quick_init().map_err(|e| format!("no CUDA device ({e:?})"))?;
+        let kernels = Kernels::load().map_err(|e| format!("loading kernels failed: {e:?}"))?;
+        let stream = cust::stream::Stream::new(cust::stream::StreamFlags::DEFAULT, None)
+            .map_err(|e| format!("stream creation failed ({e:?})"))?;
+        Ok(Gpu {
+            kernels,
+            stream,
+            _ctx: ctx,
+        })
+    }
+
+    /// The loaded kernels.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// The stream, as the borrowed view library calls take.
+    pub fn stream(&self) -> Stream<'_> {
+        // SAFETY: the stream is owned by self and outlives the view.
+        unsafe { Stream::from_raw(self.stream.as_inner().cast()) }
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), DriverError> {
+        // SAFETY: the stream is live; its context was made current by open.
+        unsafe { driver::stream_synchronize(self.stream.as_inner().cast()) }
+    }
+}
+
+/// Device memory of `len` bytes, viewed as any plain element type.
+#[derive(Debug)]
+pub struct Buffer {
+    buf: DeviceBuffer<u8>,
+}
+
+impl Buffer {
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice<T: bytemuck::Pod>(data: &[T]) -> Result<Buffer, String> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buf = if bytes.is_empty() {
+            DeviceBuffer::from_slice(&[0u8; 16])
+        } else {
+            DeviceBuffer::from_slice(bytes)
+        }
+        .map_err(|e| format!("device allocation failed ({e:?})"))?;
+        Ok(Buffer { buf })
+    }
+
+    /// `n` zero bytes.
+    pub fn zeroed(n: usize) -> Result<Buffer, String> {
+        Self::from_slice(&vec![0u8; n.max(16)])
+    }
+
+    /// `n` elements all equal to `value`.
+    pub fn filled<T: bytemuck::Pod>(n: usize, value: T) -> Result<Buffer, String> {
+        Self::from_slice(&vec![value; n.max(1)])
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True if the buffer holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() == 0
+    }
+
+    /// The device address.
+    pub fn as_raw(&self) -> u64 {
+        self.buf.as_device_ptr().as_raw()
+    }
+
+    /// A read-only view of the buffer as `n` elements of `T`.
+    pub fn view<T>(&self, n: usize) -> DeviceSlice<'_, T> {
+        assert!(
+            n * core::mem::size_of::<T>() <= self.len(),
+            "view beyond the buffer"
+        );
+        // SAFETY: the view borrows self, so the memory stays allocated while
+        // it lives, and it spans no more than the allocation (asserted).
+        unsafe { DeviceSlice::from_raw(self.as_raw(), n) }
+    }
+
+    /// A writable view of the buffer as `n` elements of `T`.
+    pub fn view_mut<T>(&self, n: usize) -> DeviceSliceMut<'_, T> {
+        assert!(
+            n * core::mem::size_of::<T>() <= self.len(),
+            "view beyond the buffer"
+        );
+        // SAFETY: as `view`; tests use each output view for one launch at a
+        // time and synchronize before reading the buffer back.
+        unsafe { DeviceSliceMut::from_raw(self.as_raw(), n) }
+    }
+
+    /// Copies the first `n` elements of type `T` back to the host
+    /// (synchronous; synchronize the stream that wrote them first).
+    pub fn to_vec<T: bytemuck::Pod>(&self, n: usize) -> Result<Vec<T>, String> {
+        let mut bytes = vec![0u8; self.len()];
+        self.buf
+            .copy_to(&mut bytes[..])
+            .map_err(|e| format!("copy to host failed ({e:?})"))?;
+        let size = core::mem::size_of::<T>();
+        Ok(bytes[..n * size]
+            .chunks_exact(size)
+            .map(bytemuck::pod_read_unaligned)
+            .collect())
+    }
+}
