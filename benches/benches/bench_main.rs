@@ -4,5 +4,6 @@
 use criterion::criterion_main;
 
 mod ensemble;
+mod moe;
 
-criterion_main!(ensemble::benches);
+criterion_main!(ensemble::benches, moe::benches);

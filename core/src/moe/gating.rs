@@ -3,7 +3,7 @@
 //!
 //! | function | selection on | weights |
 //! |---|---|---|
-//! | [`topk_softmax`] | logits `x` | `softmax(x)` over all `E` at the picks, optionally divided by their sum (vLLM `topk_softmax`; Qwen2-MoE without, Mixtral/Qwen3-MoE with renormalization) |
+//! | [`topk_softmax`] | logits `x` | `softmax(x)` over all `E` at the picks, optionally renormalized to sum to 1 (vLLM `topk_softmax`; Qwen2-MoE without, Mixtral/Qwen3-MoE with renormalization) |
 //! | [`keep_topk_softmax`] | logits `x` | `softmax` over the `k` kept logits (Shazeer et al. 2017 `Softmax(KeepTopK(x))`, Mixtral) |
 //! | [`noisy_topk`] | `H = x + N(0,1) * softplus(x_noise)` | `softmax` over the `k` kept `H` (Shazeer et al. 2017, training) |
 //! | [`grouped_topk`] | `s + bias`, within the best `topk_group` of `n_group` groups | unbiased `s`, optionally renormalized, times `routed_scaling_factor` (DeepSeek-V2/V3, Llama-4 style biased routing, `topk_sigmoid`) |
@@ -36,10 +36,10 @@
 //!
 //! Inputs are widened to `f32` exactly. `m` is the row maximum. A softmax
 //! probability is `exp(x - m) / S` with `S` the [warp-order](super) sum of
-//! `exp(x_e - m)` over the row. A renormalization divides each of the `k`
-//! weights by their sum taken sequentially in `j` order (`w / sum`, not
-//! `w * (1/sum)`). Kept-logit softmax: `exp(x_j - x_0) / sum_j exp(x_j - x_0)`,
-//! sum sequential in `j`.
+//! `exp(x_e - m)` over the row. Kept-logit softmax (also the renormalized
+//! [`topk_softmax`]): `exp(x_j - x_0) / sum_j exp(x_j - x_0)`, the sum
+//! sequential in `j` (`e / sum`, not `e * (1/sum)`). A renormalization of
+//! other weights ([`grouped_topk`]) divides each by their sequential sum.
 //!
 //! # Errors (checked before anything is written)
 //!
@@ -50,10 +50,10 @@
 //! per-function parameter errors listed on each function.
 
 use super::{MAX_EXPERTS, MAX_GROUPS, MAX_K, TopK, warp_sum_exp};
-use crate::element::Element;
+use crate::element::{Element, widen};
 use crate::error::{Error, ensure, ensure_len};
 use crate::math::act::{sigmoid, softplus};
-use crate::math::exp;
+use crate::math::{exp, max_fast};
 use crate::rng;
 use crate::rows::Rows;
 use crate::softmax::Report;
@@ -125,19 +125,99 @@ pub(crate) struct Scan {
     pub(crate) n_inf: usize,
 }
 
-/// One pass over `E` scores `score(e)`: the best `cap`, NaN and `+inf` counts.
-#[inline(always)]
-pub(crate) fn scan(e_count: usize, cap: usize, mut score: impl FnMut(usize) -> f32) -> Scan {
-    let mut top = TopK::<SEL>::new(cap);
-    let mut nan = false;
-    let mut n_inf = 0;
-    for e in 0..e_count {
-        let x = score(e);
-        nan |= x.is_nan();
-        n_inf += (x == f32::INFINITY) as usize;
-        top.push(x, e as u32);
+/// Block length of the selection pre-pass.
+const BLOCK: usize = 8;
+
+impl Scan {
+    pub(crate) fn new(cap: usize) -> Self {
+        Scan {
+            top: TopK::new(cap),
+            nan: false,
+            n_inf: 0,
+        }
     }
-    Scan { top, nan, n_inf }
+
+    /// Offers the scores `vals` of indices `base, base + 1, ...` one by one
+    /// (in increasing index order across calls); counts NaN and `+inf`.
+    #[inline]
+    pub(crate) fn feed(&mut self, vals: &[f32], base: usize) {
+        for (l, &x) in vals.iter().enumerate() {
+            self.nan |= x.is_nan();
+            self.n_inf += (x == f32::INFINITY) as usize;
+            self.top.push(x, (base + l) as u32);
+        }
+    }
+}
+
+/// The best `cap` of a whole row of scores (ties to the lower index), with
+/// its NaN flag and `+inf` count.
+///
+/// Two passes, same result as pushing every score: the maxima of blocks of
+/// [`BLOCK`] scores give `tau`, the `cap`-th largest block maximum; at least
+/// `cap` scores are `>= tau`, so no score below `tau` can be selected, and
+/// only blocks whose maximum reaches `tau` are scanned again.
+pub(crate) fn select_row(vals: &[f32], cap: usize) -> Scan {
+    let n = vals.len();
+    let nb = n.div_ceil(BLOCK);
+    if nb < 4 * cap {
+        let mut s = Scan::new(cap);
+        s.feed(vals, 0);
+        return s;
+    }
+    let mut bmax = [f32::NEG_INFINITY; MAX_EXPERTS / BLOCK];
+    let mut nan = 0u32;
+    let mut n_inf = 0u32;
+    let mut blocks = vals.chunks_exact(BLOCK);
+    for (bm, c) in bmax.iter_mut().zip(&mut blocks) {
+        let mut m = [f32::NEG_INFINITY; BLOCK];
+        for l in 0..BLOCK {
+            m[l] = max_fast(c[l], m[l]);
+            nan |= c[l].is_nan() as u32;
+            n_inf += (c[l] == f32::INFINITY) as u32;
+        }
+        *bm = max_fast(
+            max_fast(max_fast(m[0], m[1]), max_fast(m[2], m[3])),
+            max_fast(max_fast(m[4], m[5]), max_fast(m[6], m[7])),
+        );
+    }
+    let rem = blocks.remainder();
+    for &x in rem {
+        bmax[nb - 1] = max_fast(x, bmax[nb - 1]);
+        nan |= x.is_nan() as u32;
+        n_inf += (x == f32::INFINITY) as u32;
+    }
+    let mut s = Scan::new(cap);
+    s.n_inf = n_inf as usize;
+    if nan != 0 {
+        s.nan = true;
+        return s;
+    }
+    let mut bt = TopK::<SEL>::new(cap);
+    for (b, &m) in bmax[..nb].iter().enumerate() {
+        bt.push(m, b as u32);
+    }
+    let tau = bt.val[cap - 1];
+    for (b, &m) in bmax[..nb].iter().enumerate() {
+        if m >= tau {
+            let lo = b * BLOCK;
+            let hi = (lo + BLOCK).min(n);
+            for (i, &x) in vals[lo..hi].iter().enumerate() {
+                if x >= tau {
+                    s.top.push(x, (lo + i) as u32);
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Fills the first `e_count` entries of `buf` with `fill` and selects the
+/// best `cap` of them ([`select_row`]).
+#[inline(always)]
+pub(crate) fn scan(e_count: usize, cap: usize, buf: &mut [f32], fill: impl FnOnce(&mut [f32])) -> Scan {
+    let b = &mut buf[..e_count];
+    fill(b);
+    select_row(b, cap)
 }
 
 /// The fallback of a row decided without computing it: ids `0..k`, every
@@ -205,10 +285,13 @@ fn kept_softmax(top: &TopK<SEL>, w: &mut [f32]) {
 /// Softmax over all `E` logits, top-`k`, optional renormalization of the
 /// `k` weights: vLLM's `topk_softmax` (from TensorRT-LLM).
 ///
-/// `weights[t, j] = softmax(x_t)[ids[t, j]]`, or that divided by the sum
-/// of the row's `k` such values when `renormalize` (which equals
-/// [`keep_topk_softmax`] up to rounding: Mixtral's gate). See the
-/// [module docs](self) for the output contract, edge cases and exact
+/// Without `renormalize`, `weights[t, j] = softmax(x_t)[ids[t, j]] =
+/// exp(x_j - m) / S` (Qwen2-MoE, DeepSeek-V2-Lite style). With
+/// `renormalize`, the weights are those probabilities divided by their sum,
+/// which is exactly the softmax over the `k` kept logits: they are computed
+/// that way, bit for bit equal to [`keep_topk_softmax`] (one rounding step
+/// fewer than vLLM's divide-twice, and no pass over the row for `S`). See
+/// the [module docs](self) for the output contract, edge cases and exact
 /// arithmetic; errors are the common ones listed there.
 ///
 /// ```
@@ -230,6 +313,7 @@ pub fn topk_softmax<T: Element>(
     weights: &mut [f32],
 ) -> Result<Report, Error> {
     let (e, t) = check_shape(&logits, k, ids, weights)?;
+    let mut buf = [0.0f32; MAX_EXPERTS];
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -238,11 +322,17 @@ pub fn topk_softmax<T: Element>(
         .take(t)
     {
         let row = logits.row(tok);
-        let s = scan(e, k, |i| row[i].to_f32());
+        let s = scan(e, k, &mut buf, |b| widen(row, b));
         if decided(&s, id, w, &mut rep) {
             continue;
         }
         id.copy_from_slice(&s.top.idx[..k]);
+        if renormalize {
+            // softmax(x)_j / sum_j softmax(x)_j = softmax over the kept logits:
+            // computed directly, without the full-row sum.
+            kept_softmax(&s.top, w);
+            continue;
+        }
         let m = s.top.val[0];
         if m == f32::INFINITY {
             let p = 1.0 / s.n_inf as f32;
@@ -254,9 +344,6 @@ pub fn topk_softmax<T: Element>(
             for (x, &v) in w.iter_mut().zip(&s.top.val[..k]) {
                 *x = exp(v - m) / sum;
             }
-        }
-        if renormalize {
-            renorm(w);
         }
     }
     Ok(rep)
@@ -276,6 +363,7 @@ pub fn keep_topk_softmax<T: Element>(
     weights: &mut [f32],
 ) -> Result<Report, Error> {
     let (e, t) = check_shape(&logits, k, ids, weights)?;
+    let mut buf = [0.0f32; MAX_EXPERTS];
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -284,7 +372,7 @@ pub fn keep_topk_softmax<T: Element>(
         .take(t)
     {
         let row = logits.row(tok);
-        let s = scan(e, k, |i| row[i].to_f32());
+        let s = scan(e, k, &mut buf, |b| widen(row, b));
         if decided(&s, id, w, &mut rep) {
             continue;
         }
@@ -365,6 +453,7 @@ pub fn noisy_topk<T: Element>(
     ensure_len("noise_logits.rows", t, noise_logits.rows())?;
     ensure_len("noise_logits.len", e, noise_logits.len())?;
     noise.check(t, e)?;
+    let mut buf = [0.0f32; MAX_EXPERTS];
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -373,8 +462,10 @@ pub fn noisy_topk<T: Element>(
         .take(t)
     {
         let (x, n) = (clean.row(tok), noise_logits.row(tok));
-        let s = scan(e, k, |i| {
-            noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i))
+        let s = scan(e, k, &mut buf, |b| {
+            for (i, h) in b.iter_mut().enumerate() {
+                *h = noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i));
+            }
         });
         if decided(&s, id, w, &mut rep) {
             continue;
@@ -595,6 +686,7 @@ pub fn grouped_topk<T: Element>(
     let (e, t) = check_shape(&logits, k, ids, weights)?;
     let size = cfg.check(e)?;
     let n_group = cfg.n_group;
+    let mut sel_buf = [0.0f32; MAX_EXPERTS];
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -628,8 +720,7 @@ pub fn grouped_topk<T: Element>(
             _ => 1.0,
         };
         let inv_inf = 1.0 / n_inf as f32;
-        let score = |i: usize| -> f32 {
-            let x = row[i].to_f32();
+        let score = |x: f32| -> f32 {
             match cfg.scoring {
                 Scoring::Sigmoid => sigmoid(x),
                 Scoring::Softmax if m == f32::INFINITY => {
@@ -642,20 +733,23 @@ pub fn grouped_topk<T: Element>(
                 Scoring::Softmax => exp(x - m) / sum,
             }
         };
-        let sel = |i: usize| -> f32 {
-            match cfg.bias {
-                Some(b) => score(i) + b[i],
-                None => score(i),
+        // Selection scores s' = s + b, once per expert.
+        let sel = &mut sel_buf[..e];
+        for (o, v) in sel.iter_mut().zip(row) {
+            *o = score(v.to_f32());
+        }
+        if let Some(b) = cfg.bias {
+            for (o, &bv) in sel.iter_mut().zip(b) {
+                *o += bv;
             }
-        };
+        }
         // Groups.
         let mut keep = [true; MAX_GROUPS];
         if cfg.topk_group < n_group {
             let mut gtop = TopK::<MAX_GROUPS>::new(cfg.topk_group);
-            for g in 0..n_group {
+            for (g, grp) in sel.chunks_exact(size).enumerate() {
                 let (mut b1, mut b2) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                for i in g * size..(g + 1) * size {
-                    let v = sel(i);
+                for &v in grp {
                     if v > b1 {
                         b2 = b1;
                         b1 = v;
@@ -674,15 +768,16 @@ pub fn grouped_topk<T: Element>(
                 keep[g as usize] = true;
             }
         }
-        let mut top = TopK::<SEL>::new(k);
-        for i in 0..e {
-            if keep[i / size] {
-                top.push(sel(i), i as u32);
+        let mut sc = Scan::new(k);
+        for (g, grp) in sel.chunks_exact(size).enumerate() {
+            if keep[g] {
+                sc.feed(grp, g * size);
             }
         }
+        let top = sc.top;
         id.copy_from_slice(&top.idx[..k]);
         for (x, &i) in w.iter_mut().zip(&top.idx[..k]) {
-            *x = score(i as usize);
+            *x = score(row[i as usize].to_f32());
         }
         if cfg.renormalize {
             renorm(w);
