@@ -47,6 +47,18 @@ fn gating(c: &mut Criterion) {
                         .unwrap()
                     })
                 });
+                group.bench_function(BenchmarkId::new("topk_softmax_f32_no_renorm", k), |b| {
+                    b.iter(|| {
+                        topk_softmax(
+                            Rows::dense(black_box(&x), t, e).unwrap(),
+                            k,
+                            false,
+                            &mut ids,
+                            &mut w,
+                        )
+                        .unwrap()
+                    })
+                });
                 group.bench_function(BenchmarkId::new("topk_softmax_bf16", k), |b| {
                     b.iter(|| {
                         topk_softmax(

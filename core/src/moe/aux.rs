@@ -23,8 +23,8 @@
 //! `logsumexp = -inf`, so its z-loss term is `+inf`. Slots whose id is
 //! [`NO_EXPERT`] (dropped) are counted in no expert.
 
-use super::gating::{Noise, SEL, check_router, noisy_logit, scan};
-use super::{MAX_EXPERTS, NO_EXPERT, check_ids, warp_sum_exp};
+use super::gating::{Noise, SEL, check_router, noisy_logit, select, with_scratch};
+use super::{NO_EXPERT, check_ids, warp_sum_exp};
 use crate::element::Element;
 use crate::error::{Error, ensure, ensure_len};
 use crate::math::act::{normal_cdf, softplus};
@@ -187,13 +187,13 @@ pub fn noisy_load<T: Element>(
     out.fill(0.0);
     let mut rep = Report::default();
     let cap = (k + 1).min(e).min(SEL);
-    let mut buf = [0.0f32; MAX_EXPERTS];
     for tok in 0..t {
         let (x, n) = (clean.row(tok), noise_logits.row(tok));
-        let s = scan(e, cap, &mut buf, |b| {
-            for (i, h) in b.iter_mut().enumerate() {
-                *h = noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i));
+        let s = with_scratch(e, |h| {
+            for (i, v) in h.iter_mut().enumerate() {
+                *v = noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i));
             }
+            select(h, cap)
         });
         if s.nan {
             out.iter_mut().for_each(|o| *o = f64::NAN);

@@ -50,7 +50,7 @@
 //! per-function parameter errors listed on each function.
 
 use super::{MAX_EXPERTS, MAX_GROUPS, MAX_K, TopK, warp_sum_exp};
-use crate::element::{Element, widen};
+use crate::element::{DType, Element, widen};
 use crate::error::{Error, ensure, ensure_len};
 use crate::math::act::{sigmoid, softplus};
 use crate::math::{exp, max_fast};
@@ -125,8 +125,10 @@ pub(crate) struct Scan {
     pub(crate) n_inf: usize,
 }
 
-/// Block length of the selection pre-pass.
-const BLOCK: usize = 8;
+/// Most blocks of the selection pre-pass (blocks grow with `E`).
+const MAX_BLOCKS: usize = 64;
+/// Smallest block of the selection pre-pass.
+const MIN_BLOCK: usize = 8;
 
 impl Scan {
     pub(crate) fn new(cap: usize) -> Self {
@@ -149,44 +151,49 @@ impl Scan {
     }
 }
 
-/// The best `cap` of a whole row of scores (ties to the lower index), with
-/// its NaN flag and `+inf` count.
+/// The best `cap` of the scores `vals` (ties to the lower index), with the
+/// NaN flag and `+inf` count.
 ///
-/// Two passes, same result as pushing every score: the maxima of blocks of
-/// [`BLOCK`] scores give `tau`, the `cap`-th largest block maximum; at least
-/// `cap` scores are `>= tau`, so no score below `tau` can be selected, and
-/// only blocks whose maximum reaches `tau` are scanned again.
-pub(crate) fn select_row(vals: &[f32], cap: usize) -> Scan {
+/// Same result as pushing every score in index order, in two passes: the
+/// maxima of `nb <= 64` blocks (of a multiple of 8 scores) give `tau`, the
+/// `cap`-th largest block maximum; at least `cap` scores are `>= tau`, so
+/// no score below `tau` can be selected, and only the blocks whose maximum
+/// reaches `tau` are scanned again (their scores `>= tau` only).
+pub(crate) fn select(vals: &[f32], cap: usize) -> Scan {
     let n = vals.len();
-    let nb = n.div_ceil(BLOCK);
+    let bsz = MIN_BLOCK * n.div_ceil(MAX_BLOCKS * MIN_BLOCK).max(1);
+    let nb = n.div_ceil(bsz);
+    let mut s = Scan::new(cap);
     if nb < 4 * cap {
-        let mut s = Scan::new(cap);
         s.feed(vals, 0);
         return s;
     }
-    let mut bmax = [f32::NEG_INFINITY; MAX_EXPERTS / BLOCK];
+    let mut bmax = [f32::NEG_INFINITY; MAX_BLOCKS];
     let mut nan = 0u32;
     let mut n_inf = 0u32;
-    let mut blocks = vals.chunks_exact(BLOCK);
-    for (bm, c) in bmax.iter_mut().zip(&mut blocks) {
-        let mut m = [f32::NEG_INFINITY; BLOCK];
-        for l in 0..BLOCK {
+    let mut mini = vals.chunks_exact(MIN_BLOCK);
+    for (i, c) in (&mut mini).enumerate() {
+        let mut m = [f32::NEG_INFINITY; MIN_BLOCK];
+        for l in 0..MIN_BLOCK {
             m[l] = max_fast(c[l], m[l]);
             nan |= c[l].is_nan() as u32;
             n_inf += (c[l] == f32::INFINITY) as u32;
         }
-        *bm = max_fast(
-            max_fast(max_fast(m[0], m[1]), max_fast(m[2], m[3])),
-            max_fast(max_fast(m[4], m[5]), max_fast(m[6], m[7])),
-        );
+        let m4 = [
+            max_fast(m[0], m[4]),
+            max_fast(m[1], m[5]),
+            max_fast(m[2], m[6]),
+            max_fast(m[3], m[7]),
+        ];
+        let mx = max_fast(max_fast(m4[0], m4[2]), max_fast(m4[1], m4[3]));
+        let b = &mut bmax[i * MIN_BLOCK / bsz];
+        *b = max_fast(mx, *b);
     }
-    let rem = blocks.remainder();
-    for &x in rem {
+    for &x in mini.remainder() {
         bmax[nb - 1] = max_fast(x, bmax[nb - 1]);
         nan |= x.is_nan() as u32;
         n_inf += (x == f32::INFINITY) as u32;
     }
-    let mut s = Scan::new(cap);
     s.n_inf = n_inf as usize;
     if nan != 0 {
         s.nan = true;
@@ -199,9 +206,8 @@ pub(crate) fn select_row(vals: &[f32], cap: usize) -> Scan {
     let tau = bt.val[cap - 1];
     for (b, &m) in bmax[..nb].iter().enumerate() {
         if m >= tau {
-            let lo = b * BLOCK;
-            let hi = (lo + BLOCK).min(n);
-            for (i, &x) in vals[lo..hi].iter().enumerate() {
+            let lo = b * bsz;
+            for (i, &x) in vals[lo..(lo + bsz).min(n)].iter().enumerate() {
                 if x >= tau {
                     s.top.push(x, (lo + i) as u32);
                 }
@@ -211,13 +217,32 @@ pub(crate) fn select_row(vals: &[f32], cap: usize) -> Scan {
     s
 }
 
-/// Fills the first `e_count` entries of `buf` with `fill` and selects the
-/// best `cap` of them ([`select_row`]).
+/// Runs `f` on an `f32` scratch row of `n` values (`n <= MAX_EXPERTS`),
+/// from a small stack buffer when `n` is small (no 16 KiB zero-fill for
+/// the common sizes).
 #[inline(always)]
-pub(crate) fn scan(e_count: usize, cap: usize, buf: &mut [f32], fill: impl FnOnce(&mut [f32])) -> Scan {
-    let b = &mut buf[..e_count];
-    fill(b);
-    select_row(b, cap)
+pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if n <= 256 {
+        let mut b = [0.0f32; 256];
+        f(&mut b[..n])
+    } else {
+        let mut b = [0.0f32; MAX_EXPERTS];
+        f(&mut b[..n])
+    }
+}
+
+/// The best `k` of a router row: borrowed for `f32` input, widened into
+/// stack scratch otherwise.
+#[inline(always)]
+fn select_logits<T: Element>(row: &[T], k: usize) -> Scan {
+    if T::DTYPE == DType::F32 {
+        select(bytemuck::cast_slice(row), k)
+    } else {
+        with_scratch(row.len(), |b| {
+            widen(row, b);
+            select(b, k)
+        })
+    }
 }
 
 /// The fallback of a row decided without computing it: ids `0..k`, every
@@ -312,8 +337,7 @@ pub fn topk_softmax<T: Element>(
     ids: &mut [u32],
     weights: &mut [f32],
 ) -> Result<Report, Error> {
-    let (e, t) = check_shape(&logits, k, ids, weights)?;
-    let mut buf = [0.0f32; MAX_EXPERTS];
+    let (_, t) = check_shape(&logits, k, ids, weights)?;
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -322,7 +346,7 @@ pub fn topk_softmax<T: Element>(
         .take(t)
     {
         let row = logits.row(tok);
-        let s = scan(e, k, &mut buf, |b| widen(row, b));
+        let s = select_logits(row, k);
         if decided(&s, id, w, &mut rep) {
             continue;
         }
@@ -362,8 +386,7 @@ pub fn keep_topk_softmax<T: Element>(
     ids: &mut [u32],
     weights: &mut [f32],
 ) -> Result<Report, Error> {
-    let (e, t) = check_shape(&logits, k, ids, weights)?;
-    let mut buf = [0.0f32; MAX_EXPERTS];
+    let (_, t) = check_shape(&logits, k, ids, weights)?;
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -372,7 +395,7 @@ pub fn keep_topk_softmax<T: Element>(
         .take(t)
     {
         let row = logits.row(tok);
-        let s = scan(e, k, &mut buf, |b| widen(row, b));
+        let s = select_logits(row, k);
         if decided(&s, id, w, &mut rep) {
             continue;
         }
@@ -453,7 +476,6 @@ pub fn noisy_topk<T: Element>(
     ensure_len("noise_logits.rows", t, noise_logits.rows())?;
     ensure_len("noise_logits.len", e, noise_logits.len())?;
     noise.check(t, e)?;
-    let mut buf = [0.0f32; MAX_EXPERTS];
     let mut rep = Report::default();
     for (tok, (id, w)) in ids
         .chunks_exact_mut(k)
@@ -462,10 +484,11 @@ pub fn noisy_topk<T: Element>(
         .take(t)
     {
         let (x, n) = (clean.row(tok), noise_logits.row(tok));
-        let s = scan(e, k, &mut buf, |b| {
-            for (i, h) in b.iter_mut().enumerate() {
-                *h = noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i));
+        let s = with_scratch(e, |h| {
+            for (i, v) in h.iter_mut().enumerate() {
+                *v = noisy_logit(x[i].to_f32(), n[i].to_f32(), noise.sample(e, tok, i));
             }
+            select(h, k)
         });
         if decided(&s, id, w, &mut rep) {
             continue;
@@ -743,19 +766,17 @@ pub fn grouped_topk<T: Element>(
                 *o += bv;
             }
         }
-        // Groups.
-        let mut keep = [true; MAX_GROUPS];
+        // Groups: keep the best topk_group, mask the others' experts to -inf.
+        // Every selection score is finite and the kept groups hold at least
+        // k experts, so the top-k of the masked row is the top-k over the
+        // kept groups.
         if cfg.topk_group < n_group {
             let mut gtop = TopK::<MAX_GROUPS>::new(cfg.topk_group);
             for (g, grp) in sel.chunks_exact(size).enumerate() {
                 let (mut b1, mut b2) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
                 for &v in grp {
-                    if v > b1 {
-                        b2 = b1;
-                        b1 = v;
-                    } else if v > b2 {
-                        b2 = v;
-                    }
+                    b2 = max_fast(b2, if v < b1 { v } else { b1 });
+                    b1 = max_fast(v, b1);
                 }
                 let gs = match cfg.group_score {
                     GroupScore::Top2Sum => b1 + b2,
@@ -763,18 +784,17 @@ pub fn grouped_topk<T: Element>(
                 };
                 gtop.push(gs, g as u32);
             }
-            keep[..n_group].fill(false);
+            let mut keep = [false; MAX_GROUPS];
             for &g in &gtop.idx[..gtop.len] {
                 keep[g as usize] = true;
             }
-        }
-        let mut sc = Scan::new(k);
-        for (g, grp) in sel.chunks_exact(size).enumerate() {
-            if keep[g] {
-                sc.feed(grp, g * size);
+            for (g, grp) in sel.chunks_exact_mut(size).enumerate() {
+                if !keep[g] {
+                    grp.fill(f32::NEG_INFINITY);
+                }
             }
         }
-        let top = sc.top;
+        let top = select(sel, k).top;
         id.copy_from_slice(&top.idx[..k]);
         for (x, &i) in w.iter_mut().zip(&top.idx[..k]) {
             *x = score(row[i as usize].to_f32());
