@@ -44,3 +44,8 @@ pub use error::Error;
 pub use half::{bf16, f16};
 pub use rows::{Rows, RowsMut};
 pub use softmax::Report;
+
+// The README's Rust examples run as doctests, so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

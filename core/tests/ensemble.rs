@@ -855,3 +855,64 @@ fn errors_name_the_argument_and_leave_outputs_untouched() {
         }
     );
 }
+
+#[test]
+fn deep_tail_log_probs_do_not_underflow() {
+    // Token 1 has log-probability about -150 under both models: far below
+    // f32's smallest probability, but its log-probability is representable.
+    let a = [0.0f32, -150.0, 0.0];
+    let b = [0.0f32, -151.0, -1.0];
+    let r = one_row(&[&a, &b], &Config::linear(&[1.0, 1.0]));
+    let la = -150.0 - (2.0f64 + (-150f64).exp()).ln();
+    let lb = -151.0 - (1.0f64 + (-1f64).exp() + (-151f64).exp()).ln();
+    let want = (0.5 * la.exp() + 0.5 * lb.exp()).ln();
+    let want = if want.is_finite() {
+        want
+    } else {
+        (0.5f64).ln() + la + (1.0 + (lb - la).exp()).ln()
+    };
+    assert!((r.lp[1] as f64 - want).abs() < 1e-4, "{} vs {want}", r.lp[1]);
+    assert_eq!(r.p[1], 0.0);
+}
+
+#[test]
+fn huge_combined_scores_still_normalize() {
+    // Found by the fuzzer: a tiny temperature makes the combined scores about
+    // -2e32; the normalizer must still separate two tied tokens (p = 1/2 each).
+    let a = [f32::NEG_INFINITY, -0.125, -0.125];
+    let models = [Model::new(Rows::single(&a)).with_temperature(1.745_798_8e-33)];
+    let r = run(&models, &Config::log_linear(&[3.03125]), 1, 3).unwrap();
+    assert_eq!(r.p, vec![0.0, 0.5, 0.5]);
+}
+
+#[test]
+fn subnormal_output_temperature_overflows_cleanly() {
+    // Found by the fuzzer: T_out = 3.2e-39 made ln Z = inf + (-inf) = NaN.
+    let a = [11.5f32, 11.75, 11.5];
+    let b = [3.875f32, -12.625, -13.875];
+    let models = [
+        Model::new(Rows::single(&a)).with_temperature(0.15625),
+        Model::new(Rows::single(&b)),
+    ];
+    let cfg = Config {
+        out_temperature: 3.214_242e-39,
+        ..Config::linear(&[2.4375, 2.4375])
+    };
+    let r = run(&models, &cfg, 1, 3).unwrap();
+    assert!(r.report.is_clean());
+    assert!(!r.lz[0].is_nan(), "{}", r.lz[0]);
+    // Mixture ~ (0.58, 0.33, 0.08); a vanishing T_out makes it one-hot.
+    assert_eq!(r.am[0], 0);
+    assert_eq!(r.p, vec![1.0, 0.0, 0.0]);
+}
+
+#[test]
+fn nan_beyond_another_models_vocabulary_still_surfaces() {
+    // Model 0 has a NaN at token 3, which model 1 does not cover: the row
+    // must still be reported as NaN (it was masked silently before).
+    let a = [0.0f32, 1.0, 2.0, f32::NAN];
+    let b = [0.0f32, 1.0, 2.0];
+    let models = [Model::new(Rows::single(&a)), Model::new(Rows::single(&b))];
+    let r = run(&models, &Config::log_linear(&[1.0, 1.0]), 1, 4).unwrap();
+    assert_eq!(r.report.nan_rows, 1);
+}
