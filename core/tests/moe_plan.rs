@@ -7,7 +7,7 @@ mod moe_util;
 
 use medley_core::Error;
 use medley_core::moe::capacity::{Priority, apply_capacity, capacity};
-use medley_core::moe::plan::{align_block_size, block_padded_len, map_experts, sort_by_expert};
+use medley_core::moe::plan::{align_block_size, block_padded_len, map_experts, sort_by_expert, sorted_len};
 use medley_core::moe::{ExpertRange, NO_EXPERT, NO_POSITION};
 use moe_util::Gen;
 use proptest::prelude::*;
@@ -62,6 +62,7 @@ proptest! {
         let (ids, _k, e, range) = random_routing(&mut g);
         let n = ids.len();
         let l = range.len();
+        prop_assert_eq!(sorted_len(n, l).unwrap(), (n, l + 1));
         let mut sorted = vec![7u32; n];
         let mut offsets = vec![7u64; l + 1];
         let mut inv = vec![7u32; n];

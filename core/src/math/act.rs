@@ -1,7 +1,7 @@
 //! Activation and distribution functions for `no_std`: [`sigmoid`],
 //! [`silu`], [`softplus`], [`log1p`], [`erfc`] and [`normal_cdf`].
 //!
-//! Each is written in terms of [`exp`](super::exp) and [`ln`](super::ln)
+//! Each is written in terms of [`super::exp`] and [`super::ln`]
 //! with the exact `f32` operation order given on the function, so a GPU
 //! kernel that uses the same `exp` and IEEE division (no fused
 //! multiply-add) reproduces the values bit for bit.

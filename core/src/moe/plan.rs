@@ -72,11 +72,26 @@ fn count(ids: &[u32], range: ExpertRange, offsets: &mut [u64]) {
     }
 }
 
+/// Buffer lengths of the expert-sorted plan for `slots = T * k` and
+/// `local_experts = L`: `(sorted length, offsets length) = (slots, L + 1)`
+/// (`inverse`, when wanted, is `slots` long as well).
+///
+/// Errors: [`Error::TooLarge`] (`ids`: more than `u32::MAX` slots),
+/// [`Error::SizeOverflow`] (`offsets`).
+pub fn sorted_len(slots: usize, local_experts: usize) -> Result<(usize, usize), Error> {
+    check_slots("ids", slots)?;
+    let off = local_experts
+        .checked_add(1)
+        .ok_or(Error::SizeOverflow { arg: "offsets" })?;
+    Ok((slots, off))
+}
+
 /// (a) The expert-sorted order of the local slots, with per-expert offsets
 /// and optionally the inverse map (layouts in the [module docs](self)).
 /// Returns the number of local slots `offsets[L]`.
 ///
-/// `O(N + L)` time, no scratch: the offsets double as cursors.
+/// `O(N + L)` time, no scratch: the offsets double as cursors. Buffer
+/// lengths: [`sorted_len`].
 ///
 /// Errors (checked before anything is written): [`Error::Empty`] /
 /// [`Error::TooLarge`] (`experts` 0 or above `u32::MAX`),
