@@ -279,6 +279,33 @@ fn empty_and_edge_plans() {
 }
 
 #[test]
+fn size_limits_are_explicit() {
+    let max = u32::MAX as usize;
+    // Slot ids are u32 with the sentinel N itself representable.
+    assert_eq!(block_padded_len(max, 1, 1).unwrap(), (max, max));
+    assert_eq!(
+        block_padded_len(max + 1, 1, 1).unwrap_err(),
+        Error::TooLarge {
+            arg: "ids",
+            index: 0,
+            max,
+            got: max + 1
+        }
+    );
+    assert!(matches!(
+        block_padded_len(max - 10, 8, 64).unwrap_err(),
+        Error::TooLarge {
+            arg: "sorted_ids",
+            ..
+        }
+    ));
+    assert_eq!(sorted_len(max, 255).unwrap(), (max, 256));
+    // Offsets are u64: 2^31 and more slots are fine for the size queries.
+    assert_eq!(sorted_len(1 << 31, 8).unwrap(), (1 << 31, 9));
+    assert_eq!(block_padded_len(3 << 30, 8, 64).unwrap().0, (3 << 30) + 8 * 64);
+}
+
+#[test]
 fn map_experts_then_plan() {
     // Logical experts 0..4 on physical 0..4 with 2 and 3 swapped, 1 off-rank.
     let map = [0u32, NO_EXPERT, 3, 2];

@@ -168,7 +168,8 @@ pub fn sort_by_expert(
 /// block_m)` and `blocks = sorted_ids length / block_m`.
 ///
 /// Errors: [`Error::OutOfRange`] (`block_m` = 0), [`Error::TooLarge`]
-/// (`slots`, or a padded length above `u32::MAX`, which positions must fit).
+/// (`ids`: more than `u32::MAX` slots; `sorted_ids`: a padded length above
+/// `u32::MAX`, which positions must fit).
 pub fn block_padded_len(slots: usize, local_experts: usize, block_m: usize) -> Result<(usize, usize), Error> {
     ensure(
         block_m > 0,
@@ -183,7 +184,7 @@ pub fn block_padded_len(slots: usize, local_experts: usize, block_m: usize) -> R
     ensure(
         len <= u32::MAX as u128,
         Error::TooLarge {
-            arg: "block_m",
+            arg: "sorted_ids",
             index: 0,
             max: u32::MAX as usize,
             got: len.min(usize::MAX as u128) as usize,
