@@ -7,7 +7,9 @@ mod moe_util;
 
 use medley_core::Error;
 use medley_core::moe::capacity::{Priority, apply_capacity, capacity};
-use medley_core::moe::plan::{align_block_size, block_padded_len, map_experts, sort_by_expert, sorted_len};
+use medley_core::moe::plan::{
+    align_block_size, block_padded_len, map_experts, row_experts, sort_by_expert, sorted_len,
+};
 use medley_core::moe::{ExpertRange, NO_EXPERT, NO_POSITION};
 use moe_util::Gen;
 use proptest::prelude::*;
@@ -135,6 +137,13 @@ proptest! {
             } else {
                 prop_assert_eq!(inv[i], NO_POSITION);
             }
+        }
+        // DeepGEMM contiguous layout: the expert of each real row, -1 elsewhere.
+        let mut rows = vec![7u32; len];
+        row_experts(&sorted, &bexp, bm, n, &mut rows).unwrap();
+        for p in 0..len {
+            let want = if (sorted[p] as usize) < n { ids[sorted[p] as usize] - range.first } else { NO_EXPERT };
+            prop_assert_eq!(rows[p], want);
         }
     }
 

@@ -47,6 +47,15 @@
 //! (block_m - 1)` for small batches). Any `block_m >= 1` (no power-of-two
 //! rule).
 //!
+//! # Other layouts
+//!
+//! - DeepGEMM's contiguous layout (a per-row expert id, `-1` for padding):
+//!   [`row_experts`] over a block-padded plan with `block_m = 128`.
+//! - The fixed-capacity ("masked") layout `[E, C]`: the positions and counts
+//!   of [`apply_capacity`](super::capacity::apply_capacity) (`masked_m` =
+//!   counts).
+//! - torch `grouped_mm`'s `offs`: `offsets[1..]` of [`sort_by_expert`].
+//!
 //! An arbitrary expert map (EPLB logical-to-physical, a non-contiguous
 //! local set) composes: map the ids first (unmapped ones to [`NO_EXPERT`]),
 //! then plan with the mapped id space.
@@ -272,6 +281,48 @@ pub fn align_block_size(
     }
     offsets[0] = 0;
     Ok(total)
+}
+
+/// DeepGEMM's contiguous layout from a block-padded plan: `out[p]` = the
+/// local expert of row `p` of the padded activations, or [`NO_EXPERT`]
+/// (`-1` as `i32`, DeepGEMM's "skip") for padding rows and rows past
+/// `num_tokens_post_padded`. With `block_m = 128` this is the
+/// `grouped_layout` of `m_grouped_*_gemm_nt_contiguous` on SM90.
+///
+/// `sorted_ids` and `block_experts` are the outputs of [`align_block_size`]
+/// for `slots = T * k` slots and this `block_m`; `out` has the length of
+/// `sorted_ids`.
+///
+/// Errors: [`Error::OutOfRange`] (`block_m` = 0), [`Error::LengthMismatch`]
+/// (`sorted_ids` not `block_experts.len() * block_m` long, `out`).
+pub fn row_experts(
+    sorted_ids: &[u32],
+    block_experts: &[u32],
+    block_m: usize,
+    slots: usize,
+    out: &mut [u32],
+) -> Result<(), Error> {
+    ensure(
+        block_m > 0,
+        Error::OutOfRange {
+            arg: "block_m",
+            index: 0,
+        },
+    )?;
+    let len = block_experts
+        .len()
+        .checked_mul(block_m)
+        .ok_or(Error::SizeOverflow { arg: "block_experts" })?;
+    ensure_len("sorted_ids", len, sorted_ids.len())?;
+    ensure_len("out", len, out.len())?;
+    for ((o, &s), p) in out.iter_mut().zip(sorted_ids).zip(0..) {
+        *o = if s as usize >= slots {
+            NO_EXPERT
+        } else {
+            block_experts[p / block_m]
+        };
+    }
+    Ok(())
 }
 
 /// Maps every id through `map` (global or logical id to the id space of the
