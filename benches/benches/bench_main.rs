@@ -1,9 +1,10 @@
 //! The one benchmark entry point: `cargo bench -p medley-benches`
-//! (filter with `-- <group>`, e.g. `-- ensemble`).
+//! (filter with `-- <group>`, e.g. `-- ensemble`, `-- moe_`, `-- cuda/`).
 
 use criterion::criterion_main;
 
 mod ensemble;
 mod gpu_ensemble;
+mod moe;
 
-criterion_main!(ensemble::benches, gpu_ensemble::benches);
+criterion_main!(ensemble::benches, moe::benches, gpu_ensemble::benches);

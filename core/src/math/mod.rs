@@ -14,6 +14,8 @@
 // Published coefficient tables keep their printed digits.
 #![allow(clippy::excessive_precision)]
 
+pub mod act;
+
 /// log2(e).
 pub const LOG2E: f32 = core::f32::consts::LOG2_E;
 /// Magic constant 1.5 * 2^23: adding and subtracting it rounds to nearest
