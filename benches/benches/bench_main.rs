@@ -5,6 +5,12 @@ use criterion::criterion_main;
 
 mod ensemble;
 mod gpu_ensemble;
+mod gpu_moe;
 mod moe;
 
-criterion_main!(ensemble::benches, moe::benches, gpu_ensemble::benches);
+criterion_main!(
+    ensemble::benches,
+    moe::benches,
+    gpu_ensemble::benches,
+    gpu_moe::benches
+);
