@@ -30,6 +30,7 @@ pub mod element;
 pub mod ensemble;
 pub mod error;
 pub mod math;
+pub mod merge;
 pub mod rng;
 pub(crate) mod rowops;
 pub mod rows;

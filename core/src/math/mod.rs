@@ -11,6 +11,8 @@
 //! | [`ln`] | 2 ulp | `ln(0) = -inf`, `ln(x < 0) = NaN`, `ln(inf) = inf`, subnormal inputs exact |
 //! | [`sqrt`], [`sqrt_f64`] | 1 ulp | `sqrt(±0) = ±0`, `sqrt(x < 0) = NaN`, `sqrt(inf) = inf` |
 
+pub mod trig;
+
 /// log2(e).
 pub const LOG2E: f32 = core::f32::consts::LOG2_E;
 /// Magic constant 1.5 * 2^23: adding and subtracting it rounds to nearest
