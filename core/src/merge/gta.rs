@@ -837,9 +837,13 @@ impl GtaStats<'_> {
     /// The tensor-wide thresholds found so far (all-keeping before then).
     fn thresholds(&self) -> Thresholds {
         let mut t = Thresholds::default();
-        for i in 0..self.plan.m {
-            t.lo[i] = self.lo[i].threshold().unwrap_or(Threshold::ALL);
-            t.hi[i] = self.hi[i].threshold().unwrap_or(Threshold::NONE);
+        if self.plan.tensor_select() {
+            for i in 0..self.plan.m {
+                if !self.plan.models[i].dense {
+                    t.lo[i] = self.lo[i].threshold().unwrap_or(Threshold::ALL);
+                    t.hi[i] = self.hi[i].threshold().unwrap_or(Threshold::NONE);
+                }
+            }
         }
         t
     }

@@ -15,9 +15,17 @@
 //! (in any order, on any threads) writes exactly the bits of the one-shot
 //! call. That is their streaming form.
 //!
-//! Arithmetic is `f32` in mergekit's operation order: products `w_i x_i`
-//! summed in model order, then one division by `sum_i w_i` (itself summed in
-//! order). NaN and infinities in the tensors propagate element-wise.
+//! Arithmetic is `f32`. Unnormalized sums are mergekit's operation order
+//! (products `w_i x_i` summed in model order). A **normalized** weighted
+//! average `sum_i w_i x_i / sum_i w_i` is evaluated in the algebraically
+//! equal anchored form `x_0 + sum_{i>=1} c_i (x_i - x_0)` with
+//! `c_i = f32(w_i / W)`, `W = sum_i w_i` summed in order: it is exact when the
+//! models agree (the uniform soup of identical models is the model, bit for
+//! bit) and its rounding error scales with the differences between the
+//! models (small for fine-tunes of one base) rather than with their
+//! magnitudes. It agrees with mergekit's order to a few `f32` ulps. NaN
+//! propagates element-wise; an infinite element becomes NaN in a normalized
+//! average (`inf - inf`) where mergekit's order would give an infinity.
 
 use super::{TILE, as_f32, check_finite, check_models, store, weight_sum};
 use crate::element::Element;
@@ -49,7 +57,8 @@ fn weighted_tile<T: Element>(
 
 /// Weighted sum of `models` into `out`: `out = sum_i w_i x_i`, divided by
 /// `sum_i w_i` when `normalize` (mergekit's `linear`, whose default is
-/// `normalize: true`). Weights may be negative.
+/// `normalize: true`; evaluated in the anchored form described in the
+/// module documentation). Weights may be negative.
 ///
 /// Errors (nothing is written on error): [`Error::Empty`] (`models`),
 /// [`Error::TooLarge`] (`models`, more than [`MAX_MODELS`](super::MAX_MODELS)),
@@ -86,28 +95,44 @@ pub fn linear<T: Element, O: Element>(
     let mut acc = [0.0f32; TILE];
     let mut buf = [0.0f32; TILE];
     let mut lo = 0;
-    while lo < n {
-        let hi = (lo + TILE).min(n);
-        weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
-        let a = &mut acc[..hi - lo];
-        if let Some(d) = div {
-            for v in a.iter_mut() {
-                *v /= d;
+    match div {
+        None => {
+            while lo < n {
+                let hi = (lo + TILE).min(n);
+                weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
+                store(&acc[..hi - lo], &mut out[lo..hi]);
+                lo = hi;
             }
         }
-        store(a, &mut out[lo..hi]);
-        lo = hi;
+        Some(w) => {
+            let mut c = [0.0f32; super::MAX_MODELS];
+            for (c, &wi) in c.iter_mut().zip(weights) {
+                *c = wi / w;
+            }
+            let mut buf0 = [0.0f32; TILE];
+            while lo < n {
+                let hi = (lo + TILE).min(n);
+                let a = &mut acc[..hi - lo];
+                let x0 = as_f32(&models[0][lo..hi], &mut buf0);
+                a.copy_from_slice(x0);
+                for (m, &ci) in models.iter().zip(&c).skip(1) {
+                    let x = as_f32(&m[lo..hi], &mut buf);
+                    for ((a, &x), &x0) in a.iter_mut().zip(x).zip(x0) {
+                        *a += ci * (x - x0);
+                    }
+                }
+                store(a, &mut out[lo..hi]);
+                lo = hi;
+            }
+        }
     }
     Ok(())
 }
 
 /// Uniform soup (parameter averaging, checkpoint averaging):
 /// `out = (sum_i x_i) / M`, i.e. [`linear`] with unit weights and
-/// `normalize`. Errors as [`linear`].
-///
-/// The sum is formed in `f32` in model order, so the average of `M`
-/// identical models equals the model up to the rounding of `M x / M`
-/// (exact for `M` a power of two; within 1 ulp otherwise).
+/// `normalize` (so `x_0 + sum_{i>=1} f32(1/M) (x_i - x_0)`: the average of
+/// identical models is exactly the model). Errors as [`linear`].
 pub fn average<T: Element, O: Element>(models: &[&[T]], out: &mut [O]) -> Result<(), Error> {
     check_models(models, models.first().map_or(0, |m| m.len()), super::MAX_MODELS)?;
     let ones = [1.0f32; super::MAX_MODELS];

@@ -9,12 +9,12 @@
 //! possible score (never accepted, ranks last).
 //!
 //! Every candidate is the **uniform soup of its ingredients**, recomputed
-//! from the ingredients in index order (`sum_i x_i / k` in `f32`, exactly
-//! what [`average`](super::linear::average) of the same models writes), so
-//! the returned soup is bit-identical to `average` of the selected models,
-//! with no drift from incremental updates. Each candidate costs one pass
-//! over its ingredients.
+//! from the ingredients in index order by
+//! [`average`](super::linear::average), so the returned soup is
+//! bit-identical to `average` of the selected models, with no drift from
+//! incremental updates. Each candidate costs one pass over its ingredients.
 
+use super::linear::average;
 use super::{MAX_MODELS, TILE, as_f32, check_models};
 use crate::element::Element;
 use crate::error::{Error, ensure_len};
@@ -36,33 +36,15 @@ fn not_worse(a: f32, b: f32) -> bool {
     if a.is_nan() { false } else { b.is_nan() || a >= b }
 }
 
-/// `soup = (sum over selected i, in index order, of x_i) / count`.
+/// `soup` = [`average`] of the selected models, in index order.
 fn uniform_soup<T: Element>(models: &[&[T]], selected: &[bool], soup: &mut [f32]) {
-    let count = selected.iter().filter(|&&s| s).count() as f32;
-    let mut buf = [0.0f32; TILE];
-    let n = soup.len();
-    let mut lo = 0;
-    while lo < n {
-        let hi = (lo + TILE).min(n);
-        let s = &mut soup[lo..hi];
-        let mut first = true;
-        for (x, _) in models.iter().zip(selected).filter(|(_, s)| **s) {
-            let x = as_f32(&x[lo..hi], &mut buf);
-            if first {
-                // 1 * x + ...: the sum starts from the first ingredient.
-                s.copy_from_slice(x);
-                first = false;
-            } else {
-                for (a, &x) in s.iter_mut().zip(x) {
-                    *a += x;
-                }
-            }
-        }
-        for a in s.iter_mut() {
-            *a /= count;
-        }
-        lo = hi;
+    let mut views: [&[T]; MAX_MODELS] = [&[]; MAX_MODELS];
+    let mut k = 0;
+    for (x, _) in models.iter().zip(selected).filter(|(_, s)| **s) {
+        views[k] = x;
+        k += 1;
     }
+    average(&views[..k], soup).expect("validated: same lengths, at least one ingredient");
 }
 
 fn check<T>(models: &[&[T]], selected: &[bool], soup: &[f32]) -> Result<(), Error> {
