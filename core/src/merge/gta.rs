@@ -813,14 +813,8 @@ impl GtaStats<'_> {
                         after[i].push(raw);
                     }
                     Rescale::L2 => {
-                        for r in raw.iter_mut() {
-                            *r *= *r;
-                        }
-                        before[i].push(raw);
-                        for (r, &v) in raw.iter_mut().zip(d.iter()) {
-                            *r = v * v;
-                        }
-                        after[i].push(raw);
+                        before[i].push_prod(raw, raw);
+                        after[i].push_prod(d, d);
                     }
                     _ => {
                         for (&r, &v) in raw.iter().zip(d.iter()) {

@@ -248,10 +248,9 @@ impl SceStats<'_> {
                     let g0 = self.fed + lo as u64;
                     for (row, e) in rows[..m].iter().zip(self.energy.iter_mut()) {
                         for (j, (s, &d)) in sq[..l].iter_mut().zip(&row[..l]).enumerate() {
-                            let d = if thr.keeps(g0 + j as u64, var[j]) { d } else { 0.0 };
-                            *s = d * d;
+                            *s = if thr.keeps(g0 + j as u64, var[j]) { d } else { 0.0 };
                         }
-                        e.push(&sq[..l]);
+                        e.push_prod(&sq[..l], &sq[..l]);
                     }
                 }
                 ScePhase::Done => {}

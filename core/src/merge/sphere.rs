@@ -116,13 +116,12 @@ fn push_pair<T: Element>(s: &mut [Sum; 3], x0: &[T], x1: &[T], base: Option<&[T]
     let mut bb = [0.0f32; TILE];
     let mut v0 = [0.0f32; TILE];
     let mut v1 = [0.0f32; TILE];
-    let mut p = [0.0f32; TILE];
     let n = x0.len();
     let mut lo = 0;
     while lo < n {
         let hi = (lo + TILE).min(n);
         let len = hi - lo;
-        let (v0, v1, p) = (&mut v0[..len], &mut v1[..len], &mut p[..len]);
+        let (v0, v1) = (&mut v0[..len], &mut v1[..len]);
         v0.copy_from_slice(as_f32(&x0[lo..hi], &mut b0));
         v1.copy_from_slice(as_f32(&x1[lo..hi], &mut b1));
         if let Some(base) = base {
@@ -132,18 +131,9 @@ fn push_pair<T: Element>(s: &mut [Sum; 3], x0: &[T], x1: &[T], base: Option<&[T]
                 *c -= b;
             }
         }
-        for (p, &a) in p.iter_mut().zip(v0.iter()) {
-            *p = a * a;
-        }
-        s[0].push(p);
-        for (p, &c) in p.iter_mut().zip(v1.iter()) {
-            *p = c * c;
-        }
-        s[1].push(p);
-        for ((p, &a), &c) in p.iter_mut().zip(v0.iter()).zip(v1.iter()) {
-            *p = a * c;
-        }
-        s[2].push(p);
+        s[0].push_prod(v0, v0);
+        s[1].push_prod(v1, v1);
+        s[2].push_prod(v0, v1);
         lo = hi;
     }
 }

@@ -4,12 +4,18 @@
 //! Element `p` (its global position in the stream) is added to lane
 //! `p % LANES` of the current block; blocks are `BLOCK` elements aligned to
 //! global positions. At each block end the 16 lanes are summed as a fixed
-//! tree in `f64` and added to an `f64` running total. Every addition
-//! therefore happens in an order fixed by global positions alone, so any
-//! chunking (and any tile size) gives the same bits, while the inner loop is
-//! 16 independent `f32` accumulators that vectorize. Accuracy: within a
-//! block each lane adds 64 values in `f32` (relative error about `64 eps`
-//! of the block's absolute mass); across blocks the total is `f64`.
+//! tree and added to a running total. Every addition therefore happens in an
+//! order fixed by global positions alone, so any chunking (and any tile
+//! size) gives the same bits, while the inner loop is 16 independent
+//! accumulators that vectorize.
+//!
+//! Everything is `f64`: values are `f32` inputs (exact in `f64`) or products
+//! of two `f32`s (also exact in `f64`), so the only rounding is in the
+//! additions, about `1e-16` relative to the absolute mass. This accuracy is
+//! needed: cosines near `±1` decide SLERP's lerp fallback and NuSLERP's
+//! colinear case, and `acos` amplifies their errors near there (exactly
+//! parallel one-element rows give exactly `±1`, as mergekit's normalized
+//! vectors do).
 
 /// Accumulator lanes.
 pub(crate) const LANES: usize = 16;
@@ -19,17 +25,17 @@ pub(crate) const BLOCK: usize = 1024;
 /// One chunk-invariant running sum.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sum {
-    lanes: [f32; LANES],
+    lanes: [f64; LANES],
     /// Values consumed so far (the global position of the next one).
     n: u64,
     total: f64,
 }
 
 #[inline(always)]
-fn tree(l: &[f32; LANES]) -> f64 {
+fn tree(l: &[f64; LANES]) -> f64 {
     let mut a = [0.0f64; 8];
     for j in 0..8 {
-        a[j] = l[j] as f64 + l[j + 8] as f64;
+        a[j] = l[j] + l[j + 8];
     }
     let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (b[0] + b[2]) + (b[1] + b[3])
@@ -42,37 +48,54 @@ impl Sum {
         total: 0.0,
     };
 
-    /// Adds `t`; `t[i]` has global position `self.n + i`.
-    #[inline]
-    pub(crate) fn push(&mut self, mut t: &[f32]) {
-        while !t.is_empty() {
+    /// Adds `f(0), f(1), ..., f(len - 1)`; `f(i)` has global position
+    /// `self.n + i`.
+    #[inline(always)]
+    fn push_by<F: Fn(usize) -> f64>(&mut self, len: usize, f: F) {
+        let mut i = 0;
+        while i < len {
             let pos = (self.n % BLOCK as u64) as usize;
-            let take = (BLOCK - pos).min(t.len());
-            let (head, rest) = t.split_at(take);
+            let take = (BLOCK - pos).min(len - i);
+            let end = i + take;
             let mut lane = pos % LANES;
-            let mut it = head;
             // Unaligned start: scalar until the lane index wraps.
-            while lane != 0 && !it.is_empty() {
-                self.lanes[lane] += it[0];
-                it = &it[1..];
+            while lane != 0 && i < end {
+                self.lanes[lane] += f(i);
+                i += 1;
                 lane = (lane + 1) % LANES;
             }
-            let mut ch = it.chunks_exact(LANES);
-            for c in &mut ch {
-                for (l, &v) in self.lanes.iter_mut().zip(c) {
-                    *l += v;
+            while i + LANES <= end {
+                for (j, l) in self.lanes.iter_mut().enumerate() {
+                    *l += f(i + j);
                 }
+                i += LANES;
             }
-            for (j, &v) in ch.remainder().iter().enumerate() {
-                self.lanes[j] += v;
+            let mut j = 0;
+            while i < end {
+                self.lanes[j] += f(i);
+                i += 1;
+                j += 1;
             }
             self.n += take as u64;
             if self.n.is_multiple_of(BLOCK as u64) {
                 self.total += tree(&self.lanes);
                 self.lanes = [0.0; LANES];
             }
-            t = rest;
         }
+    }
+
+    /// Adds `t` (widened to `f64`).
+    #[inline]
+    pub(crate) fn push(&mut self, t: &[f32]) {
+        self.push_by(t.len(), |i| t[i] as f64);
+    }
+
+    /// Adds the exact products `a[i] * b[i]` (equal lengths).
+    #[inline]
+    pub(crate) fn push_prod(&mut self, a: &[f32], b: &[f32]) {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        self.push_by(n, |i| a[i] as f64 * b[i] as f64);
     }
 
     /// The sum so far.
@@ -114,14 +137,9 @@ impl Gram {
     /// Adds one tile: `rows[i][..len]` are vector `i`'s next `len` values.
     #[inline]
     pub(crate) fn push_rows(&mut self, rows: &[[f32; GRAM_TILE]], len: usize) {
-        let mut prod = [0.0f32; GRAM_TILE];
-        let prod = &mut prod[..len];
         for j in 0..self.m {
             for i in 0..=j {
-                for ((p, &a), &b) in prod.iter_mut().zip(&rows[i][..len]).zip(&rows[j][..len]) {
-                    *p = a * b;
-                }
-                self.sums[pair(i, j)].push(prod);
+                self.sums[pair(i, j)].push_prod(&rows[i][..len], &rows[j][..len]);
             }
         }
     }
@@ -148,7 +166,7 @@ mod tests {
         let mut one = Sum::ZERO;
         one.push(&v);
         let want: f64 = v.iter().map(|&x| x as f64).sum();
-        assert!((one.value() - want).abs() < 1e-9 * n as f64);
+        assert!((one.value() - want).abs() < 1e-12 * n as f64);
         for step in [1usize, 3, 15, 16, 17, 1000, 1024, 1025, 4099] {
             let mut s = Sum::ZERO;
             for c in v.chunks(step) {
