@@ -12,10 +12,13 @@
 //!
 //! Per-model weights are not used (mergekit ignores them too).
 //!
-//! **Guard (mergekit has none):** when `1 + (N - 1) cos θ <= 0` (possible
-//! only for negative mean cosines, `cos θ <= -1/(N-1)`), mergekit divides by
-//! zero or flips the sign of `t`; here `t = 0` there, i.e. the base. For
-//! other negative cosines `t` is computed as mergekit does.
+//! For `cos θ` in `[0, 1]`, `t` is in `[0, 1]` and matches mergekit.
+//! **Negative mean cosines (mergekit bug fixed):** mergekit has no guard
+//! there: `t` goes negative (extrapolating away from the average), becomes
+//! infinite at `cos θ = -1/(N-1)` (two exactly opposite task vectors) and
+//! turns positive and large beyond it. Model Stock's derivation assumes
+//! fine-tunes at acute angles, so here a negative mean cosine gives `t = 0`:
+//! the base.
 //!
 //! [`StockOptions::rows`] selects mergekit's `filter_wise: true`: a separate
 //! `t` for every row of the last dimension (a 1-D tensor is one row, as in
@@ -58,8 +61,11 @@ fn t_from_gram(g: &Gram, m: usize) -> f64 {
     }
     let c = sum / pairs as f64;
     let nf = m as f64;
-    let den = 1.0 + (nf - 1.0) * c;
-    if den <= 0.0 { 0.0 } else { nf * c / den }
+    if c < 0.0 {
+        0.0
+    } else {
+        nf * c / (1.0 + (nf - 1.0) * c)
+    }
 }
 
 /// Adds the Gram matrix of the task vectors of `models` over `base`
