@@ -4,5 +4,6 @@
 use criterion::criterion_main;
 
 mod ensemble;
+mod merge;
 
-criterion_main!(ensemble::benches);
+criterion_main!(ensemble::benches, merge::benches);

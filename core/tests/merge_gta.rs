@@ -5,6 +5,8 @@
 //! The reference takes its discrete decisions (masks, elected signs) the way
 //! mergekit does on f32 data, and computes every value in f64.
 
+#![allow(clippy::needless_range_loop)]
+
 mod merge_util;
 
 use medley_core::merge::gta::{
@@ -377,7 +379,7 @@ fn ties_with_density_one_and_one_model_is_task_arithmetic() {
     for lambda in [1.0f32, 0.7, 2.5] {
         let p = [TaskParams::new(1.0)];
         let ties = one_shot(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &base,
             &p,
             &GtaOptions {
@@ -386,7 +388,7 @@ fn ties_with_density_one_and_one_model_is_task_arithmetic() {
             },
         );
         let ta = one_shot(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &base,
             &p,
             &GtaOptions {
@@ -398,7 +400,7 @@ fn ties_with_density_one_and_one_model_is_task_arithmetic() {
         // With any weight, TIES (normalized) equals normalized task arithmetic.
         let p = [TaskParams::new(0.37)];
         let ties = one_shot(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &base,
             &p,
             &GtaOptions {
@@ -407,7 +409,7 @@ fn ties_with_density_one_and_one_model_is_task_arithmetic() {
             },
         );
         let ta = one_shot(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &base,
             &p,
             &GtaOptions {
@@ -429,7 +431,7 @@ fn exactly_k_elements_survive_trimming() {
     let x: Vec<f32> = g.iter().map(|&v| if v == 0.0 { 0.25 } else { v }).collect();
     for d in [0.01, 0.2, 0.29, 0.5, 0.999, 1.0] {
         let p = [TaskParams::new(1.0).with_density(d)];
-        let out = one_shot(&[x.clone()], &base, &p, &GtaOptions::ties());
+        let out = one_shot(std::slice::from_ref(&x), &base, &p, &GtaOptions::ties());
         let survivors = out.iter().filter(|&&v| v != 0.0).count();
         assert_eq!(survivors, count(d, n), "density {d}");
         // The survivors are the top-k by magnitude with ties to lower indices.
@@ -463,7 +465,7 @@ fn dare_mask_is_the_documented_rule_and_keeps_about_d() {
             rescale: Rescale::None,
             ..GtaOptions::dare_linear(seed, tid)
         };
-        let out = one_shot(&[x.clone()], &base, &p, &o);
+        let out = one_shot(std::slice::from_ref(&x), &base, &p, &o);
         let drop_p = (1.0 - d) as f32;
         let mut kept = 0;
         for j in 0..n {
@@ -479,7 +481,7 @@ fn dare_mask_is_the_documented_rule_and_keeps_about_d() {
             rescale: Rescale::InverseKeep,
             ..o
         };
-        let out2 = one_shot(&[x.clone()], &base, &p, &o);
+        let out2 = one_shot(std::slice::from_ref(&x), &base, &p, &o);
         for j in 0..n {
             assert_eq!(out2[j], if out[j] == 0.0 { 0.0 } else { (1.0 / d) as f32 });
         }
@@ -503,7 +505,12 @@ fn dare_l1_rescale_matches_the_l1_norm() {
     let base = vec(3, 50_000, 1.0);
     let x = near(&base, 4, 0.01);
     let p = [TaskParams::new(1.0).with_density(0.1)];
-    let out = one_shot(&[x.clone()], &base, &p, &GtaOptions::dare_linear(9, 1));
+    let out = one_shot(
+        std::slice::from_ref(&x),
+        &base,
+        &p,
+        &GtaOptions::dare_linear(9, 1),
+    );
     let l1_in: f64 = x.iter().zip(&base).map(|(&x, &b)| ((x - b) as f64).abs()).sum();
     let l1_out: f64 = out
         .iter()
@@ -520,7 +527,7 @@ fn breadcrumbs_on_small_tensors_keeps_the_top_not_nothing() {
     let x = vec(8, 50, 1.0);
     for gamma in [0.0, 0.01] {
         let p = [TaskParams::new(1.0).with_density(0.5).with_gamma(gamma)];
-        let out = one_shot(&[x.clone()], &base, &p, &GtaOptions::breadcrumbs());
+        let out = one_shot(std::slice::from_ref(&x), &base, &p, &GtaOptions::breadcrumbs());
         let mask = topk_mask(&x, 25);
         for j in 0..50 {
             assert_eq!(out[j], if mask[j] { x[j] } else { 0.0 });
@@ -528,7 +535,7 @@ fn breadcrumbs_on_small_tensors_keeps_the_top_not_nothing() {
     }
     // With outliers: the 5 largest and the 20 smallest go.
     let p = [TaskParams::new(1.0).with_density(0.5).with_gamma(0.1)];
-    let out = one_shot(&[x.clone()], &base, &p, &GtaOptions::breadcrumbs());
+    let out = one_shot(std::slice::from_ref(&x), &base, &p, &GtaOptions::breadcrumbs());
     let top30 = topk_mask(&x, 30);
     let top5 = topk_mask(&x, 5);
     for j in 0..50 {
@@ -536,7 +543,7 @@ fn breadcrumbs_on_small_tensors_keeps_the_top_not_nothing() {
     }
     // n_keep + n_top > n: the top shrinks to n - n_keep.
     let p = [TaskParams::new(1.0).with_density(0.9).with_gamma(0.3)];
-    let out = one_shot(&[x.clone()], &base, &p, &GtaOptions::breadcrumbs());
+    let out = one_shot(std::slice::from_ref(&x), &base, &p, &GtaOptions::breadcrumbs());
     let top5 = topk_mask(&x, 5);
     assert_eq!(out.iter().filter(|&&v| v != 0.0).count(), 45);
     for j in 0..50 {
@@ -565,7 +572,7 @@ fn della_rows_of_one_use_the_density() {
         rescale: Rescale::None,
         ..GtaOptions::della(Some(1), 3, 0)
     };
-    let out = one_shot(&[x.clone()], &base, &p, &o);
+    let out = one_shot(std::slice::from_ref(&x), &base, &p, &o);
     for j in 0..4000 {
         assert_eq!(out[j] == 0.0, rng::uniform(3, [0, 0], j as u64) < 0.6f32);
     }
@@ -847,4 +854,38 @@ fn streaming_protocol_errors() {
     ));
     assert!(out.iter().all(|&v| v == SENTINEL));
     let _ = magnitude_key(0.0);
+}
+
+#[test]
+fn large_tensors_take_the_sampled_selection_path() {
+    // Past SAMPLE_MIN the selections sample (the one-shot reads only the
+    // sampled lines in pass 1); results must equal the reference and any
+    // chunking, ties included.
+    let n = (1 << 20) + 12_345;
+    let base = vec(1, n, 1.0);
+    let models: Vec<Vec<f32>> = (0..3)
+        .map(|i| {
+            if i == 2 {
+                let g = grid(40, n, 30);
+                base.iter().zip(&g).map(|(&b, &d)| b + d * 1e-3).collect()
+            } else {
+                near(&base, 10 + i as u64, 0.01)
+            }
+        })
+        .collect();
+    for opts in [GtaOptions::ties(), GtaOptions::breadcrumbs_ties()] {
+        let params: Vec<TaskParams> = (0..3)
+            .map(|i| {
+                TaskParams::new(1.0)
+                    .with_density(0.1 + 0.3 * i as f64)
+                    .with_gamma(0.05)
+            })
+            .collect();
+        let out = one_shot(&models, &base, &params, &opts);
+        let (want, scale) = reference(&models, &base, &params, &opts);
+        assert_close(&out, &want, &scale, 1e-5, 1e-30);
+        let (ch, passes) = chunked(&models, &base, &params, &opts, &cuts(3, n, 7), &cuts(4, n, 3));
+        assert_bits(&ch, &out);
+        assert!(passes <= 4, "{passes} passes");
+    }
 }

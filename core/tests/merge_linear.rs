@@ -1,5 +1,7 @@
 //! Linear merges, soups and task vectors against f64 references.
 
+#![allow(clippy::needless_range_loop)]
+
 mod merge_util;
 
 use medley_core::merge::linear::{add_task_vectors, average, linear, negate, scale, task_vector};

@@ -1,6 +1,8 @@
 //! Greedy and pruned soups against straightforward reference
 //! implementations of the recipes (candidates built with `average`).
 
+#![allow(clippy::needless_range_loop)]
+
 mod merge_util;
 
 use medley_core::Error;
@@ -138,9 +140,9 @@ proptest! {
 
 #[test]
 fn nan_scores_are_never_accepted() {
-    let a = vec![1.0f32; 4];
-    let b = vec![2.0f32; 4];
-    let c = vec![3.0f32; 4];
+    let a = [1.0f32; 4];
+    let b = [2.0f32; 4];
+    let c = [3.0f32; 4];
     // Scores NaN whenever the soup contains a 3.
     let f = |s: &[f32]| if s[0] > 1.9 { f32::NAN } else { -s[0] };
     let mut sel = [false; 3];
@@ -152,8 +154,8 @@ fn nan_scores_are_never_accepted() {
 
 #[test]
 fn bad_input_is_rejected_without_calling_eval() {
-    let a = vec![1.0f32; 4];
-    let b = vec![2.0f32; 3];
+    let a = [1.0f32; 4];
+    let b = [2.0f32; 3];
     let mut calls = 0;
     let mut f = |_: &[f32]| {
         calls += 1;

@@ -2,6 +2,8 @@
 //! mergekit's algorithms (the full-vector ones, not our Gram-matrix
 //! shortcuts), plus the chunked/one-shot identity.
 
+#![allow(clippy::needless_range_loop)]
+
 mod merge_util;
 
 use medley_core::Error;

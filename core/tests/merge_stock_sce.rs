@@ -1,6 +1,8 @@
 //! Model Stock and SCE against f64 references of mergekit's formulas, with
 //! the chunked/one-shot identity.
 
+#![allow(clippy::needless_range_loop)]
+
 mod merge_util;
 
 use medley_core::Error;

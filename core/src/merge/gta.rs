@@ -108,7 +108,9 @@
 //! assert_eq!(out, [2.0, -2.0, 0.0, 0.0, -3.0, -4.0]);
 //! ```
 
-use super::select::{HIST_LEN, Threshold, TopK, count_of, hist_of, magnitude_key, ranks_ascending};
+use super::select::{
+    BAND_BUF, HIST_LEN, Threshold, TopK, count_of, hist_of, magnitude_key, ranks_ascending, sample_ranges,
+};
 use super::sum::Sum;
 use super::{MAX_MODELS, as_f32, check_chunk, check_fraction, check_models, store};
 use crate::element::Element;
@@ -600,13 +602,15 @@ impl Gta {
     }
 
     /// Length of the `u32` scratch buffer [`stats`](Self::stats),
-    /// [`GtaApply::apply`] and [`merge`] need: `2048` per tensor-wide
-    /// selection (one per model, two for Outliers), or for row-wise work
+    /// [`GtaApply::apply`] and [`merge`] need: one
+    /// [`TopK::work_len_for`]`(n)` per tensor-wide selection (one per model,
+    /// two for Outliers: 2048 words below 2^20 elements, about 10% of `n`
+    /// above, for the sampled strategy), or for row-wise work
     /// `2048 + row_len * (4 + M)` (DELLA) / `2048` (row-wise selections);
     /// 0 when nothing is needed.
     pub fn scratch_len(&self) -> usize {
         let stats = if self.tensor_select() {
-            HIST_LEN * self.sels_per_model() * self.m
+            TopK::work_len_for(self.n as u64) * self.sels_per_model() * self.m
         } else {
             0
         };
@@ -751,9 +755,41 @@ impl GtaStats<'_> {
 
     fn feed_select<T: Element>(&mut self, models: &[&[T]], base: &[T]) {
         let spm = self.plan.sels_per_model();
+        let wl = TopK::work_len_for(self.plan.n as u64);
         let mut bbuf = [0.0f32; STILE];
         let mut xbuf = [0.0f32; STILE];
         let mut d = [0.0f32; STILE];
+        let m = self.plan.m;
+        if !(0..m).any(|i| self.lo[i].wants_all() || self.hi[i].wants_all()) {
+            // Sample pass: read only the sampled ranges.
+            let start = self.fed;
+            let end = start + base.len() as u64;
+            for (g0, g1) in sample_ranges(start, end) {
+                let (lo, hi) = ((g0 - start) as usize, (g1 - start) as usize);
+                let b = as_f32(&base[lo..hi], &mut bbuf);
+                for (i, xm) in models.iter().enumerate() {
+                    let x = as_f32(&xm[lo..hi], &mut xbuf);
+                    let d = &mut d[..hi - lo];
+                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
+                        *d = x - b;
+                    }
+                    let w = &mut self.scratch[i * spm * wl..];
+                    let (w0, w1) = w.split_at_mut(wl);
+                    for (sel, w) in [(&mut self.lo[i], w0), (&mut self.hi[i], w1)]
+                        .into_iter()
+                        .take(spm)
+                    {
+                        sel.skip_unchecked(g0 - sel.fed());
+                        sel.feed_unchecked(d, w);
+                    }
+                }
+            }
+            for sel in self.lo[..m].iter_mut().chain(self.hi[..m].iter_mut()) {
+                sel.skip_unchecked(end - sel.fed());
+            }
+            return;
+        }
+        let mut tile = [0u32; BAND_BUF];
         let mut lo = 0;
         while lo < base.len() {
             let hi = (lo + STILE).min(base.len());
@@ -763,15 +799,11 @@ impl GtaStats<'_> {
                     continue;
                 }
                 let x = as_f32(&xm[lo..hi], &mut xbuf);
-                let d = &mut d[..hi - lo];
-                for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-                    *d = x - b;
-                }
-                let h = &mut self.scratch[i * spm * HIST_LEN..];
-                let (h0, h1) = h.split_at_mut(HIST_LEN);
-                self.lo[i].feed_unchecked(d, hist_of(h0).expect("sized by scratch_len"));
+                let w = &mut self.scratch[i * spm * wl..];
+                let (w0, w1) = w.split_at_mut(wl);
+                self.lo[i].feed_diff_unchecked(x, b, w0, &mut tile);
                 if spm == 2 {
-                    self.hi[i].feed_unchecked(d, hist_of(h1).expect("sized by scratch_len"));
+                    self.hi[i].feed_diff_unchecked(x, b, w1, &mut tile);
                 }
             }
             lo = hi;
@@ -781,12 +813,15 @@ impl GtaStats<'_> {
     fn feed_norms<T: Element>(&mut self, models: &[&[T]], base: &[T]) {
         let thr = self.thresholds();
         let plan = self.plan;
+        let m = plan.m;
         let before = &mut self.before;
         let after = &mut self.after;
         let max_b = &mut self.max_before;
         let max_a = &mut self.max_after;
         let rescale = plan.opts.rescale;
         let mut raw = [0.0f32; GTILE];
+        let mut xbuf = [0.0f32; GTILE];
+        let mut dt = [[0.0f32; GTILE]; MAX_MODELS];
         for_each_tile(
             &plan,
             &thr,
@@ -795,32 +830,37 @@ impl GtaStats<'_> {
             self.fed,
             self.scratch,
             false,
-            &mut |i, _g, x, b, d| {
-                let len = d.len();
-                let raw = &mut raw[..len];
-                for ((r, &x), &b) in raw.iter_mut().zip(x).zip(b) {
-                    *r = x - b;
-                }
-                match rescale {
-                    Rescale::L1 => {
-                        for r in raw.iter_mut() {
-                            *r = r.abs();
-                        }
-                        before[i].push(raw);
-                        for (r, &v) in raw.iter_mut().zip(d.iter()) {
-                            *r = v.abs();
-                        }
-                        after[i].push(raw);
+            &mut dt,
+            &mut |lo, hi, _g0, b, dt| {
+                let len = hi - lo;
+                for i in 0..m {
+                    let d = &dt[i][..len];
+                    let raw = &mut raw[..len];
+                    let x = as_f32(&models[i][lo..hi], &mut xbuf);
+                    for ((r, &x), &b) in raw.iter_mut().zip(x).zip(b) {
+                        *r = x - b;
                     }
-                    Rescale::L2 => {
-                        before[i].push_prod(raw, raw);
-                        after[i].push_prod(d, d);
-                    }
-                    _ => {
-                        for (&r, &v) in raw.iter().zip(d.iter()) {
-                            let (r, v) = (r.abs(), v.abs());
-                            max_b[i] = if r > max_b[i] || r.is_nan() { r } else { max_b[i] };
-                            max_a[i] = if v > max_a[i] || v.is_nan() { v } else { max_a[i] };
+                    match rescale {
+                        Rescale::L1 => {
+                            for r in raw.iter_mut() {
+                                *r = r.abs();
+                            }
+                            before[i].push(raw);
+                            for (r, &v) in raw.iter_mut().zip(d.iter()) {
+                                *r = v.abs();
+                            }
+                            after[i].push(raw);
+                        }
+                        Rescale::L2 => {
+                            before[i].push_prod(raw, raw);
+                            after[i].push_prod(d, d);
+                        }
+                        _ => {
+                            for (&r, &v) in raw.iter().zip(d.iter()) {
+                                let (r, v) = (r.abs(), v.abs());
+                                max_b[i] = if r > max_b[i] || r.is_nan() { r } else { max_b[i] };
+                                max_a[i] = if v > max_a[i] || v.is_nan() { v } else { max_a[i] };
+                            }
                         }
                     }
                 }
@@ -863,13 +903,14 @@ impl GtaStats<'_> {
         match self.phase {
             Phase::Select => {
                 let spm = self.plan.sels_per_model();
+                let wl = TopK::work_len_for(self.plan.n as u64);
                 let mut all = true;
                 for i in 0..self.plan.m {
-                    let h = &mut self.scratch[i * spm * HIST_LEN..];
-                    let (h0, h1) = h.split_at_mut(HIST_LEN);
-                    self.lo[i].end_pass_unchecked(hist_of(h0).expect("sized"));
+                    let w = &mut self.scratch[i * spm * wl..];
+                    let (w0, w1) = w.split_at_mut(wl);
+                    self.lo[i].end_pass_unchecked(w0);
                     if spm == 2 {
-                        self.hi[i].end_pass_unchecked(hist_of(h1).expect("sized"));
+                        self.hi[i].end_pass_unchecked(w1);
                     }
                     all &= self.lo[i].is_done() && self.hi[i].is_done();
                 }
@@ -1049,11 +1090,14 @@ fn uniforms(seed: u64, stream: [u32; 2], start: u64, out: &mut [f32]) {
     }
 }
 
-/// Walks a chunk tile by tile, sparsifying every model's task vector, and
-/// calls `f(model, global_start, x, b, delta~)` per model and tile, with the
-/// tile's `f32` model values `x`, base values `b` and the masked task vector
-/// `delta~` (without tensor-wide rescale factors; with DELLA's per-element
-/// `1/p` when `inverse_keep`). Row-wise masks are prepared per row here.
+/// Per-tile storage: every model's trimmed task vector of the tile.
+type Tiles = [[f32; GTILE]; MAX_MODELS];
+
+/// Walks a chunk tile by tile: fills `dt[i][..len]` with model `i`'s masked
+/// task vector (without tensor-wide rescale factors; with DELLA's
+/// per-element `1/p` when `inverse_keep`) and calls
+/// `f(lo, hi, g0, b, dt)` with the tile's chunk-relative range, global start
+/// and `f32` base values. Row-wise masks are prepared per row here.
 #[allow(clippy::too_many_arguments)]
 fn for_each_tile<T: Element, F>(
     plan: &Gta,
@@ -1063,9 +1107,10 @@ fn for_each_tile<T: Element, F>(
     offset: u64,
     scratch: &mut [u32],
     inverse_keep: bool,
+    dt: &mut Tiles,
     f: &mut F,
 ) where
-    F: FnMut(usize, u64, &[f32], &[f32], &mut [f32]),
+    F: FnMut(usize, usize, u64, &[f32], &mut Tiles),
 {
     let len = base.len();
     let seg = if plan.row_local {
@@ -1075,6 +1120,9 @@ fn for_each_tile<T: Element, F>(
     };
     let mut row_thr = *thr;
     let (hist_buf, rest) = scratch.split_at_mut(if plan.row_local { HIST_LEN } else { 0 });
+    let mut bbuf = [0.0f32; GTILE];
+    let mut xbuf = [0.0f32; GTILE];
+    let mut u = [0.0f32; GTILE];
     let mut s0 = 0;
     while s0 < len {
         let s1 = (s0 + seg).min(len);
@@ -1087,72 +1135,71 @@ fn for_each_tile<T: Element, F>(
         } else {
             &[]
         };
-        let mut bbuf = [0.0f32; GTILE];
-        let mut xbuf = [0.0f32; GTILE];
-        let mut d = [0.0f32; GTILE];
-        let mut u = [0.0f32; GTILE];
         let mut lo = s0;
         while lo < s1 {
             let hi = (lo + GTILE).min(s1);
             let g0 = offset + lo as u64;
             let b = as_f32(&base[lo..hi], &mut bbuf);
-            for i in 0..plan.m {
-                let x = as_f32(&models[i][lo..hi], &mut xbuf);
-                let d = &mut d[..hi - lo];
+            for (i, (xm, row)) in models.iter().zip(dt.iter_mut()).enumerate() {
+                let x = as_f32(&xm[lo..hi], &mut xbuf);
+                let d = &mut row[..hi - lo];
                 for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
                     *d = x - b;
                 }
                 let mp = &plan.models[i];
-                if !mp.dense {
-                    // Index used by the selection: global, or within the row.
-                    let base_idx = if plan.row_local { g0 - row_start } else { g0 };
-                    match plan.opts.sparsify {
-                        Sparsify::None => {}
-                        Sparsify::Magnitude => {
-                            let t = row_thr.lo[i];
-                            for (j, v) in d.iter_mut().enumerate() {
-                                if !t.keeps(base_idx + j as u64, *v) {
-                                    *v = 0.0;
+                if mp.dense {
+                    continue;
+                }
+                // Index used by the selection: global, or within the row.
+                let base_idx = if plan.row_local { g0 - row_start } else { g0 };
+                match plan.opts.sparsify {
+                    Sparsify::None => {}
+                    Sparsify::Magnitude | Sparsify::Outliers => {
+                        let (tl, th) = (row_thr.lo[i], row_thr.hi[i]);
+                        let end = base_idx + d.len() as u64;
+                        match (tl.min_key_in(base_idx, end), th.min_key_in(base_idx, end)) {
+                            (Some(lo), Some(hi)) => {
+                                // Kept iff lo <= key < hi: branch-free.
+                                for v in d.iter_mut() {
+                                    let key = magnitude_key(*v);
+                                    *v = if key >= lo && key < hi { *v } else { 0.0 };
                                 }
                             }
-                        }
-                        Sparsify::Outliers => {
-                            let (tl, th) = (row_thr.lo[i], row_thr.hi[i]);
-                            for (j, v) in d.iter_mut().enumerate() {
-                                let key = magnitude_key(*v);
-                                let idx = base_idx + j as u64;
-                                if !tl.keeps_key(idx, key) || th.keeps_key(idx, key) {
-                                    *v = 0.0;
-                                }
-                            }
-                        }
-                        Sparsify::Random => {
-                            let u = &mut u[..hi - lo];
-                            uniforms(plan.opts.seed, [i as u32, plan.opts.tensor_id], g0, u);
-                            let p = mp.drop;
-                            for (v, &u) in d.iter_mut().zip(u.iter()) {
-                                if u < p {
-                                    *v = 0.0;
-                                }
-                            }
-                        }
-                        Sparsify::Della => {
-                            let u = &mut u[..hi - lo];
-                            uniforms(plan.opts.seed, [i as u32, plan.opts.tensor_id], g0, u);
-                            let rk = &ranks[i * plan.unit + (lo - s0)..][..hi - lo];
-                            for ((v, &u), &r) in d.iter_mut().zip(u.iter()).zip(rk) {
-                                let pk = mp.della_a + (r - 1) as f64 * mp.della_step;
-                                if u < (1.0 - pk) as f32 {
-                                    *v = 0.0;
-                                } else if inverse_keep {
-                                    *v *= (1.0 / pk) as f32;
+                            _ => {
+                                for (j, v) in d.iter_mut().enumerate() {
+                                    let key = magnitude_key(*v);
+                                    let idx = base_idx + j as u64;
+                                    if !tl.keeps_key(idx, key) || th.keeps_key(idx, key) {
+                                        *v = 0.0;
+                                    }
                                 }
                             }
                         }
                     }
+                    Sparsify::Random => {
+                        let u = &mut u[..hi - lo];
+                        uniforms(plan.opts.seed, [i as u32, plan.opts.tensor_id], g0, u);
+                        let p = mp.drop;
+                        for (v, &u) in d.iter_mut().zip(u.iter()) {
+                            *v = if u < p { 0.0 } else { *v };
+                        }
+                    }
+                    Sparsify::Della => {
+                        let u = &mut u[..hi - lo];
+                        uniforms(plan.opts.seed, [i as u32, plan.opts.tensor_id], g0, u);
+                        let rk = &ranks[i * plan.unit + (lo - s0)..][..hi - lo];
+                        for ((v, &u), &r) in d.iter_mut().zip(u.iter()).zip(rk) {
+                            let pk = mp.della_a + (r - 1) as f64 * mp.della_step;
+                            if u < (1.0 - pk) as f32 {
+                                *v = 0.0;
+                            } else if inverse_keep {
+                                *v *= (1.0 / pk) as f32;
+                            }
+                        }
+                    }
                 }
-                f(i, g0, x, b, d);
             }
+            f(lo, hi, g0, b, dt);
             lo = hi;
         }
         s0 = s1;
@@ -1185,8 +1232,8 @@ fn prepare_row<T: Element>(
         }
         match plan.opts.sparsify {
             Sparsify::Magnitude | Sparsify::Outliers => {
-                let mut lo_sel = TopK::new(len as u64, mp.k_lo).expect("validated");
-                let mut hi_sel = TopK::new(len as u64, mp.k_hi).expect("validated");
+                let mut lo_sel = TopK::with_strategy(len as u64, mp.k_lo, false).expect("validated");
+                let mut hi_sel = TopK::with_strategy(len as u64, mp.k_hi, false).expect("validated");
                 while !(lo_sel.is_done() && hi_sel.is_done()) {
                     let sel = if lo_sel.is_done() {
                         &mut hi_sel
@@ -1246,17 +1293,15 @@ fn apply_chunk<T: Element, O: Element>(
     let p = &a.plan;
     let m = p.m;
     let o = &p.opts;
-    let consensus = o.consensus != Consensus::None;
-    let weighted = o.votes == Votes::Weighted;
-    let count_votes = o.consensus == Consensus::Count;
-    let div_weights = o.divisor == Divisor::WeightSum;
     let inverse_keep = o.rescale == Rescale::InverseKeep && o.sparsify == Sparsify::Della;
-    // Per-model trimmed task vectors of the current tile (consensus needs
-    // them all before it can elect a sign).
+    let mut w = [0.0f32; MAX_MODELS];
+    for (w, mp) in w.iter_mut().zip(&p.models[..m]) {
+        *w = mp.weight;
+    }
+    let w = &w[..m];
+    let scaled = a.scale[..m].iter().any(|&s| s != 1.0);
     let mut dt = [[0.0f32; GTILE]; MAX_MODELS];
-    let mut acc = [0.0f32; GTILE];
     let mut res = [0.0f32; GTILE];
-    let mut tile_len = 0;
     for_each_tile(
         p,
         &a.thr,
@@ -1265,92 +1310,205 @@ fn apply_chunk<T: Element, O: Element>(
         offset,
         scratch,
         inverse_keep,
-        &mut |i, g0, _x, b, d| {
-            let len = d.len();
-            let s = a.scale[i];
-            if s != 1.0 {
-                for v in d.iter_mut() {
-                    *v *= s;
-                }
-            }
-            let w = p.models[i].weight;
-            if consensus {
-                dt[i][..len].copy_from_slice(d);
-            } else if i == 0 {
-                for (a, &v) in acc.iter_mut().zip(d.iter()) {
-                    *a = w * v;
-                }
-            } else {
-                for (a, &v) in acc.iter_mut().zip(d.iter()) {
-                    *a += w * v;
-                }
-            }
-            tile_len = len;
-            if i + 1 < m {
-                return;
-            }
-            // Last model of the tile: combine and write.
-            let acc = &mut acc[..len];
-            let mut nan = [false; GTILE];
-            if consensus {
-                let mut vote = [0.0f32; GTILE];
-                let vote = &mut vote[..len];
-                for (k, row) in dt[..m].iter().enumerate() {
-                    let wk = p.models[k].weight;
-                    for ((v, &dv), nn) in vote.iter_mut().zip(row[..len].iter()).zip(nan.iter_mut()) {
-                        let x = if weighted { wk * dv } else { dv };
-                        *nn |= x.is_nan();
-                        *v += if count_votes {
-                            (x > 0.0) as i32 as f32 - (x < 0.0) as i32 as f32
-                        } else {
-                            x
-                        };
+        &mut dt,
+        &mut |lo, hi, _g0, b, dt| {
+            let len = hi - lo;
+            let rows = &mut dt[..m];
+            if scaled {
+                for (row, &s) in rows.iter_mut().zip(&a.scale[..m]) {
+                    if s != 1.0 {
+                        for v in row[..len].iter_mut() {
+                            *v *= s;
+                        }
                     }
-                }
-                let mut div = [0.0f32; GTILE];
-                let div = &mut div[..len];
-                acc.fill(0.0);
-                for (k, row) in dt[..m].iter().enumerate() {
-                    let wk = p.models[k].weight;
-                    let dw = if div_weights { wk } else { 1.0 };
-                    for (((a, dv), &dvv), &vt) in acc
-                        .iter_mut()
-                        .zip(div.iter_mut())
-                        .zip(row[..len].iter())
-                        .zip(vote.iter())
-                    {
-                        let u = wk * dvv;
-                        let x = if weighted { u } else { dvv };
-                        let agree = if vt >= 0.0 { x > 0.0 } else { x < 0.0 };
-                        *a += if agree { u } else { 0.0 };
-                        *dv += if agree { dw } else { 0.0 };
-                    }
-                }
-                if o.normalize {
-                    for (a, &dv) in acc.iter_mut().zip(div.iter()) {
-                        *a /= if dv == 0.0 { 1.0 } else { dv };
-                    }
-                }
-            } else if o.normalize {
-                let ws = p.wsum;
-                for a in acc.iter_mut() {
-                    *a /= ws;
-                }
-            }
-            if o.lambda != 1.0 {
-                for a in acc.iter_mut() {
-                    *a *= o.lambda;
                 }
             }
             let r = &mut res[..len];
-            for (((r, &a), &b), &nn) in r.iter_mut().zip(acc.iter()).zip(b).zip(nan.iter()) {
-                *r = if nn { f32::NAN } else { b + a };
+            match o.consensus {
+                Consensus::None => combine_sum(rows, w, len, o.normalize.then_some(p.wsum), r),
+                c => combine_consensus(
+                    rows,
+                    w,
+                    len,
+                    Vote {
+                        count: c == Consensus::Count,
+                        weighted: o.votes == Votes::Weighted,
+                        div_weights: o.divisor == Divisor::WeightSum,
+                        normalize: o.normalize,
+                    },
+                    r,
+                ),
             }
-            let start = (g0 - offset) as usize;
-            store(r, &mut out[start..start + len]);
+            if o.lambda != 1.0 {
+                for v in r.iter_mut() {
+                    *v *= o.lambda;
+                }
+            }
+            for (v, &b) in r.iter_mut().zip(b) {
+                *v += b;
+            }
+            store(r, &mut out[lo..hi]);
         },
     );
-    let _ = tile_len;
+}
+
+/// `r = sum_i w_i d_i`, divided by `div` if given.
+#[inline(always)]
+fn combine_sum(rows: &[[f32; GTILE]], w: &[f32], len: usize, div: Option<f32>, r: &mut [f32]) {
+    match rows.len() {
+        1 => sum_fixed::<1>(rows, w, len, r),
+        2 => sum_fixed::<2>(rows, w, len, r),
+        3 => sum_fixed::<3>(rows, w, len, r),
+        4 => sum_fixed::<4>(rows, w, len, r),
+        _ => {
+            for (v, &d) in r.iter_mut().zip(&rows[0][..len]) {
+                *v = w[0] * d;
+            }
+            for (row, &wi) in rows.iter().zip(w).skip(1) {
+                for (v, &d) in r.iter_mut().zip(&row[..len]) {
+                    *v += wi * d;
+                }
+            }
+        }
+    }
+    if let Some(ws) = div {
+        for v in r.iter_mut() {
+            *v /= ws;
+        }
+    }
+}
+
+/// [`combine_sum`]'s sum for a fixed small number of models: element-major,
+/// so the model loop unrolls and the element loop vectorizes.
+#[inline(always)]
+fn sum_fixed<const M: usize>(rows: &[[f32; GTILE]], w: &[f32], len: usize, r: &mut [f32]) {
+    let rs: [&[f32; GTILE]; M] = core::array::from_fn(|i| &rows[i]);
+    let ws: [f32; M] = core::array::from_fn(|i| w[i]);
+    for (j, v) in r[..len.min(GTILE)].iter_mut().enumerate() {
+        let mut a = ws[0] * rs[0][j];
+        for i in 1..M {
+            a += ws[i] * rs[i][j];
+        }
+        *v = a;
+    }
+}
+
+/// The options of a consensus combination.
+#[derive(Clone, Copy)]
+struct Vote {
+    count: bool,
+    weighted: bool,
+    div_weights: bool,
+    normalize: bool,
+}
+
+/// Sign election and the (normalized) sum of the agreeing models; NaN where
+/// a vote is NaN.
+#[inline(always)]
+fn combine_consensus(rows: &[[f32; GTILE]], w: &[f32], len: usize, v: Vote, r: &mut [f32]) {
+    match (v.count, v.normalize) {
+        (false, true) => consensus_m::<false, true>(rows, w, len, v, r),
+        (false, false) => consensus_m::<false, false>(rows, w, len, v, r),
+        (true, true) => consensus_m::<true, true>(rows, w, len, v, r),
+        (true, false) => consensus_m::<true, false>(rows, w, len, v, r),
+    }
+}
+
+#[inline(always)]
+fn consensus_m<const COUNT: bool, const NORM: bool>(
+    rows: &[[f32; GTILE]],
+    w: &[f32],
+    len: usize,
+    v: Vote,
+    r: &mut [f32],
+) {
+    match rows.len() {
+        1 => consensus_fixed::<1, COUNT, NORM>(rows, w, len, v, r),
+        2 => consensus_fixed::<2, COUNT, NORM>(rows, w, len, v, r),
+        3 => consensus_fixed::<3, COUNT, NORM>(rows, w, len, v, r),
+        4 => consensus_fixed::<4, COUNT, NORM>(rows, w, len, v, r),
+        _ => consensus_any(rows, w, len, v, r),
+    }
+}
+
+#[inline(always)]
+fn sign(x: f32) -> f32 {
+    (x > 0.0) as i32 as f32 - (x < 0.0) as i32 as f32
+}
+
+/// [`combine_consensus`] for a fixed small number of models: element-major,
+/// branch-free, so the model loop unrolls and the element loop vectorizes.
+#[inline(always)]
+fn consensus_fixed<const M: usize, const COUNT: bool, const NORM: bool>(
+    rows: &[[f32; GTILE]],
+    w: &[f32],
+    len: usize,
+    v: Vote,
+    r: &mut [f32],
+) {
+    let rs: [&[f32; GTILE]; M] = core::array::from_fn(|i| &rows[i]);
+    let ws: [f32; M] = core::array::from_fn(|i| w[i]);
+    let cs: [f32; M] = core::array::from_fn(|i| if v.weighted { w[i] } else { 1.0 });
+    let dw: [f32; M] = core::array::from_fn(|i| if v.div_weights { w[i] } else { 1.0 });
+    for (j, out) in r[..len.min(GTILE)].iter_mut().enumerate() {
+        let mut vote = 0.0f32;
+        let mut nan = 0u32;
+        for i in 0..M {
+            let x = cs[i] * rs[i][j];
+            nan |= x.is_nan() as u32;
+            vote += if COUNT { sign(x) } else { x };
+        }
+        let pos = vote >= 0.0;
+        let (mut a, mut dv) = (0.0f32, 0.0f32);
+        for i in 0..M {
+            let d = rs[i][j];
+            let x = cs[i] * d;
+            let agree = (pos & (x > 0.0)) | (!pos & (x < 0.0));
+            a += if agree { ws[i] * d } else { 0.0 };
+            dv += if agree { dw[i] } else { 0.0 };
+        }
+        if NORM {
+            a /= if dv == 0.0 { 1.0 } else { dv };
+        }
+        *out = if nan != 0 { f32::NAN } else { a };
+    }
+}
+
+/// [`combine_consensus`] for any number of models (model-major passes).
+fn consensus_any(rows: &[[f32; GTILE]], w: &[f32], len: usize, v: Vote, r: &mut [f32]) {
+    let mut vote = [0.0f32; GTILE];
+    let mut nan = [0u32; GTILE];
+    let vote = &mut vote[..len];
+    let nan = &mut nan[..len];
+    for (row, &wi) in rows.iter().zip(w) {
+        let c = if v.weighted { wi } else { 1.0 };
+        for ((vt, nn), &d) in vote.iter_mut().zip(nan.iter_mut()).zip(&row[..len]) {
+            let x = c * d;
+            *nn |= x.is_nan() as u32;
+            *vt += if v.count { sign(x) } else { x };
+        }
+    }
+    let mut div = [0.0f32; GTILE];
+    let div = &mut div[..len];
+    r.fill(0.0);
+    for (row, &wi) in rows.iter().zip(w) {
+        let c = if v.weighted { wi } else { 1.0 };
+        let dw = if v.div_weights { wi } else { 1.0 };
+        for (((a, dv), &d), &vt) in r.iter_mut().zip(div.iter_mut()).zip(&row[..len]).zip(vote.iter()) {
+            let x = c * d;
+            let agree = if vt >= 0.0 { x > 0.0 } else { x < 0.0 };
+            *a += if agree { wi * d } else { 0.0 };
+            *dv += if agree { dw } else { 0.0 };
+        }
+    }
+    if v.normalize {
+        for (a, &dv) in r.iter_mut().zip(div.iter()) {
+            *a /= if dv == 0.0 { 1.0 } else { dv };
+        }
+    }
+    for (a, &nn) in r.iter_mut().zip(nan.iter()) {
+        *a = if nn != 0 { f32::NAN } else { *a };
+    }
 }
 
 /// One-shot merge of `models` onto `base` (see the module documentation):

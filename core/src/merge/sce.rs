@@ -24,7 +24,7 @@
 //! Passes of the two-phase form: 1 (variance count) + up to 4 (the
 //! selection) + 1 (energies) with selection; 1 (energies) without.
 
-use super::select::{HIST_LEN, Threshold, TopK, count_of, hist_of};
+use super::select::{BAND_BUF, Threshold, TopK, count_of};
 use super::sum::Sum;
 use super::{MAX_MODELS, as_f32, check_chunk, check_fraction, check_models, store};
 use crate::element::Element;
@@ -138,10 +138,14 @@ impl Sce {
         Ok(Self { n, m, opts: *opts })
     }
 
-    /// `u32` scratch the statistics need: [`HIST_LEN`] with a selection,
-    /// else 0.
+    /// `u32` scratch the statistics need: [`TopK::work_len_for`]`(n)` with a
+    /// selection, else 0.
     pub fn scratch_len(&self) -> usize {
-        if self.opts.select_topk < 1.0 { HIST_LEN } else { 0 }
+        if self.opts.select_topk < 1.0 {
+            TopK::work_len_for(self.n as u64)
+        } else {
+            0
+        }
     }
 
     /// Starts the statistics passes.
@@ -231,6 +235,7 @@ impl SceStats<'_> {
         let mut rows = [[0.0f32; TILE]; MAX_MODELS];
         let mut var = [0.0f32; TILE];
         let mut sq = [0.0f32; TILE];
+        let mut tile = [0u32; BAND_BUF];
         let mut lo = 0;
         while lo < len {
             let hi = (lo + TILE).min(len);
@@ -241,8 +246,7 @@ impl SceStats<'_> {
                     self.nonzero += var[..l].iter().filter(|&&v| v != 0.0).count() as u64;
                 }
                 ScePhase::Select => {
-                    let h = hist_of(self.scratch).expect("sized by scratch_len");
-                    self.sel.feed_unchecked(&var[..l], h);
+                    self.sel.feed_tiled(&var[..l], self.scratch, &mut tile);
                 }
                 ScePhase::Energy => {
                     let g0 = self.fed + lo as u64;
@@ -290,8 +294,7 @@ impl SceStats<'_> {
                 };
             }
             ScePhase::Select => {
-                let h = hist_of(self.scratch).expect("sized by scratch_len");
-                self.sel.end_pass_unchecked(h);
+                self.sel.end_pass_unchecked(self.scratch);
                 if self.sel.is_done() {
                     self.phase = ScePhase::Energy;
                 }

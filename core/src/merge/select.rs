@@ -20,17 +20,36 @@
 //! # Passes
 //!
 //! [`TopK`] is a state machine fed the tensor in chunks, in order, once per
-//! pass. A pass histograms one radix digit of the keys of the elements whose
-//! higher digits match the prefix found so far; digits are bits 30..20 (2048
-//! bins), 19..10 and 9..0 (1024 bins each). After the third pass the k-th
-//! key `T` is known exactly, together with how many elements equal to `T`
-//! must be kept. If that is all of them the selection is done; otherwise a
-//! fourth pass finds the index of the last equal element to keep. So a
-//! selection takes **at most 4 passes** (3 when the k-th magnitude is not
-//! tied, fewer when a bucket boundary falls exactly at `k`, none when
-//! `k == 0` or `k == n`). The histogram lives in a caller buffer of
-//! [`HIST_LEN`] `u32`s so that many selections can share one pass; the state
-//! itself is a small `Copy` struct.
+//! pass, with a caller work buffer of [`TopK::work_len`] `u32`s (the state
+//! itself is a small `Copy` struct, so many selections can share passes).
+//! Two strategies:
+//!
+//! - **Sampled** (the default for `n >= 2^20`): pass 1 reads only a sample,
+//!   64 consecutive elements (four 64-byte lines of `f32`) at a pseudo-random
+//!   offset in every group of 4096, i.e. 1/64 of the data and one place per
+//!   16 KB (few TLB misses); the sample's
+//!   quantiles (exact selections in cache) give a key band that contains
+//!   the k-th key with a margin of 10 standard deviations of the sample
+//!   quantile. Pass 2 reads everything once, counts the keys above the band
+//!   and collects the keys and indices inside it (about 1 to 2% of `n`);
+//!   the exact answer is then selected among the candidates, in cache.
+//!   **2 passes**, one of them 1/64 of a pass. If the band misses (data
+//!   whose sample is unrepresentative) it falls back to the radix passes.
+//! - **Radix** (small `n`, and the fallback): a pass histograms one radix
+//!   digit of the keys whose higher digits match the prefix found so far;
+//!   digits are bits 30..20 (2048 bins), 19..10 and 9..0 (1024 bins each).
+//!   After the third pass the k-th key `T` is known exactly, with how many
+//!   elements equal to `T` must be kept; if not all of them, a fourth pass
+//!   finds the index of the last equal element to keep. At most **4
+//!   passes** (3 when the k-th magnitude is not tied, fewer when a bucket
+//!   boundary falls exactly at `k`).
+//!
+//! So a selection takes at most 2 passes when sampling works and at most
+//! 2 + 4 otherwise; none when `k == 0` or `k == n`. Which elements a pass
+//! needs is [`TopK::wants_all`]: during the sample pass, a caller that
+//! computes values on the fly can [`skip`](TopK::skip) everything outside
+//! [`sample_ranges`]. Whatever the strategy and the chunking, the threshold
+//! selects the same exact set.
 //!
 //! ```
 //! use medley_core::merge::select::{top_k, magnitude_key};
@@ -44,18 +63,63 @@
 
 use crate::element::Element;
 use crate::error::{Error, ensure};
+use crate::math::sqrt_f64;
 
-/// Length of the histogram buffer one [`TopK`] needs.
+/// Length of one radix histogram (the whole work buffer of the radix
+/// strategy).
 pub const HIST_LEN: usize = 2048;
 
-/// Most elements a selection handles (the histogram counts are `u32`).
+/// Most elements a selection handles (counts and indices are `u32`).
 pub const MAX_LEN: u64 = u32::MAX as u64;
+
+/// Smallest `n` for which [`TopK::new`] samples.
+pub const SAMPLE_MIN: u64 = 1 << 20;
+
+/// Elements per sampling group, and sampled elements per group.
+const GROUP: u64 = 4096;
+const SBLOCK: u64 = 64;
+/// Band half-width in standard deviations of the sample quantile.
+const Z: f64 = 8.0;
+
+/// Keys per tile of the band pass.
+const BAND_TILE: usize = 1024;
+/// Length of the band pass's tile buffer (keys and flags).
+pub(crate) const BAND_BUF: usize = 2 * BAND_TILE;
 
 /// Bit shift and width of each radix digit, most significant first.
 const DIGITS: [(u32, u32); 3] = [(20, 11), (10, 10), (0, 10)];
-/// Pass number of the tie pass, and of the finished state.
-const TIE_PASS: u8 = 3;
-const DONE: u8 = 4;
+
+/// Start of the sampled block of group `g`.
+#[inline]
+fn sample_block(g: u64) -> u64 {
+    g * GROUP + ((g.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) & 63) * SBLOCK
+}
+
+/// The sampled index ranges within `start..end`, in order (each at most 64
+/// long). Depends only on the global indices.
+pub fn sample_ranges(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    let g0 = start / GROUP;
+    let g1 = end.div_ceil(GROUP);
+    (g0..g1).filter_map(move |g| {
+        let b = sample_block(g);
+        let (lo, hi) = (b.max(start), (b + SBLOCK).min(end));
+        (lo < hi).then_some((lo, hi))
+    })
+}
+
+/// Sample capacity for `n` elements.
+fn sample_cap(n: u64) -> u64 {
+    n.div_ceil(GROUP) * SBLOCK
+}
+
+/// Candidate capacity for `n` elements: twice the widest band the margin
+/// can produce (`2 Z sqrt(q (1-q) / s) <= Z / sqrt(s)` of `n`), plus slack
+/// for ties at the band's edges.
+fn cand_cap(n: u64) -> u64 {
+    let s = sample_cap(n).max(1) as f64;
+    let frac = (Z / sqrt_f64(s)).min(1.0);
+    ((2.0 * frac * n as f64) as u64 + 4096).min(n)
+}
 
 /// The ranking key of `x`: its bits without the sign. Ordered like `|x|`
 /// for non-NaN values; NaN keys are above `+inf`'s.
@@ -106,39 +170,73 @@ impl Threshold {
     pub fn keeps(&self, index: u64, x: f32) -> bool {
         self.keeps_key(index, magnitude_key(x))
     }
+
+    /// For the index range `start..end`: `Some(m)` if the rule there is
+    /// simply "keep iff key >= m" (the tie cutoff is outside the range),
+    /// `None` if the cutoff falls inside it. Lets kernels test a tile
+    /// without per-element index comparisons.
+    #[inline]
+    pub fn min_key_in(&self, start: u64, end: u64) -> Option<u32> {
+        if self.cutoff >= end {
+            Some(self.key)
+        } else if self.cutoff <= start {
+            Some(self.key.saturating_add(1))
+        } else {
+            None
+        }
+    }
 }
 
-/// Radix-select state for keeping the `k` largest magnitudes of `n` values
-/// (see the module documentation for the rule and the passes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Sample,
+    Band,
+    /// Radix pass over the keys matching `prefix` above the `free` low bits.
+    Radix {
+        free: u8,
+    },
+    Tie,
+    Done,
+}
+
+/// Exact selection state for keeping the `k` largest magnitudes of `n`
+/// values (see the module documentation for the rule, the strategies and
+/// the passes).
 ///
 /// Protocol: while [`is_done`](Self::is_done) is false, feed every element
-/// once, in order, through [`feed`](Self::feed) (any chunk sizes), then call
-/// [`end_pass`](Self::end_pass). Then [`threshold`](Self::threshold) is the
-/// answer. The histogram buffer passed to `feed` and `end_pass` must be the
-/// same one throughout a pass and must not be touched in between; it is
-/// cleared by the first `feed` of each pass.
+/// once, in order, through [`feed`](Self::feed) (any chunk sizes; or
+/// [`skip`](Self::skip) elements while [`wants_all`](Self::wants_all) is
+/// false), then call [`end_pass`](Self::end_pass). Then
+/// [`threshold`](Self::threshold) is the answer. The work buffer (at least
+/// [`work_len`](Self::work_len) long) must be the same one throughout and
+/// must not be touched in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopK {
     n: u64,
     k: u64,
-    pass: u8,
-    /// Digits fixed so far, in place.
-    prefix: u32,
-    /// Elements still to take among those whose key matches `prefix`.
-    need: u64,
-    /// Elements fed in this pass.
+    phase: Phase,
+    sampled: bool,
+    /// Elements fed (or skipped) in this pass.
     fed: u64,
-    /// Tie pass: equal keys seen so far.
+    /// Radix: digits fixed so far, in place; elements still to take among
+    /// those matching it. Tie: `prefix` is the threshold key.
+    prefix: u32,
+    need: u64,
     eq_seen: u64,
+    /// Sample pass: samples recorded.
+    nsample: u64,
+    /// Band pass: keys in `lo_key..=hi_key` are candidates, above counted,
+    /// and histogrammed by `key >> band_shift`.
+    band_shift: u8,
+    lo_key: u32,
+    hi_key: u32,
+    above: u64,
+    ncand: u64,
     result: Threshold,
 }
 
 impl TopK {
-    /// A selection of the `k` largest magnitudes among `n` values.
-    ///
-    /// Errors: [`Error::OutOfRange`] (`k`) if `k > n`; [`Error::TooLarge`]
-    /// (`n`) if `n` exceeds [`MAX_LEN`].
-    pub fn new(n: u64, k: u64) -> Result<Self, Error> {
+    fn with(n: u64, k: u64, sampled: bool) -> Result<Self, Error> {
         ensure(
             n <= MAX_LEN,
             Error::TooLarge {
@@ -149,23 +247,71 @@ impl TopK {
             },
         )?;
         ensure(k <= n, Error::OutOfRange { arg: "k", index: 0 })?;
-        let (pass, result) = if k == 0 {
-            (DONE, Threshold::NONE)
+        let (phase, result) = if k == 0 {
+            (Phase::Done, Threshold::NONE)
         } else if k == n {
-            (DONE, Threshold::ALL)
+            (Phase::Done, Threshold::ALL)
+        } else if sampled {
+            (Phase::Sample, Threshold::NONE)
         } else {
-            (0, Threshold::NONE)
+            (Phase::Radix { free: 31 }, Threshold::NONE)
         };
         Ok(Self {
             n,
             k,
-            pass,
+            phase,
+            sampled: sampled && phase != Phase::Done,
+            fed: 0,
             prefix: 0,
             need: k,
-            fed: 0,
             eq_seen: 0,
+            nsample: 0,
+            band_shift: 0,
+            lo_key: 0,
+            hi_key: 0,
+            above: 0,
+            ncand: 0,
             result,
         })
+    }
+
+    /// A selection of the `k` largest magnitudes among `n` values; samples
+    /// when `n >= SAMPLE_MIN`.
+    ///
+    /// Errors: [`Error::OutOfRange`] (`k`) if `k > n`; [`Error::TooLarge`]
+    /// (`n`) if `n` exceeds [`MAX_LEN`].
+    pub fn new(n: u64, k: u64) -> Result<Self, Error> {
+        Self::with(n, k, n >= SAMPLE_MIN)
+    }
+
+    /// As [`new`](Self::new), choosing the strategy: sampled or radix only.
+    pub fn with_strategy(n: u64, k: u64, sampled: bool) -> Result<Self, Error> {
+        Self::with(n, k, sampled)
+    }
+
+    /// Work buffer length [`new`](Self::new) needs for `n` values (an upper
+    /// bound for any `k`).
+    pub fn work_len_for(n: u64) -> usize {
+        if n >= SAMPLE_MIN {
+            Self::sampled_len(n)
+        } else {
+            HIST_LEN
+        }
+    }
+
+    fn sampled_len(n: u64) -> usize {
+        HIST_LEN + (sample_cap(n) + 2 * cand_cap(n)) as usize
+    }
+
+    /// Work buffer length this selection needs: [`HIST_LEN`] for the radix
+    /// strategy; with sampling, also the sample (1/64 of `n`) and the
+    /// candidates (keys and indices, up to a few percent of `n` each).
+    pub fn work_len(&self) -> usize {
+        if self.sampled {
+            Self::sampled_len(self.n)
+        } else {
+            HIST_LEN
+        }
     }
 
     /// Number of values.
@@ -180,7 +326,13 @@ impl TopK {
 
     /// True once the threshold is known.
     pub fn is_done(&self) -> bool {
-        self.pass == DONE
+        self.phase == Phase::Done
+    }
+
+    /// False while the current pass only needs the elements in
+    /// [`sample_ranges`] (the rest may be [`skip`](Self::skip)ped).
+    pub fn wants_all(&self) -> bool {
+        !matches!(self.phase, Phase::Sample | Phase::Done)
     }
 
     /// The threshold, once [`is_done`](Self::is_done).
@@ -188,74 +340,130 @@ impl TopK {
         self.is_done().then_some(self.result)
     }
 
-    /// Values fed so far in the current pass.
+    /// Elements fed (or skipped) so far in the current pass.
     pub fn fed(&self) -> u64 {
         self.fed
+    }
+
+    fn check_work(&self, work: &[u32]) -> Result<(), Error> {
+        let need = self.work_len();
+        ensure(
+            work.len() >= need,
+            Error::BufferTooShort {
+                arg: "work",
+                needed: need,
+                got: work.len(),
+            },
+        )
+    }
+
+    fn check_room(&self, len: usize) -> Result<(), Error> {
+        ensure(
+            self.fed + len as u64 <= self.n,
+            Error::TooLarge {
+                arg: "values",
+                index: 0,
+                max: (self.n - self.fed) as usize,
+                got: len,
+            },
+        )
     }
 
     /// Feeds the next `values` of the current pass (their global indices
     /// continue from [`fed`](Self::fed)). Does nothing once done.
     ///
-    /// Errors: [`Error::BufferTooShort`] (`hist`) if `hist` is shorter than
-    /// [`HIST_LEN`]; [`Error::TooLarge`] (`values`) if the pass would exceed
-    /// `n` values. Nothing changes on error.
-    pub fn feed(&mut self, values: &[f32], hist: &mut [u32]) -> Result<(), Error> {
-        if self.pass == DONE {
+    /// Errors: [`Error::BufferTooShort`] (`work`); [`Error::TooLarge`]
+    /// (`values`) if the pass would exceed `n` values. Nothing changes on
+    /// error.
+    pub fn feed(&mut self, values: &[f32], work: &mut [u32]) -> Result<(), Error> {
+        if self.phase == Phase::Done {
             return Ok(());
         }
-        let hist = hist_of(hist)?;
-        let len = values.len() as u64;
+        self.check_work(work)?;
+        self.check_room(values.len())?;
+        self.feed_unchecked(values, work);
+        Ok(())
+    }
+
+    /// Skips the next `len` elements of a pass that does not want them.
+    ///
+    /// Errors: [`Error::Unsupported`] if the pass wants every element;
+    /// [`Error::TooLarge`] (`values`) past `n`.
+    pub fn skip(&mut self, len: u64) -> Result<(), Error> {
+        if self.phase == Phase::Done {
+            return Ok(());
+        }
         ensure(
-            self.fed + len <= self.n,
-            Error::TooLarge {
-                arg: "values",
-                index: 0,
-                max: (self.n - self.fed) as usize,
-                got: values.len(),
+            !self.wants_all(),
+            Error::Unsupported {
+                what: "skipping elements in a pass that needs them all",
             },
         )?;
-        self.feed_unchecked(values, hist);
+        self.check_room(len.min(usize::MAX as u64) as usize)?;
+        self.fed += len;
         Ok(())
+    }
+
+    /// [`skip`](Self::skip) after validation.
+    #[inline]
+    pub(crate) fn skip_unchecked(&mut self, len: u64) {
+        if self.phase != Phase::Done {
+            self.fed += len;
+        }
     }
 
     /// [`feed`](Self::feed) after validation (shared by the merge methods,
     /// which validate once per chunk).
     #[inline]
-    pub(crate) fn feed_unchecked(&mut self, values: &[f32], hist: &mut [u32; HIST_LEN]) {
-        if self.pass == DONE {
-            return;
+    pub(crate) fn feed_unchecked(&mut self, values: &[f32], work: &mut [u32]) {
+        if self.phase == Phase::Band {
+            let mut tile = [0u32; BAND_BUF];
+            self.feed_tiled(values, work, &mut tile);
+        } else {
+            self.feed_tiled(values, work, &mut []);
         }
-        if self.fed == 0 && self.pass < TIE_PASS {
-            hist.fill(0);
-        }
-        match self.pass {
-            0 => {
-                for &v in values {
-                    let key = magnitude_key(v);
-                    hist[(key >> 20) as usize] += 1;
-                }
-            }
-            1 => {
-                let hi = self.prefix >> 20;
-                for &v in values {
-                    let key = magnitude_key(v);
-                    if key >> 20 == hi {
-                        hist[((key >> 10) & 0x3ff) as usize] += 1;
+    }
+
+    /// [`feed_unchecked`](Self::feed_unchecked) with the band pass's tile
+    /// buffer (at least [`BAND_BUF`] long in that pass) supplied by the
+    /// caller, so that frequent small feeds do not initialize one each.
+    #[inline]
+    pub(crate) fn feed_tiled(&mut self, values: &[f32], work: &mut [u32], tile: &mut [u32]) {
+        let start = self.fed;
+        self.fed += values.len() as u64;
+        match self.phase {
+            Phase::Done => {}
+            Phase::Sample => {
+                let samples = &mut work[HIST_LEN..];
+                for (lo, hi) in sample_ranges(start, start + values.len() as u64) {
+                    let g = lo / GROUP;
+                    let slot = (g * SBLOCK + (lo - sample_block(g))) as usize;
+                    let src = &values[(lo - start) as usize..(hi - start) as usize];
+                    for (d, &v) in samples[slot..slot + src.len()].iter_mut().zip(src) {
+                        *d = magnitude_key(v);
                     }
+                    self.nsample = self.nsample.max(slot as u64 + src.len() as u64);
                 }
             }
-            2 => {
-                let hi = self.prefix >> 10;
-                for &v in values {
-                    let key = magnitude_key(v);
-                    if key >> 10 == hi {
-                        hist[(key & 0x3ff) as usize] += 1;
+            Phase::Band => self.band(
+                start,
+                values.len(),
+                |j, k: &mut [u32]| {
+                    for (k, &v) in k.iter_mut().zip(&values[j..]) {
+                        *k = magnitude_key(v);
                     }
+                },
+                work,
+                tile,
+            ),
+            Phase::Radix { free } => {
+                let hist: &mut [u32; HIST_LEN] = (&mut work[..HIST_LEN]).try_into().expect("HIST_LEN");
+                if start == 0 {
+                    hist.fill(0);
                 }
+                radix_count(free, self.prefix, values.iter().map(|&v| magnitude_key(v)), hist);
             }
-            _ => {
-                // Tie pass: find the index of the need-th element equal to
-                // the threshold key.
+            Phase::Tie => {
                 if self.eq_seen < self.need {
                     let t = self.prefix;
                     for (i, &v) in values.iter().enumerate() {
@@ -264,7 +472,7 @@ impl TopK {
                             if self.eq_seen == self.need {
                                 self.result = Threshold {
                                     key: t,
-                                    cutoff: self.fed + i as u64 + 1,
+                                    cutoff: start + i as u64 + 1,
                                 };
                                 break;
                             }
@@ -273,19 +481,127 @@ impl TopK {
                 }
             }
         }
-        self.fed += values.len() as u64;
+    }
+
+    /// [`feed_unchecked`](Self::feed_unchecked) of the differences
+    /// `x[j] - b[j]` (equal lengths), without materializing them in the
+    /// band pass (the hot pass of the sampled strategy).
+    #[inline]
+    pub(crate) fn feed_diff_unchecked(&mut self, x: &[f32], b: &[f32], work: &mut [u32], tile: &mut [u32]) {
+        let len = x.len().min(b.len());
+        let (x, b) = (&x[..len], &b[..len]);
+        match self.phase {
+            Phase::Band => {
+                let start = self.fed;
+                self.fed += len as u64;
+                self.band(
+                    start,
+                    len,
+                    |j, k: &mut [u32]| {
+                        for ((k, &x), &b) in k.iter_mut().zip(&x[j..]).zip(&b[j..]) {
+                            *k = magnitude_key(x - b);
+                        }
+                    },
+                    work,
+                    tile,
+                );
+            }
+            Phase::Done => self.fed += len as u64,
+            _ => {
+                let mut d = [0.0f32; 256];
+                for (xc, bc) in x.chunks(256).zip(b.chunks(256)) {
+                    let d = &mut d[..xc.len()];
+                    for ((d, &x), &b) in d.iter_mut().zip(xc).zip(bc) {
+                        *d = x - b;
+                    }
+                    self.feed_tiled(d, work, tile);
+                }
+            }
+        }
+    }
+
+    /// The band pass over `len` keys at global `start` (`fill(j, keys)`
+    /// writes the keys of elements `j..j + keys.len()`): count the keys above
+    /// the band, collect and histogram those inside.
+    #[inline(always)]
+    fn band<F: FnMut(usize, &mut [u32])>(
+        &mut self,
+        start: u64,
+        len: usize,
+        mut fill: F,
+        work: &mut [u32],
+        tile: &mut [u32],
+    ) {
+        if start == 0 {
+            work[..HIST_LEN].fill(0);
+        }
+        let mut t0 = 0;
+        while t0 < len {
+            let t1 = (t0 + BAND_TILE).min(len);
+            fill(t0, &mut tile[..t1 - t0]);
+            self.band_tile(start + t0 as u64, t1 - t0, work, tile);
+            t0 = t1;
+        }
+    }
+
+    /// One tile of the band pass: `n` keys (elements from global index
+    /// `start`) at the front of `tile`, flags behind them.
+    #[inline(never)]
+    fn band_tile(&mut self, start: u64, n: usize, work: &mut [u32], tile: &mut [u32]) {
+        let (lo_k, hi_k) = (self.lo_key, self.hi_key);
+        let (sh, base) = (self.band_shift, self.lo_key >> self.band_shift);
+        let cap = cand_cap(self.n) as usize;
+        let (hist, rest) = work.split_at_mut(HIST_LEN);
+        let rest = &mut rest[sample_cap(self.n) as usize..];
+        let (ckeys, rest) = rest.split_at_mut(cap);
+        let cidx = &mut rest[..cap];
+        let (keys, fl) = tile.split_at_mut(BAND_TILE);
+        let keys = &keys[..n];
+        let fl = &mut fl[..n];
+        // Keys are < 2^31: signed compares are exact (one SSE2 instruction
+        // each). Branch-free and vectorized: count above, flag members.
+        self.above += flag_band(keys, fl, lo_k as i32, hi_k as i32) as u64;
+        // Members are rare (about 1 to 2%): test the flags 4 at a time.
+        let mut ncand = self.ncand;
+        let mut member = |j: usize| {
+            let key = keys[j];
+            let c = ncand as usize;
+            if c < cap {
+                ckeys[c] = key;
+                cidx[c] = (start + j as u64) as u32;
+            }
+            ncand += 1;
+            hist[((key >> sh) - base) as usize] += 1;
+        };
+        let whole = n - n % 16;
+        for (qi, q) in fl[..whole].chunks_exact(16).enumerate() {
+            let q: &[u32; 16] = q.try_into().expect("16");
+            if q.iter().fold(0, |a, &f| a | f) != 0 {
+                for (jj, &f) in q.iter().enumerate() {
+                    if f != 0 {
+                        member(qi * 16 + jj);
+                    }
+                }
+            }
+        }
+        for (j, &f) in fl.iter().enumerate().skip(whole) {
+            if f != 0 {
+                member(j);
+            }
+        }
+        self.ncand = ncand;
     }
 
     /// Ends the current pass. Does nothing once done.
     ///
-    /// Errors: [`Error::BufferTooShort`] (`hist`); [`Error::LengthMismatch`]
-    /// (`values`) if the pass was not fed exactly `n` values (nothing changes
-    /// then; the pass can be completed and ended again).
-    pub fn end_pass(&mut self, hist: &mut [u32]) -> Result<(), Error> {
-        if self.pass == DONE {
+    /// Errors: [`Error::BufferTooShort`] (`work`); [`Error::LengthMismatch`]
+    /// (`values`) if the pass did not see exactly `n` values (nothing
+    /// changes then; the pass can be completed and ended again).
+    pub fn end_pass(&mut self, work: &mut [u32]) -> Result<(), Error> {
+        if self.phase == Phase::Done {
             return Ok(());
         }
-        let hist = hist_of(hist)?;
+        self.check_work(work)?;
         ensure(
             self.fed == self.n,
             Error::LengthMismatch {
@@ -295,24 +611,136 @@ impl TopK {
                 got: self.fed as usize,
             },
         )?;
-        self.end_pass_unchecked(hist);
+        self.end_pass_unchecked(work);
         Ok(())
     }
 
-    pub(crate) fn end_pass_unchecked(&mut self, hist: &mut [u32; HIST_LEN]) {
-        if self.pass == DONE {
-            return;
-        }
+    pub(crate) fn end_pass_unchecked(&mut self, work: &mut [u32]) {
         self.fed = 0;
-        if self.pass == TIE_PASS {
-            // The tie pass always finds its element (need <= equal count).
-            self.pass = DONE;
+        match self.phase {
+            Phase::Done => {}
+            Phase::Sample => self.plan_band(work),
+            Phase::Band => self.finish_band(work),
+            Phase::Radix { free } => {
+                let hist: &mut [u32; HIST_LEN] = (&mut work[..HIST_LEN]).try_into().expect("HIST_LEN");
+                self.radix_step(free, hist);
+            }
+            Phase::Tie => self.phase = Phase::Done,
+        }
+    }
+
+    /// After the sample pass: the band from the sample's quantiles.
+    fn plan_band(&mut self, work: &mut [u32]) {
+        let s = self.nsample;
+        let (hist, rest) = work.split_at_mut(HIST_LEN);
+        let hist: &mut [u32; HIST_LEN] = hist.try_into().expect("HIST_LEN");
+        let sample = &rest[..s as usize];
+        let q = self.k as f64 / self.n as f64;
+        let ks = q * s as f64;
+        let margin = Z * sqrt_f64(s as f64 * q * (1.0 - q)) + 16.0;
+        let hi_rank = ks - margin;
+        let lo_rank = ks + margin;
+        // Keys above the `hi_rank`-th largest sample key are surely kept;
+        // keys below the `lo_rank`-th surely dropped.
+        // (A band up to the largest key: 0x7fff_ffff covers NaN keys too.)
+        self.hi_key = if hi_rank < 1.0 {
+            0x7fff_ffff
+        } else {
+            select_keys(sample, hi_rank as u64, hist).key
+        };
+        self.lo_key = if lo_rank >= s as f64 {
+            0
+        } else {
+            select_keys(sample, lo_rank as u64 + 1, hist).key
+        };
+        // Histogram shift: the band's keys fall in at most HIST_LEN bins.
+        let mut sh = 0u8;
+        while (self.hi_key >> sh) - (self.lo_key >> sh) >= HIST_LEN as u32 {
+            sh += 1;
+        }
+        // Align the band to whole bins, so that a bin's keys are all inside
+        // it (the histogram fallback relies on that).
+        self.lo_key = (self.lo_key >> sh) << sh;
+        self.hi_key |= ((1u64 << sh) - 1) as u32;
+        self.band_shift = sh;
+        self.above = 0;
+        self.ncand = 0;
+        self.phase = Phase::Band;
+    }
+
+    /// After the band pass: the exact answer among the candidates; or, when
+    /// the candidates overflowed, continue from the band's histogram; or, if
+    /// the band missed, the radix fallback.
+    fn finish_band(&mut self, work: &mut [u32]) {
+        let cap = cand_cap(self.n);
+        let inside = self.above < self.k && self.above + self.ncand >= self.k;
+        let (hist, rest) = work.split_at_mut(HIST_LEN);
+        let hist: &mut [u32; HIST_LEN] = hist.try_into().expect("HIST_LEN");
+        if !inside {
+            self.phase = Phase::Radix { free: 31 };
+            self.prefix = 0;
+            self.need = self.k;
             return;
         }
-        let (shift, width) = DIGITS[self.pass as usize];
+        if self.ncand > cap {
+            // Too many candidates (heavy ties, or an unlucky sample): the
+            // band histogram narrows the k-th key to one bucket of
+            // 2^band_shift keys; radix passes finish inside it.
+            let sh = self.band_shift as u32;
+            let bins = ((self.hi_key >> sh) - (self.lo_key >> sh)) as usize + 1;
+            let mut need = self.k - self.above;
+            let mut bin = 0;
+            for b in (0..bins).rev() {
+                let c = hist[b] as u64;
+                if c >= need {
+                    bin = b;
+                    break;
+                }
+                need -= c;
+            }
+            self.prefix = ((self.lo_key >> sh) + bin as u32) << sh;
+            self.need = need;
+            if hist[bin] as u64 == need {
+                self.result = Threshold {
+                    key: self.prefix.max(self.lo_key),
+                    cutoff: u64::MAX,
+                };
+                self.phase = Phase::Done;
+            } else if sh == 0 {
+                self.phase = Phase::Tie;
+                self.eq_seen = 0;
+            } else {
+                self.phase = Phase::Radix { free: sh as u8 };
+            }
+            return;
+        }
+        let rest = &rest[sample_cap(self.n) as usize..];
+        let (ckeys, cidx) = rest.split_at(cap as usize);
+        let nc = self.ncand as usize;
+        let t = select_keys(&ckeys[..nc], self.k - self.above, hist);
+        self.result = if t.cutoff == u64::MAX {
+            // Every candidate with key >= t.key is kept; nothing below the
+            // band is.
+            Threshold {
+                key: t.key.max(self.lo_key),
+                cutoff: u64::MAX,
+            }
+        } else {
+            Threshold {
+                key: t.key,
+                cutoff: cidx[t.cutoff as usize - 1] as u64 + 1,
+            }
+        };
+        self.phase = Phase::Done;
+    }
+
+    /// After the radix pass over the `free` low bits: fix its digit.
+    fn radix_step(&mut self, free: u8, hist: &mut [u32; HIST_LEN]) {
+        let w = digit_width(free);
+        let shift = free as u32 - w;
         let mut above = 0u64;
         let mut bin = 0usize;
-        for b in (0..1usize << width).rev() {
+        for b in (0..1usize << w).rev() {
             let c = hist[b] as u64;
             if above + c >= self.need {
                 bin = b;
@@ -329,15 +757,91 @@ impl TopK {
                 key: self.prefix,
                 cutoff: u64::MAX,
             };
-            self.pass = DONE;
-        } else if self.pass == 2 {
+            self.phase = Phase::Done;
+        } else if shift == 0 {
             // prefix is the exact k-th key; some of its equals are dropped.
-            self.pass = TIE_PASS;
+            self.phase = Phase::Tie;
             self.eq_seen = 0;
         } else {
-            self.pass += 1;
+            self.phase = Phase::Radix { free: shift as u8 };
         }
     }
+}
+
+/// Width of the radix digit taken when `free` low bits remain: 11 bits
+/// (2048 bins) at most, so 31 bits take 11 + 11 + 9.
+#[inline]
+fn digit_width(free: u8) -> u32 {
+    (free as u32).min(11)
+}
+
+/// Flags the keys in `lo..=hi` (1, else 0) and counts those above `hi`.
+/// Keys are below 2^31, so signed compares are exact (one SSE2 instruction
+/// each); separate slices let the loop vectorize.
+#[inline(never)]
+fn flag_band(keys: &[u32], flags: &mut [u32], lo: i32, hi: i32) -> u32 {
+    let mut above = 0u32;
+    for (&k, f) in keys.iter().zip(flags.iter_mut()) {
+        let k = k as i32;
+        above += (k > hi) as u32;
+        *f = ((k >= lo) & (k <= hi)) as u32;
+    }
+    above
+}
+
+/// Histogram of the next radix digit (below `free` low bits) of the keys
+/// matching `prefix` above them.
+#[inline(always)]
+fn radix_count<I: Iterator<Item = u32>>(free: u8, prefix: u32, keys: I, hist: &mut [u32; HIST_LEN]) {
+    let w = digit_width(free);
+    let shift = free as u32 - w;
+    let mask = (1u32 << w) - 1;
+    if free >= 31 {
+        for key in keys {
+            hist[((key >> shift) & mask) as usize] += 1;
+        }
+    } else {
+        let hi = prefix >> free;
+        for key in keys {
+            if key >> free == hi {
+                hist[((key >> shift) & mask) as usize] += 1;
+            }
+        }
+    }
+}
+
+/// Exact radix selection of the `k` largest of in-memory `keys` (all
+/// `<= 0x7fff_ffff`), ties to the lower position; cutoffs are positions.
+fn select_keys(keys: &[u32], k: u64, hist: &mut [u32; HIST_LEN]) -> Threshold {
+    let mut sel = TopK::with(keys.len() as u64, k.min(keys.len() as u64), false).expect("in-memory keys fit");
+    while !sel.is_done() {
+        match sel.phase {
+            Phase::Radix { free } => {
+                hist.fill(0);
+                radix_count(free, sel.prefix, keys.iter().copied(), hist);
+                sel.radix_step(free, hist);
+            }
+            Phase::Tie => {
+                let t = sel.prefix;
+                let mut seen = 0;
+                for (i, &key) in keys.iter().enumerate() {
+                    if key == t {
+                        seen += 1;
+                        if seen == sel.need {
+                            sel.result = Threshold {
+                                key: t,
+                                cutoff: i as u64 + 1,
+                            };
+                            break;
+                        }
+                    }
+                }
+                sel.phase = Phase::Done;
+            }
+            _ => unreachable!("radix strategy"),
+        }
+    }
+    sel.result
 }
 
 /// Checks the histogram length and views it as an array.
@@ -357,12 +861,13 @@ pub(crate) fn hist_of(hist: &mut [u32]) -> Result<&mut [u32; HIST_LEN], Error> {
 const TILE: usize = 2048;
 
 /// One-shot selection of the `k` largest magnitudes of `values` (exactly
-/// `k` kept, ties to the lower index; see the module documentation).
-/// Reads `values` at most 4 times; the histogram lives on the stack.
+/// `k` kept, ties to the lower index; see the module documentation), with
+/// the radix strategy: at most 4 reads of `values`, the histogram on the
+/// stack.
 ///
 /// Errors: as [`TopK::new`] with `n = values.len()`.
 pub fn top_k<T: Element>(values: &[T], k: usize) -> Result<Threshold, Error> {
-    let mut sel = TopK::new(values.len() as u64, k as u64)?;
+    let mut sel = TopK::with_strategy(values.len() as u64, k as u64, false)?;
     let mut hist = [0u32; HIST_LEN];
     let mut buf = [0.0f32; TILE];
     while !sel.is_done() {
