@@ -36,7 +36,9 @@
 //!   global positions, so the order of every addition is fixed by positions
 //!   alone; masks and random draws are keyed by the global element index.
 //!   Element-wise methods (linear, task vectors) need no state: calling them
-//!   on chunks is the streaming form.
+//!   on chunks is the streaming form. (A NaN output is NaN for every
+//!   chunking, but its payload bits may differ: when both operands of an
+//!   addition are NaN, vectorized and scalar code may return either.)
 //! - **Randomness** (DARE, DELLA) comes only from [`crate::rng`]
 //!   (Philox4x32-10), keyed by `(seed, [model_index, tensor_id])` and the
 //!   global element index, so masks do not depend on chunking or threads and
