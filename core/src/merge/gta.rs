@@ -1121,7 +1121,6 @@ fn for_each_tile<T: Element, F>(
     let mut row_thr = *thr;
     let (hist_buf, rest) = scratch.split_at_mut(if plan.row_local { HIST_LEN } else { 0 });
     let mut bbuf = [0.0f32; GTILE];
-    let mut xbuf = [0.0f32; GTILE];
     let mut u = [0.0f32; GTILE];
     let mut s0 = 0;
     while s0 < len {
@@ -1141,10 +1140,9 @@ fn for_each_tile<T: Element, F>(
             let g0 = offset + lo as u64;
             let b = as_f32(&base[lo..hi], &mut bbuf);
             for (i, (xm, row)) in models.iter().zip(dt.iter_mut()).enumerate() {
-                let x = as_f32(&xm[lo..hi], &mut xbuf);
                 let d = &mut row[..hi - lo];
-                for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-                    *d = x - b;
+                for ((d, &x), &b) in d.iter_mut().zip(&xm[lo..hi]).zip(b) {
+                    *d = x.to_f32() - b;
                 }
                 let mp = &plan.models[i];
                 if mp.dense {

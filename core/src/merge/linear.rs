@@ -41,16 +41,17 @@ fn weighted_tile<T: Element>(
     acc: &mut [f32],
     buf: &mut [f32],
 ) {
+    let _ = buf;
     let acc = &mut acc[..hi - lo];
-    let x0 = as_f32(&models[0][lo..hi], buf);
     let w0 = weights[0];
-    for (a, &x) in acc.iter_mut().zip(x0) {
-        *a = w0 * x;
+    // Conversions inline (no widened copy): `to_f32` is a move for `f32`, a
+    // shift for `bf16`.
+    for (a, &x) in acc.iter_mut().zip(&models[0][lo..hi]) {
+        *a = w0 * x.to_f32();
     }
     for (m, &w) in models.iter().zip(weights).skip(1) {
-        let x = as_f32(&m[lo..hi], buf);
-        for (a, &x) in acc.iter_mut().zip(x) {
-            *a += w * x;
+        for (a, &x) in acc.iter_mut().zip(&m[lo..hi]) {
+            *a += w * x.to_f32();
         }
     }
 }
@@ -116,9 +117,8 @@ pub fn linear<T: Element, O: Element>(
                 let x0 = as_f32(&models[0][lo..hi], &mut buf0);
                 a.copy_from_slice(x0);
                 for (m, &ci) in models.iter().zip(&c).skip(1) {
-                    let x = as_f32(&m[lo..hi], &mut buf);
-                    for ((a, &x), &x0) in a.iter_mut().zip(x).zip(x0) {
-                        *a += ci * (x - x0);
+                    for ((a, &x), &x0) in a.iter_mut().zip(&m[lo..hi]).zip(x0) {
+                        *a += ci * (x.to_f32() - x0);
                     }
                 }
                 store(a, &mut out[lo..hi]);

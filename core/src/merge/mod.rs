@@ -82,12 +82,27 @@ pub(crate) fn as_f32<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f
     }
 }
 
+/// `f32` to `bf16` bits, rounding to nearest even, NaN kept quiet: the same
+/// bits as `half::bf16::from_f32`, branch-free so that loops vectorize.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if x.is_nan() { nan } else { rounded }
+}
+
 /// Writes `src` to `dst` (same length), rounding to `O`.
 #[inline(always)]
 pub(crate) fn store<O: Element>(src: &[f32], dst: &mut [O]) {
     if O::DTYPE == DType::F32 {
         let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
         d.copy_from_slice(src);
+    } else if O::DTYPE == DType::BF16 {
+        let d: &mut [u16] = bytemuck::cast_slice_mut(dst);
+        for (d, &s) in d.iter_mut().zip(src) {
+            *d = bf16_bits(s);
+        }
     } else {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = O::from_f32(s);
@@ -156,4 +171,32 @@ pub(crate) fn check_chunk<T>(models: &[&[T]], m: usize, len: usize) -> Result<()
         ensure_len_at("models", i, len, x.len())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_bits;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        // Every 97th bit pattern plus the neighbourhoods of the edges.
+        let edges = [
+            0u32,
+            0x7f7f_ffff,
+            0x7f80_0000,
+            0x7fc0_0000,
+            0x0000_8000,
+            0x3f80_8000,
+            0x3f81_8000,
+        ];
+        let it = (0..=u32::MAX / 97)
+            .map(|i| i * 97)
+            .chain(edges.iter().flat_map(|&e| {
+                (0..64u32).flat_map(move |d| [e.wrapping_add(d), e.wrapping_sub(d), e ^ 0x8000_0000])
+            }));
+        for bits in it {
+            let x = f32::from_bits(bits);
+            assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{bits:#010x}");
+        }
+    }
 }
