@@ -85,11 +85,13 @@
 //! [`Gta::stats`] returns a [`GtaStats`] that is fed the tensor in order,
 //! pass after pass, while [`GtaStats::needs_pass`]; [`GtaStats::finish`]
 //! gives a small `Copy` [`GtaApply`] whose [`apply`](GtaApply::apply)
-//! merges any chunk at any offset. Passes: up to 4 for a tensor-wide
-//! selection (Magnitude, Outliers; see [`select`](super::select)), plus 1
-//! for an `L1`/`L2`/`Linf` rescale; none otherwise (task arithmetic, DARE
-//! with `InverseKeep`, row-wise selections and DELLA with `InverseKeep` go
-//! straight to apply). Row-wise methods need chunks made of whole rows.
+//! merges any chunk at any offset. Passes: for a tensor-wide selection
+//! (Magnitude, Outliers; see [`select`](super::select)) 2 on tensors of
+//! 2^20 elements or more (a sample pass reading 1/64 of the data, then one
+//! full pass; up to 4 more if the sample misleads) and up to 4 below;
+//! plus 1 for an `L1`/`L2`/`Linf` rescale; none otherwise (task arithmetic,
+//! DARE with `InverseKeep`, row-wise selections and DELLA with
+//! `InverseKeep` go straight to apply). Row-wise methods need chunks made of whole rows.
 //! [`merge`] is the one-shot form; its output is bit-identical to any
 //! chunked run.
 //!
@@ -604,8 +606,9 @@ impl Gta {
     /// Length of the `u32` scratch buffer [`stats`](Self::stats),
     /// [`GtaApply::apply`] and [`merge`] need: one
     /// [`TopK::work_len_for`]`(n)` per tensor-wide selection (one per model,
-    /// two for Outliers: 2048 words below 2^20 elements, about 10% of `n`
-    /// above, for the sampled strategy), or for row-wise work
+    /// two for Outliers: 2048 words below 2^20 elements; above, the sampled
+    /// strategy's sample and candidates, `n/64 + 2 (16 n / sqrt(n/64) + 4096)`
+    /// words, about 8% of `n` at 2^24 elements), or for row-wise work
     /// `2048 + row_len * (4 + M)` (DELLA) / `2048` (row-wise selections);
     /// 0 when nothing is needed.
     pub fn scratch_len(&self) -> usize {
