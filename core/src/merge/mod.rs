@@ -17,7 +17,7 @@
 //! | Model Stock (whole tensor or per row) | [`stock`] | `model_stock` | base |
 //! | SCE | [`sce`] | `sce` | base |
 //! | greedy soup, pruned soup | [`soup`] | — | an evaluation callback |
-//! | exact top-k by magnitude | [`select`] | (TIES/breadcrumbs/DELLA trims) | — |
+//! | exact top-k by magnitude (and DELLA's ranks) | [`select`] | (the TIES, breadcrumbs and SCE selections) | — |
 //!
 //! # Conventions of this module
 //!

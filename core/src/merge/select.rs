@@ -1,5 +1,6 @@
 //! Exact top-k selection by magnitude in O(n), without allocation and
-//! without sorting: a radix select over the bits of `|x|`.
+//! without sorting: a sampled band plus radix selection over the bits of
+//! `|x|`.
 //!
 //! # The selection rule
 //!
@@ -27,14 +28,16 @@
 //! - **Sampled** (the default for `n >= 2^20`): pass 1 reads only a sample,
 //!   64 consecutive elements (four 64-byte lines of `f32`) at a pseudo-random
 //!   offset in every group of 4096, i.e. 1/64 of the data and one place per
-//!   16 KB (few TLB misses); the sample's
-//!   quantiles (exact selections in cache) give a key band that contains
-//!   the k-th key with a margin of 10 standard deviations of the sample
-//!   quantile. Pass 2 reads everything once, counts the keys above the band
-//!   and collects the keys and indices inside it (about 1 to 2% of `n`);
-//!   the exact answer is then selected among the candidates, in cache.
-//!   **2 passes**, one of them 1/64 of a pass. If the band misses (data
-//!   whose sample is unrepresentative) it falls back to the radix passes.
+//!   16 KB (few TLB misses); the sample's quantiles (exact selections in
+//!   cache) give a key band that contains the k-th key with a margin of 8
+//!   standard deviations of the sample quantile. Pass 2 reads everything
+//!   once, counts the keys above the band and collects the keys and indices
+//!   inside it (a few percent of `n`); the exact answer is then selected
+//!   among the candidates, in cache. **2 passes**, one of them 1/64 of a
+//!   pass. If the candidates overflow their buffer (a huge tie at the
+//!   threshold), the band's histogram narrows the k-th key to one bin and
+//!   radix passes finish inside it (1 to 3 more); if the band misses
+//!   (data whose sample is unrepresentative) the radix passes start over.
 //! - **Radix** (small `n`, and the fallback): a pass histograms one radix
 //!   digit of the keys whose higher digits match the prefix found so far;
 //!   digits are bits 30..20 (2048 bins), 19..10 and 9..0 (1024 bins each).
@@ -44,8 +47,8 @@
 //!   passes** (3 when the k-th magnitude is not tied, fewer when a bucket
 //!   boundary falls exactly at `k`).
 //!
-//! So a selection takes at most 2 passes when sampling works and at most
-//! 2 + 4 otherwise; none when `k == 0` or `k == n`. Which elements a pass
+//! So a selection takes 2 passes when sampling works and at most 2 + 4
+//! otherwise; none when `k == 0` or `k == n`. Which elements a pass
 //! needs is [`TopK::wants_all`]: during the sample pass, a caller that
 //! computes values on the fly can [`skip`](TopK::skip) everything outside
 //! [`sample_ranges`]. Whatever the strategy and the chunking, the threshold
