@@ -18,7 +18,9 @@
 //!   model's tail) is exact: the token keeps the mass the other models give
 //!   it. The weights are normalized by `W`; [`Output::log_normalizer`]
 //!   returns the mass, so `ln sum_m w_m P_m(v)` is `log_prob + log_normalizer`
-//!   when `T_out = 1`.
+//!   when `T_out = 1`. A model whose row is fully masked has no distribution
+//!   for that row: it leaves the mixture and its weight does not count in
+//!   `W` ([`MaskRule::All`]), or it masks the whole row ([`MaskRule::Any`]).
 //! - [`Mode::LogLinear`] ("logical AND", product of experts):
 //!   `P = softmax_v(sum_m c_m z_m)` with `c_m = lambda_m / (T_m T_out)` and
 //!   signed, unnormalized `lambda_m`. Per-model normalizers are constant
@@ -64,10 +66,13 @@
 
 use crate::element::{Element, widen};
 use crate::error::{Error, ensure, ensure_len, ensure_len_at};
-use crate::math::{exp, ln, max_fast};
-use crate::rowops::{Online, TILE, argmax, exp_shift_inplace, exp_shift_into, row_online};
+use crate::math::{exp_nonpos, ln, ln_pos, max_fast};
+use crate::rowops::{
+    Online, TILE, argmax, exp_shift_inplace, exp_shift_into, exp_shift_store, max_and_bad, row_online,
+    sum_exp_shifted,
+};
 use crate::rows::{Rows, RowsMut};
-use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace};
+use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace_parts};
 use half::{bf16, f16};
 
 /// Most models one call combines.
@@ -150,6 +155,46 @@ impl<'a> Logits<'a> {
             Logits::F16(r) => w(&r.row(b)[lo..hi], buf),
             Logits::BF16(r) => w(&r.row(b)[lo..hi], buf),
         }
+    }
+
+    /// Maximum of row `b` (NaN-blind) and whether it holds NaN or `+inf`.
+    pub(crate) fn max_bad(&self, b: usize, tile: &mut [f32; TILE]) -> (f32, bool) {
+        let (mut m, mut bad) = (f32::NEG_INFINITY, false);
+        let len = self.len();
+        let mut lo = 0;
+        while lo < len {
+            let hi = (lo + TILE).min(len);
+            let (tm, tb) = max_and_bad(self.tile(b, lo, hi, tile));
+            m = max_fast(tm, m);
+            bad |= tb;
+            lo = hi;
+        }
+        (m, bad)
+    }
+
+    /// `sum_v exp((z_v - max) * inv_t)` over row `b`; when `store` is given,
+    /// also writes each term there (its first `len()` entries).
+    pub(crate) fn sum_exp(
+        &self,
+        b: usize,
+        max: f32,
+        inv_t: f32,
+        mut store: Option<&mut [f32]>,
+        tile: &mut [f32; TILE],
+    ) -> f32 {
+        let len = self.len();
+        let mut sum = 0.0f32;
+        let mut lo = 0;
+        while lo < len {
+            let hi = (lo + TILE).min(len);
+            let z = self.tile(b, lo, hi, tile);
+            sum += match store.as_deref_mut() {
+                Some(st) => exp_shift_store(z, max, inv_t, &mut st[lo..hi]),
+                None => sum_exp_shifted(z, max, inv_t),
+            };
+            lo = hi;
+        }
+        sum
     }
 
     /// Online (max, sum) statistics of row `b` at `1/inv_t`.
@@ -282,7 +327,7 @@ pub struct Output<'o> {
 }
 
 /// Validated, resolved parameters.
-struct Plan<'c, 'a> {
+pub(crate) struct Plan<'c, 'a> {
     models: &'c [Model<'a>],
     mode: Mode,
     weights: Weights<'c>,
@@ -294,6 +339,171 @@ struct Plan<'c, 'a> {
     vocab: usize,
 }
 
+/// Shape of one model's logits and its temperature: what validating a
+/// combination needs when the logits themselves live elsewhere (on a GPU).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    /// Rows of logits.
+    pub rows: usize,
+    /// Valid vocabulary length `V_m`.
+    pub len: usize,
+    /// Temperature `T_m`.
+    pub temperature: f32,
+}
+
+/// A validated combination's resolved scalars, from [`resolve`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    /// `1 / T_m` per model (first `M` entries).
+    pub inv_t: [f32; MAX_MODELS],
+    /// `1 / T_out`.
+    pub inv_t_out: f32,
+    /// Plausibility model and `ln alpha` (`-inf` for `alpha = 0`).
+    pub plausibility: Option<(usize, f32)>,
+    /// Whether any active `-inf` masks a token (log-linear, or
+    /// [`MaskRule::Any`]).
+    pub mask_any: bool,
+}
+
+/// Validates a combination of models of the given shapes into `rows x
+/// vocab` outputs, exactly as [`combine`] does before reading any logit,
+/// and returns the resolved scalars. Same errors as [`combine`] (except the
+/// output checks, which belong to the caller).
+pub fn resolve(
+    models: &[ModelShape],
+    cfg: &Config<'_>,
+    rows: usize,
+    vocab: usize,
+) -> Result<Resolved, Error> {
+    let m_count = models.len();
+    ensure(m_count > 0, Error::Empty { arg: "models" })?;
+    ensure(
+        m_count <= MAX_MODELS,
+        Error::TooLarge {
+            arg: "models",
+            index: 0,
+            max: MAX_MODELS,
+            got: m_count,
+        },
+    )?;
+    let mut inv_t = [0.0f32; MAX_MODELS];
+    for (i, md) in models.iter().enumerate() {
+        ensure_len_at("models.logits.rows", i, rows, md.rows)?;
+        let v = md.len;
+        ensure(
+            v <= vocab,
+            Error::TooLarge {
+                arg: "models.logits.len",
+                index: i,
+                max: vocab,
+                got: v,
+            },
+        )?;
+        inv_t[i] = inv_temperature("models.temperature", i, md.temperature)?;
+    }
+    let inv_t_out = inv_temperature("out_temperature", 0, cfg.out_temperature)?;
+    let plaus = match cfg.plausibility {
+        None => None,
+        Some(p) => {
+            ensure(
+                p.model < m_count,
+                Error::IndexOutOfBounds {
+                    arg: "plausibility.model",
+                    index: p.model,
+                    bound: m_count,
+                },
+            )?;
+            ensure(
+                !p.alpha.is_nan(),
+                Error::NonFinite {
+                    arg: "plausibility.alpha",
+                    index: 0,
+                },
+            )?;
+            ensure(
+                (0.0..=1.0).contains(&p.alpha),
+                Error::OutOfRange {
+                    arg: "plausibility.alpha",
+                    index: 0,
+                },
+            )?;
+            Some((p.model, ln(p.alpha)))
+        }
+    };
+    // Weights: shape, finiteness, sign (linear), coefficient range.
+    let check_row = |ws: &[f32], row: usize| -> Result<(), Error> {
+        let mut sum = 0.0f32;
+        for (i, &w) in ws.iter().enumerate() {
+            let flat = row * m_count + i;
+            ensure(
+                w.is_finite(),
+                Error::NonFinite {
+                    arg: "weights",
+                    index: flat,
+                },
+            )?;
+            match cfg.mode {
+                Mode::Linear => {
+                    ensure(
+                        w >= 0.0,
+                        Error::OutOfRange {
+                            arg: "weights",
+                            index: flat,
+                        },
+                    )?;
+                    sum += w;
+                }
+                Mode::LogLinear => {
+                    let c = w * inv_t[i] * inv_t_out;
+                    ensure(
+                        c.is_finite(),
+                        Error::OutOfRange {
+                            arg: "weights",
+                            index: flat,
+                        },
+                    )?;
+                }
+            }
+        }
+        if cfg.mode == Mode::Linear {
+            ensure(
+                sum > 0.0,
+                Error::ZeroSum {
+                    arg: "weights",
+                    index: row,
+                },
+            )?;
+            ensure(
+                sum.is_finite(),
+                Error::OutOfRange {
+                    arg: "weights",
+                    index: row,
+                },
+            )?;
+        }
+        Ok(())
+    };
+    match cfg.weights {
+        Weights::PerModel(ws) => {
+            ensure_len("weights", m_count, ws.len())?;
+            check_row(ws, 0)?;
+        }
+        Weights::PerRow(t) => {
+            ensure_len("weights.rows", rows, t.rows())?;
+            ensure_len("weights.len", m_count, t.len())?;
+            for b in 0..rows {
+                check_row(t.row(b), b)?;
+            }
+        }
+    }
+    Ok(Resolved {
+        inv_t,
+        inv_t_out,
+        plausibility: plaus,
+        mask_any: cfg.mode == Mode::LogLinear || cfg.mask_rule == MaskRule::Any,
+    })
+}
+
 /// One active model of a row: its index and coefficient (log-linear) or
 /// weight (linear).
 #[derive(Clone, Copy, Default)]
@@ -303,136 +513,42 @@ struct Active {
 }
 
 impl<'c, 'a> Plan<'c, 'a> {
-    fn new(models: &'c [Model<'a>], cfg: &Config<'c>, rows: usize, vocab: usize) -> Result<Self, Error> {
-        let m_count = models.len();
-        ensure(m_count > 0, Error::Empty { arg: "models" })?;
+    pub(crate) fn new(
+        models: &'c [Model<'a>],
+        cfg: &Config<'c>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Self, Error> {
         ensure(
-            m_count <= MAX_MODELS,
+            models.len() <= MAX_MODELS,
             Error::TooLarge {
                 arg: "models",
                 index: 0,
                 max: MAX_MODELS,
-                got: m_count,
+                got: models.len(),
             },
         )?;
-        let mut inv_t = [0.0f32; MAX_MODELS];
-        for (i, md) in models.iter().enumerate() {
-            ensure_len_at("models.logits.rows", i, rows, md.logits.rows())?;
-            let v = md.logits.len();
-            ensure(
-                v <= vocab,
-                Error::TooLarge {
-                    arg: "models.logits.len",
-                    index: i,
-                    max: vocab,
-                    got: v,
-                },
-            )?;
-            inv_t[i] = inv_temperature("models.temperature", i, md.temperature)?;
+        let mut shapes = [ModelShape {
+            rows: 0,
+            len: 0,
+            temperature: 1.0,
+        }; MAX_MODELS];
+        for (s, m) in shapes.iter_mut().zip(models) {
+            *s = ModelShape {
+                rows: m.logits.rows(),
+                len: m.logits.len(),
+                temperature: m.temperature,
+            };
         }
-        let inv_t_out = inv_temperature("out_temperature", 0, cfg.out_temperature)?;
-        let plaus = match cfg.plausibility {
-            None => None,
-            Some(p) => {
-                ensure(
-                    p.model < m_count,
-                    Error::IndexOutOfBounds {
-                        arg: "plausibility.model",
-                        index: p.model,
-                        bound: m_count,
-                    },
-                )?;
-                ensure(
-                    !p.alpha.is_nan(),
-                    Error::NonFinite {
-                        arg: "plausibility.alpha",
-                        index: 0,
-                    },
-                )?;
-                ensure(
-                    (0.0..=1.0).contains(&p.alpha),
-                    Error::OutOfRange {
-                        arg: "plausibility.alpha",
-                        index: 0,
-                    },
-                )?;
-                Some((p.model, ln(p.alpha)))
-            }
-        };
-        // Weights: shape, finiteness, sign (linear), coefficient range.
-        let check_row = |ws: &[f32], row: usize| -> Result<(), Error> {
-            let mut sum = 0.0f32;
-            for (i, &w) in ws.iter().enumerate() {
-                let flat = row * m_count + i;
-                ensure(
-                    w.is_finite(),
-                    Error::NonFinite {
-                        arg: "weights",
-                        index: flat,
-                    },
-                )?;
-                match cfg.mode {
-                    Mode::Linear => {
-                        ensure(
-                            w >= 0.0,
-                            Error::OutOfRange {
-                                arg: "weights",
-                                index: flat,
-                            },
-                        )?;
-                        sum += w;
-                    }
-                    Mode::LogLinear => {
-                        let c = w * inv_t[i] * inv_t_out;
-                        ensure(
-                            c.is_finite(),
-                            Error::OutOfRange {
-                                arg: "weights",
-                                index: flat,
-                            },
-                        )?;
-                    }
-                }
-            }
-            if cfg.mode == Mode::Linear {
-                ensure(
-                    sum > 0.0,
-                    Error::ZeroSum {
-                        arg: "weights",
-                        index: row,
-                    },
-                )?;
-                ensure(
-                    sum.is_finite(),
-                    Error::OutOfRange {
-                        arg: "weights",
-                        index: row,
-                    },
-                )?;
-            }
-            Ok(())
-        };
-        match cfg.weights {
-            Weights::PerModel(ws) => {
-                ensure_len("weights", m_count, ws.len())?;
-                check_row(ws, 0)?;
-            }
-            Weights::PerRow(t) => {
-                ensure_len("weights.rows", rows, t.rows())?;
-                ensure_len("weights.len", m_count, t.len())?;
-                for b in 0..rows {
-                    check_row(t.row(b), b)?;
-                }
-            }
-        }
+        let r = resolve(&shapes[..models.len()], cfg, rows, vocab)?;
         Ok(Plan {
             models,
             mode: cfg.mode,
             weights: cfg.weights,
-            inv_t,
-            inv_t_out,
-            plaus,
-            mask_any: cfg.mode == Mode::LogLinear || cfg.mask_rule == MaskRule::Any,
+            inv_t: r.inv_t,
+            inv_t_out: r.inv_t_out,
+            plaus: r.plausibility,
+            mask_any: r.mask_any,
             vocab,
         })
     }
@@ -448,16 +564,18 @@ impl<'c, 'a> Plan<'c, 'a> {
         let mut n = 0;
         let mut sum = 0.0f32;
         for (m, &w) in ws.iter().enumerate() {
-            if w == 0.0 {
-                continue;
-            }
             let w = match self.mode {
                 Mode::Linear => {
                     sum += w;
                     w
                 }
+                // A coefficient that underflows to 0 once scaled is skipped
+                // too (never 0 * inf).
                 Mode::LogLinear => w * self.inv_t[m] * self.inv_t_out,
             };
+            if w == 0.0 {
+                continue;
+            }
             out[n] = Active { m, w };
             n += 1;
         }
@@ -467,24 +585,22 @@ impl<'c, 'a> Plan<'c, 'a> {
 
 /// Per-row result of the row engine.
 #[derive(Clone, Copy)]
-struct RowOut {
-    status: RowStatus,
-    log_z: f32,
+pub(crate) struct RowOut {
+    pub(crate) status: RowStatus,
+    pub(crate) log_z: f32,
 }
 
 /// Scratch tiles for one call (on the stack, about 24 KiB).
-struct Scratch {
-    conv: [f32; TILE],
-    acc: [f32; TILE],
+pub(crate) struct Scratch {
+    pub(crate) conv: [f32; TILE],
     mn: [f32; TILE],
     conv2: [f32; TILE],
 }
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Scratch {
             conv: [0.0; TILE],
-            acc: [0.0; TILE],
             mn: [0.0; TILE],
             conv2: [0.0; TILE],
         }
@@ -550,31 +666,33 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
     while lo < v {
         let hi = (lo + TILE).min(v);
         let acc = &mut out[lo..hi];
-        acc.fill(0.0);
-        for a in act {
+        if act.is_empty() {
+            acc.fill(0.0);
+        }
+        for (i, a) in act.iter().enumerate() {
             let md = &plan.models[a.m].logits;
             let vm = md.len().min(hi);
             if lo < vm {
                 let z = md.tile(b, lo, vm, &mut s.conv);
-                let c = a.w;
                 let part = &mut acc[..vm - lo];
-                if c > 0.0 {
-                    for (o, &x) in part.iter_mut().zip(z) {
-                        *o += c * x;
-                    }
-                } else {
-                    // c < 0: a masked logit must give -inf, not +inf; a +inf
-                    // logit is invalid and must surface as NaN.
-                    for (o, &x) in part.iter_mut().zip(z) {
-                        let invalid = x == f32::INFINITY;
-                        let x = if x == f32::NEG_INFINITY { f32::INFINITY } else { x };
-                        let x = if invalid { f32::NAN } else { x };
-                        *o += c * x;
-                    }
+                match (i == 0, a.w > 0.0) {
+                    (true, true) => accumulate::<true, true>(part, z, a.w),
+                    (true, false) => accumulate::<true, false>(part, z, a.w),
+                    (false, true) => accumulate::<false, true>(part, z, a.w),
+                    (false, false) => accumulate::<false, false>(part, z, a.w),
                 }
             }
-            let keep = vm.saturating_sub(lo);
-            acc[keep..].fill(f32::NEG_INFINITY);
+            // Beyond model m's vocabulary the token is masked. The first model
+            // initializes the tile; later ones add -inf, which keeps a NaN an
+            // earlier model put there (a NaN read always surfaces).
+            let tail = &mut acc[vm.saturating_sub(lo)..];
+            if i == 0 {
+                tail.fill(f32::NEG_INFINITY);
+            } else {
+                for o in tail.iter_mut() {
+                    *o += f32::NEG_INFINITY;
+                }
+            }
         }
         if let Some(t) = thr {
             apply_plausibility(plan, b, lo, acc, t, &mut s.conv);
@@ -586,6 +704,24 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
         lo = hi;
     }
     finish_log_row(out, online)
+}
+
+/// `acc (=|+=) c * z` with the log-linear masking rule. For `c < 0` a masked
+/// logit (`-inf`) must give `-inf`, not `+inf`, and a `+inf` logit is
+/// invalid and must surface as NaN; for `c > 0` IEEE arithmetic already does
+/// both.
+#[inline(always)]
+fn accumulate<const FIRST: bool, const POS: bool>(acc: &mut [f32], z: &[f32], c: f32) {
+    for (o, &x) in acc.iter_mut().zip(z) {
+        let x = if POS {
+            x
+        } else {
+            let invalid = x == f32::INFINITY;
+            let x = if x == f32::NEG_INFINITY { f32::INFINITY } else { x };
+            if invalid { f32::NAN } else { x }
+        };
+        *o = if FIRST { c * x } else { *o + c * x };
+    }
 }
 
 /// Writes the status fill of a row decided without computing it.
@@ -617,10 +753,13 @@ fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
     if o.max == f32::NEG_INFINITY {
         return fill_status(out, RowStatus::Masked);
     }
-    let log_z = o.max + o.log_sum();
+    // (u - max) - ln sum, not u - (max + ln sum): for |max| large the second
+    // form rounds ln sum away.
+    let log_sum = o.log_sum();
     for x in out.iter_mut() {
-        *x -= log_z;
+        *x = (*x - o.max) - log_sum;
     }
+    let log_z = o.max + log_sum;
     RowOut {
         status: RowStatus::Ok,
         log_z,
@@ -636,99 +775,140 @@ struct LinModel {
     off: f32,
 }
 
+/// Mixture probabilities below this take the exact path.
+const TINY: f32 = 1e-30;
+
+/// `ln sum_m exp(y_m)` for one token with a max shift (the slow, exact path
+/// for mixtures below [`TINY`]); `-inf` when every model masks the token.
+#[cold]
+fn linear_token_exact(plan: &Plan<'_, '_>, lm: &[LinModel], b: usize, v: usize) -> f32 {
+    let mut ys = [f32::NEG_INFINITY; MAX_MODELS];
+    let mut mx = f32::NEG_INFINITY;
+    for (y, l) in ys.iter_mut().zip(lm) {
+        let md = &plan.models[l.m].logits;
+        if v < md.len() {
+            let mut one = [0.0f32; 1];
+            let z = md.tile(b, v, v + 1, &mut one)[0];
+            *y = (z - l.max) * l.inv_t + l.off;
+            mx = max_fast(*y, mx);
+        }
+    }
+    if mx == f32::NEG_INFINITY {
+        return mx;
+    }
+    let s: f32 = ys[..lm.len()].iter().map(|&y| exp_nonpos(y - mx)).sum();
+    mx + ln(s)
+}
+
 /// Linear row: per-model log-sum-exp, then the per-token LSE over models.
 fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     let mut act = [Active::default(); MAX_MODELS];
-    let (n, wsum) = plan.active(b, &mut act);
+    let (n, _) = plan.active(b, &mut act);
     let thr = match plaus_threshold(plan, b, s) {
         Ok(t) => t,
         Err(st) => return fill_status(out, st),
     };
-    let ln_w = ln(wsum);
-    // Pass 1: per-model (max, sum).
+    // Pass 1: per-model max, then sum of exp. A model whose row is fully
+    // masked has no distribution: it leaves the mixture (MaskRule::All) or
+    // masks the row. The first live model's terms are kept in `out` so that
+    // pass 2 need not recompute them.
     let mut lm = [LinModel::default(); MAX_MODELS];
     let mut k = 0;
+    let mut wsum = 0.0f32;
     for a in &act[..n] {
         let md = &plan.models[a.m].logits;
-        let o = md.online(b, plan.inv_t[a.m], &mut s.conv);
-        if o.bad {
+        let (mx, bad) = md.max_bad(b, &mut s.conv);
+        if bad {
             return fill_status(out, RowStatus::Nan);
         }
-        if o.max == f32::NEG_INFINITY {
+        if mx == f32::NEG_INFINITY {
             if plan.mask_any {
                 return fill_status(out, RowStatus::Masked);
             }
-            continue; // contributes nothing
+            continue;
         }
+        let inv_t = plan.inv_t[a.m];
+        let store = if k == 0 { Some(&mut *out) } else { None };
+        let sum = md.sum_exp(b, mx, inv_t, store, &mut s.conv);
+        wsum += a.w;
         lm[k] = LinModel {
             m: a.m,
-            max: o.max,
-            inv_t: plan.inv_t[a.m],
-            off: ln(a.w) - ln_w - o.log_sum(),
+            max: mx,
+            inv_t,
+            off: ln(a.w) - ln(sum),
         };
         k += 1;
     }
     if k == 0 {
         return fill_status(out, RowStatus::Masked);
     }
+    let ln_w = ln(wsum);
+    for l in &mut lm[..k] {
+        l.off -= ln_w;
+    }
     let lm = &lm[..k];
+    // The cached model's terms scale by w / (W S); beyond its vocabulary they are 0.
+    let cached_scale = exp_nonpos(lm[0].off);
+    let cached_len = plan.models[lm[0].m].logits.len();
+    out[cached_len..].fill(0.0);
     let v = plan.vocab;
     let renorm = plan.mask_any || thr.is_some() || plan.inv_t_out != 1.0;
     let mut lo = 0;
     while lo < v {
         let hi = (lo + TILE).min(v);
         let n_t = hi - lo;
-        let mx = &mut out[lo..hi];
-        mx.fill(f32::NEG_INFINITY);
-        let mn = &mut s.mn[..n_t];
-        mn.fill(f32::INFINITY);
-        // Sweep 1: per-token max (and min, for MaskRule::Any) over models.
-        for l in lm {
+        // P(v) = sum_m exp(y_m(v)), y_m = (z_m - max_m) / T_m + ln(w_m / (W S_m)) <= 0.
+        let acc = &mut out[lo..hi];
+        for a in acc.iter_mut() {
+            *a *= cached_scale;
+        }
+        let masked = &mut s.mn[..n_t];
+        if plan.mask_any {
+            masked.fill(0.0);
+        }
+        for (li, l) in lm.iter().enumerate() {
             let md = &plan.models[l.m].logits;
             let vm = md.len().min(hi);
             if lo < vm {
                 let z = md.tile(b, lo, vm, &mut s.conv);
-                for ((o, q), &x) in mx.iter_mut().zip(mn.iter_mut()).zip(z) {
-                    let y = (x - l.max) * l.inv_t + l.off;
-                    *o = max_fast(y, *o);
-                    *q = if y < *q { y } else { *q };
+                if li > 0 {
+                    for (a, &x) in acc.iter_mut().zip(z) {
+                        *a += exp_nonpos((x - l.max) * l.inv_t + l.off);
+                    }
+                }
+                if plan.mask_any {
+                    for (q, &x) in masked.iter_mut().zip(z) {
+                        *q = if x == f32::NEG_INFINITY { 1.0 } else { *q };
+                    }
                 }
             }
-            let keep = vm.saturating_sub(lo);
-            mn[keep..].fill(f32::NEG_INFINITY);
-        }
-        // Sweep 2: sum of exp(y - max) over models.
-        let acc = &mut s.acc[..n_t];
-        acc.fill(0.0);
-        for l in lm {
-            let md = &plan.models[l.m].logits;
-            let vm = md.len().min(hi);
-            if lo < vm {
-                let z = md.tile(b, lo, vm, &mut s.conv);
-                for ((a, &m), &x) in acc.iter_mut().zip(mx.iter()).zip(z) {
-                    let y = (x - l.max) * l.inv_t + l.off;
-                    // m is -inf only when y is too: skip (exp(NaN) otherwise).
-                    let m = if m == f32::NEG_INFINITY { 0.0 } else { m };
-                    *a += exp(y - m);
-                }
+            if plan.mask_any {
+                masked[vm.saturating_sub(lo)..].fill(1.0);
             }
         }
-        let mask_any = plan.mask_any;
-        for ((o, &a), &q) in mx.iter_mut().zip(acc.iter()).zip(mn.iter()) {
-            let r = *o + ln(a);
-            let r = if *o == f32::NEG_INFINITY {
-                f32::NEG_INFINITY
-            } else {
-                r
-            };
-            *o = if mask_any && q == f32::NEG_INFINITY {
-                f32::NEG_INFINITY
-            } else {
-                r
-            };
+        // ln P; mixtures below 1e-30 (deep tails, masked tokens) are redone
+        // exactly with a max shift so nothing underflows.
+        let tiny = acc.iter().fold(false, |t, &a| t | (a < TINY));
+        if tiny {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = if *a < TINY {
+                    linear_token_exact(plan, lm, b, lo + i)
+                } else {
+                    ln_pos(*a)
+                };
+            }
+        } else {
+            for a in acc.iter_mut() {
+                *a = ln_pos(*a);
+            }
+        }
+        if plan.mask_any {
+            for (a, &q) in acc.iter_mut().zip(masked.iter()) {
+                *a = if q != 0.0 { f32::NEG_INFINITY } else { *a };
+            }
         }
         if let Some(t) = thr {
-            apply_plausibility(plan, b, lo, mx, t, &mut s.conv2);
+            apply_plausibility(plan, b, lo, acc, t, &mut s.conv2);
         }
         lo = hi;
     }
@@ -738,11 +918,13 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
             log_z: ln_w,
         };
     }
-    let (lse, st) = log_softmax_row_inplace(out, plan.inv_t_out);
+    // ln Z = (ln W + max u') / T_out + ln sum exp((u' - max) / T_out): the
+    // sum is formed before scaling so extreme T_out overflows to inf, never NaN.
+    let (max, log_sum, st) = log_softmax_row_inplace_parts(out, plan.inv_t_out);
     match st {
         RowStatus::Ok => RowOut {
             status: st,
-            log_z: ln_w * plan.inv_t_out + lse,
+            log_z: (ln_w + max) * plan.inv_t_out + log_sum,
         },
         other => fill_status(out, other),
     }
@@ -847,7 +1029,7 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
 }
 
 /// Writes row `b`'s log-probabilities into `out` (length `V`).
-fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
+pub(crate) fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     match plan.mode {
         Mode::LogLinear => loglinear_row(plan, b, out, s),
         Mode::Linear => linear_row(plan, b, out, s),

@@ -8,6 +8,8 @@
 //!
 //! - [`softmax`]: softmax, log-softmax and log-sum-exp over strided rows,
 //!   with temperature and defined behaviour for masked, `+inf` and NaN rows.
+//! - [`distill`]: soft-target cross-entropy, KL and student gradients
+//!   against an ensemble, fused with the combination.
 //! - [`ensemble`]: combining the next-token distributions of several models
 //!   (linear and log-linear interpolation, per-row weights, temperatures,
 //!   padded vocabularies, plausibility masks).
@@ -26,6 +28,7 @@
 //!   rows whose outputs are NaN, so no NaN leaves the core unflagged.
 //! - No `unsafe`: the crate is `#![forbid(unsafe_code)]`.
 
+pub mod distill;
 pub mod element;
 pub mod ensemble;
 pub mod error;
@@ -41,3 +44,8 @@ pub use error::Error;
 pub use half::{bf16, f16};
 pub use rows::{Rows, RowsMut};
 pub use softmax::Report;
+
+// The README's Rust examples run as doctests, so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

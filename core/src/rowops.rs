@@ -3,7 +3,7 @@
 //! tiles and is written as fixed-width lane loops so that LLVM emits SIMD.
 
 use crate::element::{Element, widen};
-use crate::math::{exp, ln, max_fast};
+use crate::math::{exp, exp_nonpos, ln, max_fast};
 
 /// Lanes of the SIMD-shaped loops (two AVX or four SSE registers).
 pub(crate) const LANES: usize = 16;
@@ -43,12 +43,34 @@ pub(crate) fn sum_exp_shifted(t: &[f32], m: f32, inv_t: f32) -> f32 {
     let mut it = t.chunks_exact(LANES);
     for c in &mut it {
         for j in 0..LANES {
-            acc[j] += exp((c[j] - m) * inv_t);
+            acc[j] += exp_nonpos((c[j] - m) * inv_t);
         }
     }
     let mut s = 0.0f32;
     for &x in it.remainder() {
-        s += exp((x - m) * inv_t);
+        s += exp_nonpos((x - m) * inv_t);
+    }
+    pairwise_sum(&acc) + s
+}
+
+/// Like [`sum_exp_shifted`], also storing each term in `out` (same length).
+#[inline]
+pub(crate) fn exp_shift_store(t: &[f32], m: f32, inv_t: f32, out: &mut [f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = t.chunks_exact(LANES);
+    let mut ot = out.chunks_exact_mut(LANES);
+    for (c, o) in (&mut it).zip(&mut ot) {
+        for j in 0..LANES {
+            let e = exp_nonpos((c[j] - m) * inv_t);
+            o[j] = e;
+            acc[j] += e;
+        }
+    }
+    let mut s = 0.0f32;
+    for (&x, o) in it.remainder().iter().zip(ot.into_remainder()) {
+        let e = exp_nonpos((x - m) * inv_t);
+        *o = e;
+        s += e;
     }
     pairwise_sum(&acc) + s
 }

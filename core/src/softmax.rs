@@ -242,6 +242,14 @@ pub fn softmax_inplace(mut x: RowsMut<'_, f32>, temperature: f32) -> Result<Repo
 /// Replaces an `f32` row by its log-softmax at `1/inv_t`, following the edge
 /// table of the module. Returns the row's log-sum-exp and status.
 pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowStatus) {
+    let (max, log_sum, st) = log_softmax_row_inplace_parts(r, inv_t);
+    (max * inv_t + log_sum, st)
+}
+
+/// [`log_softmax_row_inplace`] returning the log-sum-exp in parts: the raw
+/// row maximum and `ln sum exp((x - max) / T)` (so callers can combine the
+/// maximum with other terms before scaling, avoiding `inf - inf`).
+pub(crate) fn log_softmax_row_inplace_parts(r: &mut [f32], inv_t: f32) -> (f32, f32, RowStatus) {
     let mut o = Online::EMPTY;
     for c in r.chunks(TILE) {
         o.push(c, inv_t);
@@ -253,7 +261,7 @@ pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowSta
         return match classify_bad::<f32>(r) {
             Bad::Nan => {
                 r.fill(f32::NAN);
-                (f32::NAN, RowStatus::Nan)
+                (f32::NAN, f32::NAN, RowStatus::Nan)
             }
             Bad::PosInf(k) => {
                 let hit = -ln(k as f32);
@@ -264,17 +272,17 @@ pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowSta
                         f32::NEG_INFINITY
                     };
                 }
-                (f32::INFINITY, RowStatus::Ok)
+                (f32::INFINITY, 0.0, RowStatus::Ok)
             }
         };
     }
     if o.max == f32::NEG_INFINITY {
         r.fill(f32::NEG_INFINITY);
-        return (f32::NEG_INFINITY, RowStatus::Masked);
+        return (f32::NEG_INFINITY, 0.0, RowStatus::Masked);
     }
     let log_sum = o.log_sum();
     for v in r.iter_mut() {
         *v = (*v - o.max) * inv_t - log_sum;
     }
-    (o.max * inv_t + log_sum, RowStatus::Ok)
+    (o.max, log_sum, RowStatus::Ok)
 }

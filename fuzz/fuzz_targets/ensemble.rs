@@ -96,6 +96,10 @@ fuzz_target!(|data: &[u8]| {
         mask_rule: if r.u8() % 2 == 0 { MaskRule::All } else { MaskRule::Any },
     };
     let want_log = r.u8() % 4 != 0;
+    if std::env::var_os("MEDLEY_FUZZ_DEBUG").is_some() {
+        eprintln!("m={m} b={b} v={v} vms={vms:?} strides={strides:?} dtypes={dtypes:?} temps={temps:?}");
+        eprintln!("data={f32s:?}\ncfg={cfg:?}");
+    }
     let want_prob = !want_log || r.u8() % 2 == 0;
     let mut lp = vec![SENTINEL; b * v];
     let mut p = vec![SENTINEL; b * v];

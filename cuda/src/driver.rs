@@ -1,0 +1,447 @@
+//! The one place that calls the CUDA driver (cudarc's `result` layer, made
+//! small): our own `extern "C"` declarations returning the raw `c_int`
+//! status, and thin wrappers returning `Result<_, DriverError>`.
+//!
+//! Why not cust_raw's declarations: they were generated from CUDA 11.4 with
+//! Rust enums as return types, so a newer driver returning a code the enum
+//! lacks (for example 912-916) would be undefined behaviour; and cust maps
+//! unknown codes to `UnknownError`, losing them. Here the code stays an
+//! `i32` end to end. (NOTE: cust 0.3.2 has no `Stream::from_raw` either,
+//! Rust-GPU/rust-cuda `src/stream.rs`; launches go through [`crate::Stream`].)
+
+use core::ffi::{c_char, c_int, c_uint, c_void};
+use core::fmt;
+
+/// `CUcontext`.
+pub type CuContext = *mut c_void;
+/// `CUmodule`.
+pub type CuModule = *mut c_void;
+/// `CUfunction`.
+pub type CuFunction = *mut c_void;
+/// `CUstream` (0 is the legacy default stream, 2 the per-thread one).
+pub type CuStream = *mut c_void;
+/// `CUevent`.
+pub type CuEvent = *mut c_void;
+/// `CUdeviceptr`.
+pub type CuDevicePtr = u64;
+
+/// `CUDA_SUCCESS`.
+pub const SUCCESS: i32 = 0;
+/// `CUDA_ERROR_NO_DEVICE`.
+pub const ERROR_NO_DEVICE: i32 = 100;
+/// `CUDA_ERROR_STUB_LIBRARY`: the stub `libcuda` answered.
+pub const ERROR_STUB_LIBRARY: i32 = 34;
+
+/// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
+pub const ATTR_SM_COUNT: c_int = 16;
+/// `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR`.
+pub const ATTR_CC_MAJOR: c_int = 75;
+/// `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR`.
+pub const ATTR_CC_MINOR: c_int = 76;
+/// `CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH`.
+pub const ATTR_COOPERATIVE_LAUNCH: c_int = 95;
+/// `CU_FUNC_ATTRIBUTE_NUM_REGS`.
+pub const FUNC_ATTR_NUM_REGS: c_int = 4;
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+pub const FUNC_ATTR_MAX_DYNAMIC_SMEM: c_int = 8;
+
+#[link(name = "cuda")]
+unsafe extern "C" {
+    fn cuInit(flags: c_uint) -> c_int;
+    fn cuDriverGetVersion(version: *mut c_int) -> c_int;
+    fn cuGetErrorName(error: c_int, name: *mut *const c_char) -> c_int;
+    fn cuCtxGetCurrent(ctx: *mut CuContext) -> c_int;
+    fn cuCtxGetDevice(dev: *mut c_int) -> c_int;
+    fn cuDeviceGetAttribute(value: *mut c_int, attr: c_int, dev: c_int) -> c_int;
+    fn cuStreamGetCtx(stream: CuStream, ctx: *mut CuContext) -> c_int;
+    #[link_name = "cuCtxPushCurrent_v2"]
+    fn cuCtxPushCurrent(ctx: CuContext) -> c_int;
+    #[link_name = "cuCtxPopCurrent_v2"]
+    fn cuCtxPopCurrent(ctx: *mut CuContext) -> c_int;
+    fn cuModuleLoadDataEx(
+        module: *mut CuModule,
+        image: *const c_void,
+        n: c_uint,
+        options: *mut c_int,
+        values: *mut *mut c_void,
+    ) -> c_int;
+    fn cuModuleUnload(module: CuModule) -> c_int;
+    fn cuModuleGetFunction(f: *mut CuFunction, module: CuModule, name: *const c_char) -> c_int;
+    fn cuFuncGetAttribute(value: *mut c_int, attr: c_int, f: CuFunction) -> c_int;
+    fn cuFuncSetAttribute(f: CuFunction, attr: c_int, value: c_int) -> c_int;
+    fn cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        blocks: *mut c_int,
+        f: CuFunction,
+        block_size: c_int,
+        dynamic_smem: usize,
+    ) -> c_int;
+    fn cuLaunchKernel(
+        f: CuFunction,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        smem: c_uint,
+        stream: CuStream,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> c_int;
+    fn cuLaunchCooperativeKernel(
+        f: CuFunction,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        smem: c_uint,
+        stream: CuStream,
+        params: *mut *mut c_void,
+    ) -> c_int;
+    fn cuEventCreate(event: *mut CuEvent, flags: c_uint) -> c_int;
+    fn cuEventRecord(event: CuEvent, stream: CuStream) -> c_int;
+    fn cuEventSynchronize(event: CuEvent) -> c_int;
+    fn cuEventElapsedTime(ms: *mut f32, start: CuEvent, end: CuEvent) -> c_int;
+    #[link_name = "cuEventDestroy_v2"]
+    fn cuEventDestroy(event: CuEvent) -> c_int;
+    fn cuStreamSynchronize(stream: CuStream) -> c_int;
+    #[link_name = "cuMemsetD8Async"]
+    fn cuMemsetD8Async(ptr: CuDevicePtr, value: u8, n: usize, stream: CuStream) -> c_int;
+    #[link_name = "cuMemcpyHtoDAsync_v2"]
+    fn cuMemcpyHtoDAsync(dst: CuDevicePtr, src: *const c_void, n: usize, stream: CuStream) -> c_int;
+    #[link_name = "cuMemcpyDtoHAsync_v2"]
+    fn cuMemcpyDtoHAsync(dst: *mut c_void, src: CuDevicePtr, n: usize, stream: CuStream) -> c_int;
+}
+
+/// A failed driver call: the raw `CUresult` and the entry point that
+/// returned it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DriverError {
+    /// The raw `CUresult` (for example 34 = stub library, 222 = PTX version
+    /// unsupported by the driver, 700 = illegal address).
+    pub code: i32,
+    /// The driver entry point, e.g. `"cuLaunchKernel"`.
+    pub call: &'static str,
+}
+
+impl DriverError {
+    /// The driver's name for the code (`"CUDA_ERROR_ILLEGAL_ADDRESS"`), or
+    /// `None` when the driver does not know it (or is the stub).
+    pub fn name(&self) -> Option<&'static str> {
+        error_name(self.code)
+    }
+}
+
+impl fmt::Debug for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} returned {} ({})",
+            self.call,
+            self.code,
+            self.name().unwrap_or("unknown code")
+        )
+    }
+}
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::error::Error for DriverError {}
+
+#[inline]
+fn check(code: c_int, call: &'static str) -> Result<(), DriverError> {
+    if code == SUCCESS {
+        Ok(())
+    } else {
+        Err(DriverError { code, call })
+    }
+}
+
+/// The driver's name for `code`, if it knows one.
+pub fn error_name(code: i32) -> Option<&'static str> {
+    let mut p: *const c_char = core::ptr::null();
+    // SAFETY: cuGetErrorName writes a pointer to a static NUL-terminated
+    // string (or leaves it null and fails); we read it only on success.
+    let rc = unsafe { cuGetErrorName(code, &mut p) };
+    if rc != SUCCESS || p.is_null() {
+        return None;
+    }
+    // SAFETY: on success p points to a static C string owned by the driver.
+    unsafe { core::ffi::CStr::from_ptr(p) }.to_str().ok()
+}
+
+/// `cuInit(0)`: idempotent.
+pub fn init() -> Result<(), DriverError> {
+    // SAFETY: no pointers; the driver tolerates repeated calls.
+    check(unsafe { cuInit(0) }, "cuInit")
+}
+
+/// The driver's CUDA version (e.g. 13000).
+pub fn driver_version() -> Result<i32, DriverError> {
+    let mut v = 0;
+    // SAFETY: v is a valid out-pointer for the call's duration.
+    check(unsafe { cuDriverGetVersion(&mut v) }, "cuDriverGetVersion")?;
+    Ok(v)
+}
+
+/// The calling thread's current context (null when none).
+pub fn current_context() -> Result<CuContext, DriverError> {
+    let mut c = core::ptr::null_mut();
+    // SAFETY: c is a valid out-pointer.
+    check(unsafe { cuCtxGetCurrent(&mut c) }, "cuCtxGetCurrent")?;
+    Ok(c)
+}
+
+/// The device of the current context.
+pub fn current_device() -> Result<i32, DriverError> {
+    let mut d = 0;
+    // SAFETY: d is a valid out-pointer.
+    check(unsafe { cuCtxGetDevice(&mut d) }, "cuCtxGetDevice")?;
+    Ok(d)
+}
+
+/// A device attribute.
+pub fn device_attribute(dev: i32, attr: c_int) -> Result<i32, DriverError> {
+    let mut v = 0;
+    // SAFETY: v is a valid out-pointer; attr and dev are plain integers.
+    let rc = unsafe { cuDeviceGetAttribute(&mut v, attr, dev) };
+    check(rc, "cuDeviceGetAttribute")?;
+    Ok(v)
+}
+
+/// The context a stream belongs to.
+///
+/// # Safety
+/// `stream` must be a valid stream handle (or 0 / 2 for the legacy and
+/// per-thread default streams, which need a current context).
+pub unsafe fn stream_context(stream: CuStream) -> Result<CuContext, DriverError> {
+    let mut c = core::ptr::null_mut();
+    // SAFETY: the caller guarantees `stream` is valid; c is an out-pointer.
+    check(unsafe { cuStreamGetCtx(stream, &mut c) }, "cuStreamGetCtx")?;
+    Ok(c)
+}
+
+/// Makes `ctx` current for the guard's lifetime (`cuCtxPushCurrent` /
+/// `cuCtxPopCurrent`), leaving the thread as it was afterwards.
+#[derive(Debug)]
+pub struct CtxGuard(());
+
+impl CtxGuard {
+    /// Pushes `ctx`.
+    ///
+    /// # Safety
+    /// `ctx` must be a live context.
+    pub unsafe fn push(ctx: CuContext) -> Result<Self, DriverError> {
+        // SAFETY: the caller guarantees ctx is live.
+        check(unsafe { cuCtxPushCurrent(ctx) }, "cuCtxPushCurrent")?;
+        Ok(CtxGuard(()))
+    }
+}
+
+impl Drop for CtxGuard {
+    fn drop(&mut self) {
+        let mut c = core::ptr::null_mut();
+        // SAFETY: a push succeeded when this guard was made; popping restores
+        // the thread's previous context stack.
+        let _ = unsafe { cuCtxPopCurrent(&mut c) };
+    }
+}
+
+/// Loads a module from NUL-terminated PTX into the current context.
+pub fn module_load_ptx(ptx: &core::ffi::CStr) -> Result<CuModule, DriverError> {
+    let mut m = core::ptr::null_mut();
+    // SAFETY: ptx is NUL-terminated and outlives the call; no JIT options.
+    let rc = unsafe {
+        cuModuleLoadDataEx(
+            &mut m,
+            ptx.as_ptr().cast(),
+            0,
+            core::ptr::null_mut(),
+            core::ptr::null_mut(),
+        )
+    };
+    check(rc, "cuModuleLoadDataEx")?;
+    Ok(m)
+}
+
+/// Unloads a module (its context must be current).
+///
+/// # Safety
+/// `m` must be a module loaded in the current context and not used after.
+pub unsafe fn module_unload(m: CuModule) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    check(unsafe { cuModuleUnload(m) }, "cuModuleUnload")
+}
+
+/// Looks up an entry point (registry construction only, never per launch).
+///
+/// # Safety
+/// `m` must be a live module of the current context.
+pub unsafe fn module_function(m: CuModule, name: &core::ffi::CStr) -> Result<CuFunction, DriverError> {
+    let mut f = core::ptr::null_mut();
+    // SAFETY: m is live (caller); name is NUL-terminated.
+    let rc = unsafe { cuModuleGetFunction(&mut f, m, name.as_ptr()) };
+    check(rc, "cuModuleGetFunction")?;
+    Ok(f)
+}
+
+/// A function attribute.
+///
+/// # Safety
+/// `f` must be a live function handle.
+pub unsafe fn function_attribute(f: CuFunction, attr: c_int) -> Result<i32, DriverError> {
+    let mut v = 0;
+    // SAFETY: f is live (caller); v is an out-pointer.
+    let rc = unsafe { cuFuncGetAttribute(&mut v, attr, f) };
+    check(rc, "cuFuncGetAttribute")?;
+    Ok(v)
+}
+
+/// Sets a function attribute (e.g. the dynamic shared memory limit).
+///
+/// # Safety
+/// `f` must be a live function handle.
+pub unsafe fn set_function_attribute(f: CuFunction, attr: c_int, value: i32) -> Result<(), DriverError> {
+    // SAFETY: f is live (caller).
+    let rc = unsafe { cuFuncSetAttribute(f, attr, value) };
+    check(rc, "cuFuncSetAttribute")
+}
+
+/// Resident blocks per multiprocessor for `f` at this block size.
+///
+/// # Safety
+/// `f` must be a live function handle.
+pub unsafe fn occupancy(f: CuFunction, block: u32, smem: usize) -> Result<u32, DriverError> {
+    let mut n = 0;
+    // SAFETY: f is live (caller); n is an out-pointer.
+    let rc = unsafe { cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block as c_int, smem) };
+    check(rc, "cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
+    Ok(n as u32)
+}
+
+/// Launches `f` (grid and block in x only), ordinary or cooperative.
+///
+/// # Safety
+/// `params` must point to one pointer per kernel parameter, each pointing
+/// to a value of exactly the parameter's type and size, valid for the call;
+/// every device pointer among them must be valid for what the kernel
+/// accesses; `f` and `stream` must belong to the current context.
+pub unsafe fn launch(
+    f: CuFunction,
+    grid: u32,
+    block: u32,
+    smem: u32,
+    stream: CuStream,
+    params: &mut [*mut c_void],
+    cooperative: bool,
+) -> Result<(), DriverError> {
+    let p = params.as_mut_ptr();
+    if cooperative {
+        // SAFETY: the caller upholds the parameter and handle contract.
+        let rc = unsafe { cuLaunchCooperativeKernel(f, grid, 1, 1, block, 1, 1, smem, stream, p) };
+        check(rc, "cuLaunchCooperativeKernel")
+    } else {
+        // SAFETY: as above.
+        let rc =
+            unsafe { cuLaunchKernel(f, grid, 1, 1, block, 1, 1, smem, stream, p, core::ptr::null_mut()) };
+        check(rc, "cuLaunchKernel")
+    }
+}
+
+/// Waits for all work on `stream` (tests and benchmarks only: the library
+/// itself never synchronizes).
+///
+/// # Safety
+/// `stream` must be valid in the current context.
+pub unsafe fn stream_synchronize(stream: CuStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    check(unsafe { cuStreamSynchronize(stream) }, "cuStreamSynchronize")
+}
+
+/// `cuMemsetD8Async`.
+///
+/// # Safety
+/// `[ptr, ptr + n)` must be device memory of the current context.
+pub unsafe fn memset_d8_async(
+    ptr: CuDevicePtr,
+    value: u8,
+    n: usize,
+    stream: CuStream,
+) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { cuMemsetD8Async(ptr, value, n, stream) };
+    check(rc, "cuMemsetD8Async")
+}
+
+/// `cuMemcpyHtoDAsync`.
+///
+/// # Safety
+/// `dst` must hold `src.len()` bytes of device memory; `src` must stay alive
+/// and unchanged until the copy completes on `stream`.
+pub unsafe fn copy_htod_async(dst: CuDevicePtr, src: &[u8], stream: CuStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { cuMemcpyHtoDAsync(dst, src.as_ptr().cast(), src.len(), stream) };
+    check(rc, "cuMemcpyHtoDAsync")
+}
+
+/// `cuMemcpyDtoHAsync`.
+///
+/// # Safety
+/// `src` must hold `dst.len()` bytes of device memory; `dst` must stay
+/// alive and unread until the copy completes on `stream`.
+pub unsafe fn copy_dtoh_async(dst: &mut [u8], src: CuDevicePtr, stream: CuStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { cuMemcpyDtoHAsync(dst.as_mut_ptr().cast(), src, dst.len(), stream) };
+    check(rc, "cuMemcpyDtoHAsync")
+}
+
+/// A CUDA event for timing (benchmarks and tests).
+#[derive(Debug)]
+pub struct Event(CuEvent);
+
+impl Event {
+    /// A new timing event in the current context.
+    pub fn new() -> Result<Self, DriverError> {
+        let mut e = core::ptr::null_mut();
+        // SAFETY: e is an out-pointer; flags 0 = default (timing enabled).
+        check(unsafe { cuEventCreate(&mut e, 0) }, "cuEventCreate")?;
+        Ok(Event(e))
+    }
+
+    /// Records the event on `stream`.
+    ///
+    /// # Safety
+    /// `stream` must be valid in the event's context.
+    pub unsafe fn record(&self, stream: CuStream) -> Result<(), DriverError> {
+        // SAFETY: the event is live (owned); the stream is the caller's.
+        check(unsafe { cuEventRecord(self.0, stream) }, "cuEventRecord")
+    }
+
+    /// Waits for the event.
+    pub fn synchronize(&self) -> Result<(), DriverError> {
+        // SAFETY: the event is live (owned).
+        check(unsafe { cuEventSynchronize(self.0) }, "cuEventSynchronize")
+    }
+
+    /// Milliseconds from `start` to `self` (both recorded and complete).
+    pub fn elapsed_ms(&self, start: &Event) -> Result<f32, DriverError> {
+        let mut ms = 0.0f32;
+        // SAFETY: both events are live (owned); ms is an out-pointer.
+        let rc = unsafe { cuEventElapsedTime(&mut ms, start.0, self.0) };
+        check(rc, "cuEventElapsedTime")?;
+        Ok(ms)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the event is owned and destroyed once.
+        let _ = unsafe { cuEventDestroy(self.0) };
+    }
+}

@@ -1,0 +1,458 @@
+//! Fused ensemble softmax on the GPU: [`combine`] launches
+//! `ptx/ensemble.ptx` on the caller's stream with the semantics of
+//! [`medley_core::ensemble::combine`].
+//!
+//! Differences from the CPU function, all forced by "no host
+//! synchronization inside a call":
+//! - no [`medley_core::Report`]: masked and NaN rows are visible in the
+//!   outputs (argmax [`NO_TOKEN`], log-normalizer `-inf` / NaN);
+//! - per-row weight tables live on the device and cannot be checked before
+//!   the launch: a row whose weights are invalid (non-finite, negative in
+//!   linear mode, or all zero in linear mode) produces a NaN row instead of
+//!   an error;
+//! - all models share one element type, and at most
+//!   [`MAX_DEVICE_MODELS`] models are combined per call.
+
+use crate::driver::DriverError;
+use crate::error::CudaError;
+use crate::mem::{DeviceRows, DeviceRowsMut, DeviceSliceMut, Stream};
+use crate::registry::{BLOCK, Kernel, Kernels};
+use cust::memory::DeviceCopy;
+use half::{bf16, f16};
+use medley_core::Error;
+use medley_core::ensemble::{Config, MaskRule, Mode, ModelShape, Plausibility, Weights, resolve};
+
+pub use medley_core::ensemble::NO_TOKEN;
+
+/// Most models one GPU call combines.
+pub const MAX_DEVICE_MODELS: usize = 16;
+
+/// One model's logits in device memory.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceLogits<'a> {
+    /// `f32` logits.
+    F32(DeviceRows<'a, f32>),
+    /// `f16` logits.
+    F16(DeviceRows<'a, f16>),
+    /// `bf16` logits.
+    BF16(DeviceRows<'a, bf16>),
+}
+
+impl DeviceLogits<'_> {
+    fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
+        match self {
+            DeviceLogits::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
+            DeviceLogits::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
+            DeviceLogits::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
+        }
+    }
+}
+
+/// One input model: device logits and a temperature.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceModel<'a> {
+    /// `B` rows of `V_m <= V` logits.
+    pub logits: DeviceLogits<'a>,
+    /// Temperature `T_m > 0`.
+    pub temperature: f32,
+}
+
+/// Weights (linear) or coefficients (log-linear) of a GPU combination.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceWeights<'a> {
+    /// One value per model, from host memory (validated before launch).
+    PerModel(&'a [f32]),
+    /// A `B x M` table in device memory (see the module notes).
+    PerRow(DeviceRows<'a, f32>),
+}
+
+/// Parameters of a GPU combination (the device twin of
+/// [`medley_core::ensemble::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceConfig<'a> {
+    /// Linear or log-linear.
+    pub mode: Mode,
+    /// Weights or coefficients.
+    pub weights: DeviceWeights<'a>,
+    /// Output temperature.
+    pub out_temperature: f32,
+    /// Optional plausibility mask.
+    pub plausibility: Option<Plausibility>,
+    /// Masking rule in linear mode.
+    pub mask_rule: MaskRule,
+}
+
+impl<'a> DeviceConfig<'a> {
+    /// Linear, per-model weights, `T_out = 1`, no mask.
+    pub fn linear(weights: &'a [f32]) -> Self {
+        DeviceConfig {
+            mode: Mode::Linear,
+            weights: DeviceWeights::PerModel(weights),
+            out_temperature: 1.0,
+            plausibility: None,
+            mask_rule: MaskRule::All,
+        }
+    }
+
+    /// Log-linear, per-model coefficients, `T_out = 1`, no mask.
+    pub fn log_linear(coefficients: &'a [f32]) -> Self {
+        DeviceConfig {
+            mode: Mode::LogLinear,
+            ..Self::linear(coefficients)
+        }
+    }
+}
+
+/// Where a GPU combination writes (device memory). At least one of
+/// `log_probs` and `probs`.
+#[derive(Debug, Default)]
+pub struct DeviceOutput<'o> {
+    /// `B x V` log-probabilities.
+    pub log_probs: Option<DeviceRowsMut<'o, f32>>,
+    /// `B x V` probabilities.
+    pub probs: Option<DeviceRowsMut<'o, f32>>,
+    /// `B` argmax token ids ([`NO_TOKEN`] for masked and NaN rows).
+    pub argmax: Option<DeviceSliceMut<'o, u32>>,
+    /// `B` log-normalizers (see the core's `Output::log_normalizer`).
+    pub log_normalizer: Option<DeviceSliceMut<'o, f32>>,
+}
+
+/// Which kernel version runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Version {
+    /// The fastest version that applies.
+    #[default]
+    Auto,
+    /// `ensemble_v1`: one block per row (the on-device reference).
+    V1,
+}
+
+/// The 488-byte by-value parameter of `ensemble_v1/v2` (layout documented
+/// at the top of `ptx/ensemble.ptx`).
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EnsembleParams {
+    logp: u64,
+    prob: u64,
+    argmax: u64,
+    logz: u64,
+    wtab: u64,
+    work: u64,
+    rows: u32,
+    vocab: u32,
+    logp_stride: u32,
+    prob_stride: u32,
+    wstride: u32,
+    n_models: u32,
+    dtype: u32,
+    flags: u32,
+    inv_t_out: f32,
+    plaus_model: u32,
+    ln_alpha: f32,
+    chunk: u32,
+    chunks: u32,
+    teams: u32,
+    models: [ModelParam; MAX_DEVICE_MODELS],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ModelParam {
+    ptr: u64,
+    stride: u32,
+    len: u32,
+    inv_t: f32,
+    w: f32,
+}
+
+const _: () = assert!(core::mem::size_of::<EnsembleParams>() == 488);
+
+// SAFETY: EnsembleParams is #[repr(C)] plain data (integers, floats and
+// device addresses as u64), no host pointers or padding-sensitive
+// invariants; the kernel reads it as the byte layout documented in
+// ptx/ensemble.ptx (size asserted above).
+unsafe impl DeviceCopy for EnsembleParams {}
+
+const F_LOGLINEAR: u32 = 1;
+const F_MASK_ANY: u32 = 2;
+const F_PLAUS: u32 = 4;
+const F_RENORM: u32 = 8;
+const F_PERROW_SCALE: u32 = 16;
+
+fn fits_u32(arg: &'static str, index: usize, v: usize) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| {
+        Error::TooLarge {
+            arg,
+            index,
+            max: u32::MAX as usize,
+            got: v,
+        }
+        .into()
+    })
+}
+
+fn check_ptr(arg: &'static str, ptr: u64, len: usize, align: usize) -> Result<(), CudaError> {
+    if len > 0 && ptr == 0 {
+        return Err(CudaError::Null { arg });
+    }
+    if !ptr.is_multiple_of(align as u64) {
+        return Err(CudaError::Misaligned { arg, align });
+    }
+    Ok(())
+}
+
+/// Validates a call and builds the kernel parameter (no device access).
+pub(crate) fn build_params(
+    models: &[DeviceModel<'_>],
+    cfg: &DeviceConfig<'_>,
+    out: &DeviceOutput<'_>,
+) -> Result<EnsembleParams, CudaError> {
+    let (rows, vocab) = match (&out.log_probs, &out.probs) {
+        (Some(l), Some(p)) => {
+            if l.rows() != p.rows() {
+                return Err(Error::LengthMismatch {
+                    arg: "probs.rows",
+                    index: 0,
+                    expected: l.rows(),
+                    got: p.rows(),
+                }
+                .into());
+            }
+            if l.len() != p.len() {
+                return Err(Error::LengthMismatch {
+                    arg: "probs.len",
+                    index: 0,
+                    expected: l.len(),
+                    got: p.len(),
+                }
+                .into());
+            }
+            (l.rows(), l.len())
+        }
+        (Some(l), None) => (l.rows(), l.len()),
+        (None, Some(p)) => (p.rows(), p.len()),
+        (None, None) => {
+            return Err(Error::Unsupported {
+                what: "no row output: give log_probs or probs",
+            }
+            .into());
+        }
+    };
+    if models.len() > MAX_DEVICE_MODELS {
+        return Err(Error::TooLarge {
+            arg: "models",
+            index: 0,
+            max: MAX_DEVICE_MODELS,
+            got: models.len(),
+        }
+        .into());
+    }
+    // Everything the CPU validates, with the same errors.
+    let mut shapes = [ModelShape {
+        rows: 0,
+        len: 0,
+        temperature: 1.0,
+    }; MAX_DEVICE_MODELS];
+    for (s, m) in shapes.iter_mut().zip(models) {
+        let (_, r, l, _, _, _) = m.logits.parts();
+        *s = ModelShape {
+            rows: r,
+            len: l,
+            temperature: m.temperature,
+        };
+    }
+    let ones = [1.0f32; MAX_DEVICE_MODELS];
+    let host_weights = match cfg.weights {
+        DeviceWeights::PerModel(w) => w,
+        DeviceWeights::PerRow(_) => &ones[..models.len()],
+    };
+    let core_cfg = Config {
+        mode: cfg.mode,
+        weights: Weights::PerModel(host_weights),
+        out_temperature: cfg.out_temperature,
+        plausibility: cfg.plausibility,
+        mask_rule: cfg.mask_rule,
+    };
+    let r = resolve(&shapes[..models.len()], &core_cfg, rows, vocab)?;
+    let mut p = EnsembleParams {
+        logp: 0,
+        prob: 0,
+        argmax: 0,
+        logz: 0,
+        wtab: 0,
+        work: 0,
+        rows: fits_u32("rows", 0, rows)?,
+        vocab: fits_u32("vocab", 0, vocab)?,
+        logp_stride: 0,
+        prob_stride: 0,
+        wstride: 0,
+        n_models: models.len() as u32,
+        dtype: 0,
+        flags: 0,
+        inv_t_out: r.inv_t_out,
+        plaus_model: 0,
+        ln_alpha: 0.0,
+        chunk: 0,
+        chunks: 0,
+        teams: 0,
+        models: [ModelParam::default(); MAX_DEVICE_MODELS],
+    };
+    if vocab >= u32::MAX as usize {
+        return Err(Error::TooLarge {
+            arg: "vocab",
+            index: 0,
+            max: u32::MAX as usize - 1,
+            got: vocab,
+        }
+        .into());
+    }
+    if let Some(l) = &out.log_probs {
+        check_ptr("log_probs", l.as_raw(), rows * vocab, 4)?;
+        p.logp = l.as_raw();
+        p.logp_stride = fits_u32("log_probs.stride", 0, l.stride())?;
+    }
+    if let Some(q) = &out.probs {
+        check_ptr("probs", q.as_raw(), rows * vocab, 4)?;
+        p.prob = q.as_raw();
+        p.prob_stride = fits_u32("probs.stride", 0, q.stride())?;
+    }
+    if let Some(a) = &out.argmax {
+        if a.len() != rows {
+            return Err(Error::LengthMismatch {
+                arg: "argmax",
+                index: 0,
+                expected: rows,
+                got: a.len(),
+            }
+            .into());
+        }
+        check_ptr("argmax", a.as_raw(), rows, 4)?;
+        p.argmax = a.as_raw();
+    }
+    if let Some(z) = &out.log_normalizer {
+        if z.len() != rows {
+            return Err(Error::LengthMismatch {
+                arg: "log_normalizer",
+                index: 0,
+                expected: rows,
+                got: z.len(),
+            }
+            .into());
+        }
+        check_ptr("log_normalizer", z.as_raw(), rows, 4)?;
+        p.logz = z.as_raw();
+    }
+    let mut dtype = None;
+    for (i, m) in models.iter().enumerate() {
+        let (ptr, _, len, stride, dt, size) = m.logits.parts();
+        match dtype {
+            None => dtype = Some(dt),
+            Some(d) if d != dt => {
+                return Err(Error::Unsupported {
+                    what: "models of different element types in one GPU call",
+                }
+                .into());
+            }
+            _ => {}
+        }
+        check_ptr("models.logits", ptr, rows * len, size)?;
+        let w = match (cfg.weights, cfg.mode) {
+            (DeviceWeights::PerModel(ws), Mode::Linear) => ws[i],
+            (DeviceWeights::PerModel(ws), Mode::LogLinear) => ws[i] * r.inv_t[i] * r.inv_t_out,
+            (DeviceWeights::PerRow(_), _) => 0.0,
+        };
+        p.models[i] = ModelParam {
+            ptr,
+            stride: fits_u32("models.logits.stride", i, stride)?,
+            len: fits_u32("models.logits.len", i, len)?,
+            inv_t: r.inv_t[i],
+            w,
+        };
+    }
+    p.dtype = dtype.unwrap_or(0);
+    if let DeviceWeights::PerRow(t) = cfg.weights {
+        if t.rows() != rows {
+            return Err(Error::LengthMismatch {
+                arg: "weights.rows",
+                index: 0,
+                expected: rows,
+                got: t.rows(),
+            }
+            .into());
+        }
+        if t.len() != models.len() {
+            return Err(Error::LengthMismatch {
+                arg: "weights.len",
+                index: 0,
+                expected: models.len(),
+                got: t.len(),
+            }
+            .into());
+        }
+        check_ptr("weights", t.as_raw(), rows * models.len(), 4)?;
+        p.wtab = t.as_raw();
+        p.wstride = fits_u32("weights.stride", 0, t.stride())?;
+        if cfg.mode == Mode::LogLinear {
+            p.flags |= F_PERROW_SCALE;
+        }
+    }
+    if cfg.mode == Mode::LogLinear {
+        p.flags |= F_LOGLINEAR;
+    }
+    if r.mask_any {
+        p.flags |= F_MASK_ANY;
+    }
+    if let Some((j, ln_alpha)) = r.plausibility {
+        p.flags |= F_PLAUS;
+        p.plaus_model = j as u32;
+        p.ln_alpha = ln_alpha;
+    }
+    if cfg.mode == Mode::Linear && (r.mask_any || r.plausibility.is_some() || r.inv_t_out != 1.0) {
+        p.flags |= F_RENORM;
+    }
+    Ok(p)
+}
+
+/// Combines `models` into one distribution per row, on the caller's
+/// `stream`, writing `out`. Validates everything before launching (same
+/// errors as the CPU function, plus [`CudaError::Null`],
+/// [`CudaError::Misaligned`] and the GPU limits); never synchronizes,
+/// never allocates: the call can be captured in a CUDA graph.
+///
+/// ```no_run
+/// # use medley_cuda::{Kernels, Stream, ensemble::*, mem::*};
+/// # fn demo(k: &Kernels, stream: Stream<'_>, a: DeviceRows<'_, half::bf16>, b: DeviceRows<'_, half::bf16>,
+/// #         lp: DeviceRowsMut<'_, f32>) -> Result<(), medley_cuda::CudaError> {
+/// let models = [
+///     DeviceModel { logits: DeviceLogits::BF16(a), temperature: 1.0 },
+///     DeviceModel { logits: DeviceLogits::BF16(b), temperature: 1.0 },
+/// ];
+/// let out = DeviceOutput { log_probs: Some(lp), ..Default::default() };
+/// combine(k, &models, &DeviceConfig::log_linear(&[1.0, -0.5]), out, stream, Version::Auto)?;
+/// # Ok(()) }
+/// ```
+pub fn combine(
+    kernels: &Kernels,
+    models: &[DeviceModel<'_>],
+    cfg: &DeviceConfig<'_>,
+    out: DeviceOutput<'_>,
+    stream: Stream<'_>,
+    version: Version,
+) -> Result<(), CudaError> {
+    let params = build_params(models, cfg, &out)?;
+    if params.rows == 0 {
+        return Ok(());
+    }
+    let _ctx = kernels.enter()?;
+    let f = *kernels.func(Kernel::EnsembleV1);
+    let _ = version;
+    let grid = params.rows;
+    // SAFETY: `params` matches ensemble_v1's single by-value parameter
+    // (size asserted, layout documented in the PTX); build_params checked
+    // every device view against the shapes the kernel indexes (rows x
+    // stride spans, output lengths, alignment, non-null), and the views'
+    // lifetimes cover the launch; the stream belongs to the kernels'
+    // context (made current by `enter`).
+    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, 0, stream>>>(params)) };
+    r.map_err(CudaError::from)
+}

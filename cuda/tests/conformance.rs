@@ -1,0 +1,620 @@
+//! The conformance suite: one list of cases, run on the CPU core
+//! (`medley_core::ensemble::combine`) and on every GPU kernel version, each
+//! checked against the f64 reference of the core's tests
+//! (`core/tests/common`). GPU outputs start poisoned (a NaN payload no
+//! kernel writes), so an element left unwritten fails the case.
+//!
+//! Without a CUDA device the GPU half reports that it was skipped and why;
+//! the CPU half always runs.
+
+#![allow(clippy::needless_range_loop)]
+
+#[path = "../../core/tests/common/mod.rs"]
+mod common;
+
+use common::{Gen, RefMode, RefModel, assert_logprobs_close, combine_row as ref_row, plaus_margin};
+use cust::memory::{CopyDestination, DeviceBuffer};
+use half::{bf16, f16};
+use medley_core::ensemble::{
+    Config, Logits, MaskRule, Mode, Model, NO_TOKEN, Output, Plausibility, Weights, combine,
+};
+use medley_core::{Rows, RowsMut};
+use medley_cuda::ensemble::{
+    DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, DeviceWeights, Version, combine as gpu_combine,
+};
+use medley_cuda::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut};
+use medley_cuda::{Kernels, Stream};
+
+/// The bit pattern outputs are poisoned with (a NaN no kernel produces).
+const POISON: u32 = 0x7FA5_A5A5;
+
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    b: usize,
+    v: usize,
+    vms: Vec<usize>,
+    strides: Vec<usize>,
+    temps: Vec<f32>,
+    /// Logits as f32 already rounded to the case's dtype.
+    data: Vec<Vec<f32>>,
+    dtype: u8,
+    weights: Vec<f32>,
+    per_row: bool,
+    mode: Mode,
+    mask_rule: MaskRule,
+    t_out: f32,
+    plaus: Option<(usize, f32)>,
+    want_log: bool,
+    want_prob: bool,
+}
+
+fn round_to(dtype: u8, x: f32) -> f32 {
+    match dtype {
+        1 => f16::from_f32(x).to_f32(),
+        2 => bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+impl Case {
+    fn m(&self) -> usize {
+        self.vms.len()
+    }
+
+    fn random(seed: u64, max_v: usize, max_m: usize) -> Case {
+        let mut g = Gen(seed);
+        let m = 1 + g.below(max_m);
+        let b = 1 + g.below(4);
+        let v = 1 + g.below(max_v);
+        let mode = if g.chance(0.5) {
+            Mode::Linear
+        } else {
+            Mode::LogLinear
+        };
+        let dtype = g.below(3) as u8;
+        let vms: Vec<usize> = (0..m)
+            .map(|_| if g.chance(0.3) { 1 + g.below(v) } else { v })
+            .collect();
+        let strides: Vec<usize> = vms
+            .iter()
+            .map(|&x| x + if g.chance(0.4) { g.below(9) } else { 0 })
+            .collect();
+        let temps = (0..m)
+            .map(|_| {
+                if g.chance(0.5) {
+                    1.0
+                } else {
+                    g.range(0.3, 3.0) as f32
+                }
+            })
+            .collect();
+        let p_mask = if g.chance(0.5) { 0.0 } else { 0.1 };
+        let data = (0..m)
+            .map(|i| {
+                (0..(b - 1) * strides[i] + vms[i])
+                    .map(|_| round_to(dtype, g.logit(12.0, p_mask)))
+                    .collect()
+            })
+            .collect();
+        let per_row = g.chance(0.3);
+        let nw = if per_row { b * m } else { m };
+        let mut weights: Vec<f32> = (0..nw)
+            .map(|_| match mode {
+                _ if g.chance(0.2) => 0.0,
+                Mode::Linear => g.range(0.05, 2.0) as f32,
+                Mode::LogLinear => g.range(-1.5, 1.5) as f32,
+            })
+            .collect();
+        if mode == Mode::Linear {
+            for r in 0..(if per_row { b } else { 1 }) {
+                if weights[r * m..(r + 1) * m].iter().all(|&w| w == 0.0) {
+                    weights[r * m] = 1.0;
+                }
+            }
+        }
+        let want_log = g.chance(0.8);
+        Case {
+            name: format!("random seed {seed:#x}"),
+            b,
+            v,
+            vms,
+            strides,
+            temps,
+            data,
+            dtype,
+            weights,
+            per_row,
+            mode,
+            mask_rule: if g.chance(0.3) {
+                MaskRule::Any
+            } else {
+                MaskRule::All
+            },
+            t_out: if g.chance(0.6) {
+                1.0
+            } else {
+                g.range(0.5, 2.0) as f32
+            },
+            plaus: if g.chance(0.3) {
+                Some((g.below(m), [0.0, 0.05, 0.1, 0.5][g.below(4)]))
+            } else {
+                None
+            },
+            want_log,
+            want_prob: !want_log || g.chance(0.5),
+        }
+    }
+
+    /// A dense case with the given shape and mode and otherwise default settings.
+    fn dense(name: &str, seed: u64, m: usize, b: usize, v: usize, mode: Mode, dtype: u8) -> Case {
+        let mut g = Gen(seed);
+        let data = (0..m)
+            .map(|_| (0..b * v).map(|_| round_to(dtype, g.logit(10.0, 0.01))).collect())
+            .collect();
+        Case {
+            name: name.to_string(),
+            b,
+            v,
+            vms: vec![v; m],
+            strides: vec![v; m],
+            temps: vec![1.0; m],
+            data,
+            dtype,
+            weights: (0..m)
+                .map(|i| match mode {
+                    Mode::Linear => 1.0 + i as f32,
+                    Mode::LogLinear => {
+                        if i == m - 1 && m > 1 {
+                            -0.5
+                        } else {
+                            1.0
+                        }
+                    }
+                })
+                .collect(),
+            per_row: false,
+            mode,
+            mask_rule: MaskRule::All,
+            t_out: 1.0,
+            plaus: None,
+            want_log: true,
+            want_prob: true,
+        }
+    }
+
+    fn config(&self) -> Config<'_> {
+        Config {
+            mode: self.mode,
+            weights: if self.per_row {
+                Weights::PerRow(Rows::dense(&self.weights, self.b, self.m()).unwrap())
+            } else {
+                Weights::PerModel(&self.weights)
+            },
+            out_temperature: self.t_out,
+            plausibility: self.plaus.map(|(model, alpha)| Plausibility { model, alpha }),
+            mask_rule: self.mask_rule,
+        }
+    }
+}
+
+/// Outputs of one backend for one case (absent outputs are empty).
+#[derive(Debug, Default)]
+struct Outs {
+    lp: Vec<f32>,
+    p: Vec<f32>,
+    am: Vec<u32>,
+    lz: Vec<f32>,
+}
+
+fn run_cpu(c: &Case) -> Outs {
+    let f16s: Vec<Vec<f16>> = c
+        .data
+        .iter()
+        .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
+        .collect();
+    let bf16s: Vec<Vec<bf16>> = c
+        .data
+        .iter()
+        .map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect())
+        .collect();
+    let models: Vec<Model<'_>> = (0..c.m())
+        .map(|i| {
+            let logits: Logits<'_> = match c.dtype {
+                1 => Rows::new(&f16s[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+                2 => Rows::new(&bf16s[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+                _ => Rows::new(&c.data[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+            };
+            Model {
+                logits,
+                temperature: c.temps[i],
+            }
+        })
+        .collect();
+    let mut o = Outs {
+        lp: vec![0.0; c.b * c.v],
+        p: vec![0.0; c.b * c.v],
+        am: vec![0; c.b],
+        lz: vec![0.0; c.b],
+    };
+    let out = Output {
+        log_probs: c.want_log.then(|| RowsMut::dense(&mut o.lp, c.b, c.v).unwrap()),
+        probs: c.want_prob.then(|| RowsMut::dense(&mut o.p, c.b, c.v).unwrap()),
+        argmax: Some(&mut o.am),
+        log_normalizer: Some(&mut o.lz),
+    };
+    combine(&models, &c.config(), out).expect("valid case");
+    if !c.want_log {
+        o.lp.clear();
+    }
+    if !c.want_prob {
+        o.p.clear();
+    }
+    o
+}
+
+/// Checks one backend's outputs against the f64 reference.
+fn check(c: &Case, o: &Outs, backend: &str) -> Result<(), String> {
+    let refs: Vec<RefModel> = (0..c.m())
+        .map(|i| RefModel {
+            rows: (0..c.b)
+                .map(|r| {
+                    c.data[i][r * c.strides[i]..r * c.strides[i] + c.vms[i]]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect()
+                })
+                .collect(),
+            t: c.temps[i] as f64,
+        })
+        .collect();
+    if let Some((j, alpha)) = c.plaus {
+        for b in 0..c.b {
+            if plaus_margin(&refs[j], b, alpha as f64, c.v) < 1e-3 {
+                return Ok(()); // a token sits on the cut: rounding may decide it
+            }
+        }
+    }
+    let mode = match c.mode {
+        Mode::Linear => RefMode::Linear {
+            mask_any: c.mask_rule == MaskRule::Any,
+        },
+        Mode::LogLinear => RefMode::LogLinear,
+    };
+    let ctx = |b: usize, what: String| format!("{backend}: {} row {b}: {what}", c.name);
+    for b in 0..c.b {
+        let w: Vec<f64> = if c.per_row {
+            c.weights[b * c.m()..(b + 1) * c.m()]
+                .iter()
+                .map(|&x| x as f64)
+                .collect()
+        } else {
+            c.weights.iter().map(|&x| x as f64).collect()
+        };
+        let want = ref_row(
+            &refs,
+            b,
+            &w,
+            mode,
+            c.t_out as f64,
+            c.plaus.map(|(j, a)| (j, a as f64)),
+            c.v,
+        );
+        let lp = (!o.lp.is_empty()).then(|| &o.lp[b * c.v..(b + 1) * c.v]);
+        let p = (!o.p.is_empty()).then(|| &o.p[b * c.v..(b + 1) * c.v]);
+        match want {
+            None => {
+                if lp.is_some_and(|lp| !lp.iter().all(|&x| x == f32::NEG_INFINITY)) {
+                    return Err(ctx(b, "masked row has finite log-probs".into()));
+                }
+                if p.is_some_and(|p| !p.iter().all(|&x| x == 0.0)) {
+                    return Err(ctx(b, "masked row has nonzero probs".into()));
+                }
+                if o.am[b] != NO_TOKEN || o.lz[b] != f32::NEG_INFINITY {
+                    return Err(ctx(b, format!("masked row: argmax {} lz {}", o.am[b], o.lz[b])));
+                }
+            }
+            Some((want, log_z)) => {
+                if let Some(lp) = lp {
+                    assert_logprobs_close(lp, &want, 3e-4, 3e-5, 2e-4).map_err(|e| ctx(b, e))?;
+                    let s: f64 = lp.iter().map(|&x| (x as f64).exp()).sum();
+                    if (s - 1.0).abs() > 2e-5 {
+                        return Err(ctx(b, format!("log-probs sum to {s}")));
+                    }
+                }
+                if let Some(p) = p {
+                    let s: f64 = p.iter().map(|&x| x as f64).sum();
+                    if (s - 1.0).abs() > 2e-5 || p.iter().any(|x| x.is_nan()) {
+                        return Err(ctx(b, format!("probs sum to {s}")));
+                    }
+                    let (mut num, mut den) = (0.0, 0.0);
+                    for (&g, &w) in p.iter().zip(&want) {
+                        num += (g as f64 - w.exp()).powi(2);
+                        den += w.exp().powi(2);
+                    }
+                    if (num / den).sqrt() > 2e-4 {
+                        return Err(ctx(b, format!("probs relative error {}", (num / den).sqrt())));
+                    }
+                }
+                let a = o.am[b] as usize;
+                let best = want.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if a >= c.v || want[a] < best - 1e-4 * (1.0 + best.abs()) {
+                    return Err(ctx(b, format!("argmax {a} is not a maximal token")));
+                }
+                if (o.lz[b] as f64 - log_z).abs() > 2e-4 + 2e-5 * log_z.abs() {
+                    return Err(ctx(b, format!("log-normalizer {} vs {log_z}", o.lz[b])));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// GPU backend (tests own their context, stream and buffers; the library
+// never does).
+
+struct Gpu {
+    kernels: Kernels,
+    stream: cust::stream::Stream,
+    _ctx: cust::context::Context,
+}
+
+fn gpu() -> Option<Gpu> {
+    if let Err(e) = medley_cuda::probe() {
+        eprintln!(
+            "GPU half skipped: no usable CUDA driver (cuInit returned {}: {:?})",
+            e.code,
+            e.name()
+        );
+        return None;
+    }
+    let ctx = match cust::quick_init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("GPU half skipped: no CUDA device ({e:?})");
+            return None;
+        }
+    };
+    let kernels = Kernels::load().expect("load kernels");
+    let stream = cust::stream::Stream::new(cust::stream::StreamFlags::DEFAULT, None).expect("stream");
+    eprintln!(
+        "GPU: compute capability {:?}, {} SMs; ensemble_v1 {} regs",
+        kernels.compute_capability(),
+        kernels.sm_count(),
+        kernels.info(medley_cuda::Kernel::EnsembleV1).registers
+    );
+    Some(Gpu {
+        kernels,
+        stream,
+        _ctx: ctx,
+    })
+}
+
+/// A read-only view of a test buffer as elements of `T`.
+fn view<T, B: cust::memory::DeviceCopy>(buf: &DeviceBuffer<B>, n: usize) -> DeviceSlice<'_, T> {
+    // SAFETY: the view borrows `buf`, which stays allocated while the view
+    // lives; the tests synchronize the stream before the buffer is dropped.
+    unsafe { DeviceSlice::from_raw(buf.as_device_ptr().as_raw(), n) }
+}
+
+/// A writable view of a test buffer as elements of `T`.
+fn view_mut<T, B: cust::memory::DeviceCopy>(buf: &DeviceBuffer<B>, n: usize) -> DeviceSliceMut<'_, T> {
+    // SAFETY: as `view`; each output buffer is written by one launch only.
+    unsafe { DeviceSliceMut::from_raw(buf.as_device_ptr().as_raw(), n) }
+}
+
+fn poisoned(n: usize) -> DeviceBuffer<u32> {
+    DeviceBuffer::from_slice(&vec![POISON; n.max(1)]).expect("alloc")
+}
+
+fn run_gpu(g: &Gpu, c: &Case, version: Version) -> Result<Outs, String> {
+    // Upload logits in their dtype.
+    let bufs: Vec<DeviceBuffer<u32>> = Vec::new();
+    let mut dev16: Vec<DeviceBuffer<u16>> = Vec::new();
+    let mut dev32: Vec<DeviceBuffer<f32>> = Vec::new();
+    for d in &c.data {
+        match c.dtype {
+            1 => dev16.push(
+                DeviceBuffer::from_slice(&d.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<_>>())
+                    .unwrap(),
+            ),
+            2 => dev16.push(
+                DeviceBuffer::from_slice(&d.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<_>>())
+                    .unwrap(),
+            ),
+            _ => dev32.push(DeviceBuffer::from_slice(d).unwrap()),
+        }
+    }
+    drop(bufs);
+    let models: Vec<DeviceModel<'_>> = (0..c.m())
+        .map(|i| {
+            let (rows, len, stride) = (c.b, c.vms[i], c.strides[i]);
+            let n = c.data[i].len();
+            let logits = match c.dtype {
+                1 => DeviceLogits::F16(DeviceRows::new(view(&dev16[i], n), rows, len, stride).unwrap()),
+                2 => DeviceLogits::BF16(DeviceRows::new(view(&dev16[i], n), rows, len, stride).unwrap()),
+                _ => DeviceLogits::F32(DeviceRows::new(view(&dev32[i], n), rows, len, stride).unwrap()),
+            };
+            DeviceModel {
+                logits,
+                temperature: c.temps[i],
+            }
+        })
+        .collect();
+    let n = c.b * c.v;
+    let lp = poisoned(n);
+    let p = poisoned(n);
+    let am = poisoned(c.b);
+    let lz = poisoned(c.b);
+    let wt = DeviceBuffer::from_slice(&c.weights).unwrap();
+    // SAFETY (all views below): the buffers live until after the stream is
+    // synchronized, and each is used by this one launch only.
+    let weights = if c.per_row {
+        DeviceWeights::PerRow(DeviceRows::dense(view(&wt, c.weights.len()), c.b, c.m()).unwrap())
+    } else {
+        DeviceWeights::PerModel(&c.weights)
+    };
+    let cfg = DeviceConfig {
+        mode: c.mode,
+        weights,
+        out_temperature: c.t_out,
+        plausibility: c.plaus.map(|(model, alpha)| Plausibility { model, alpha }),
+        mask_rule: c.mask_rule,
+    };
+    let out = DeviceOutput {
+        log_probs: c
+            .want_log
+            .then(|| DeviceRowsMut::dense(view_mut(&lp, n), c.b, c.v).unwrap()),
+        probs: c
+            .want_prob
+            .then(|| DeviceRowsMut::dense(view_mut(&p, n), c.b, c.v).unwrap()),
+        argmax: Some(view_mut(&am, c.b)),
+        log_normalizer: Some(view_mut(&lz, c.b)),
+    };
+    // SAFETY: the stream is live for the call.
+    let stream = unsafe { Stream::from_raw(g.stream.as_inner().cast()) };
+    gpu_combine(&g.kernels, &models, &cfg, out, stream, version).map_err(|e| format!("launch: {e:?}"))?;
+    g.stream
+        .synchronize()
+        .map_err(|e| format!("synchronize: {e:?}"))?;
+    let fetch = |buf: &DeviceBuffer<u32>, len: usize| -> Vec<u32> {
+        let mut h = vec![0u32; len.max(1)];
+        buf.copy_to(&mut h[..]).expect("copy back");
+        h.truncate(len);
+        h
+    };
+    let mut o = Outs::default();
+    for (want, buf, dst) in [(c.want_log, &lp, &mut o.lp), (c.want_prob, &p, &mut o.p)] {
+        if want {
+            let bits = fetch(buf, n);
+            if let Some(i) = bits.iter().position(|&x| x == POISON) {
+                return Err(format!(
+                    "{}: element {i} of a row output was never written",
+                    c.name
+                ));
+            }
+            *dst = bits.into_iter().map(f32::from_bits).collect();
+        }
+    }
+    o.am = fetch(&am, c.b);
+    let lzb = fetch(&lz, c.b);
+    if o.am.contains(&POISON) || lzb.contains(&POISON) {
+        return Err(format!("{}: per-row output never written", c.name));
+    }
+    o.lz = lzb.into_iter().map(f32::from_bits).collect();
+    Ok(o)
+}
+
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = (0..300u64)
+        .map(|s| Case::random(0x5EED_0000 + s, 300, 4))
+        .collect();
+    v.extend((0..40u64).map(|s| Case::random(0xB16_0000 + s, 5000, 8)));
+    for dtype in 0..3u8 {
+        for mode in [Mode::Linear, Mode::LogLinear] {
+            v.push(Case::dense("M=1 B=1 V=1001", 11, 1, 1, 1001, mode, dtype));
+            v.push(Case::dense("M=8 B=3 V=4099", 12, 8, 3, 4099, mode, dtype));
+            v.push(Case::dense("M=2 B=2 V=32000", 13, 2, 2, 32000, mode, dtype));
+        }
+    }
+    v.push(Case::dense(
+        "M=4 B=1 V=262144 (a 256k row)",
+        14,
+        4,
+        1,
+        262_144,
+        Mode::LogLinear,
+        2,
+    ));
+    v.push(Case::dense(
+        "M=2 B=1 V=256000 linear",
+        15,
+        2,
+        1,
+        256_000,
+        Mode::Linear,
+        2,
+    ));
+    // Edge values: masked tokens, negative lambda, zero weights, plausibility.
+    let mut e = Case::dense(
+        "edges: contrastive with plausibility",
+        16,
+        3,
+        4,
+        777,
+        Mode::LogLinear,
+        0,
+    );
+    e.weights = vec![1.0, -1.0, 0.0];
+    e.plaus = Some((0, 0.1));
+    for i in (0..e.data[1].len()).step_by(7) {
+        e.data[1][i] = f32::NEG_INFINITY;
+    }
+    e.data[2][5] = f32::NAN; // zero weight: never read
+    v.push(e);
+    let mut e = Case::dense(
+        "edges: linear, masked rows and MaskRule::Any",
+        17,
+        2,
+        3,
+        129,
+        Mode::Linear,
+        2,
+    );
+    for x in e.data[0][..129].iter_mut() {
+        *x = f32::NEG_INFINITY;
+    }
+    for x in e.data[1][..129].iter_mut() {
+        *x = f32::NEG_INFINITY;
+    }
+    e.mask_rule = MaskRule::Any;
+    e.t_out = 0.7;
+    v.push(e);
+    v
+}
+
+#[test]
+fn conformance_cpu_and_gpu() {
+    let cases = cases();
+    let mut failures = Vec::new();
+    for c in &cases {
+        if let Err(e) = check(c, &run_cpu(c), "cpu") {
+            failures.push(e);
+        }
+    }
+    let cpu_fail = failures.len();
+    let mut gpu_runs = 0;
+    if let Some(g) = gpu() {
+        for version in [Version::V1] {
+            for c in &cases {
+                gpu_runs += 1;
+                match run_gpu(&g, c, version) {
+                    Ok(o) => {
+                        if let Err(e) = check(c, &o, &format!("gpu {version:?}")) {
+                            failures.push(e);
+                        }
+                    }
+                    Err(e) => failures.push(format!("gpu {version:?}: {e}")),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "conformance: {} cases on the CPU core ({} failed); {} GPU runs ({} failed)",
+        cases.len(),
+        cpu_fail,
+        gpu_runs,
+        failures.len() - cpu_fail
+    );
+    for f in failures.iter().take(20) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty(), "{} conformance failures", failures.len());
+}
