@@ -1040,15 +1040,7 @@ impl GtaApply {
         let len = base.len();
         check_chunk(models, p.m, len)?;
         ensure_len("out", len, out.len())?;
-        ensure(
-            offset <= p.n && len <= p.n - offset,
-            Error::TooLarge {
-                arg: "offset",
-                index: 0,
-                max: p.n,
-                got: offset.saturating_add(len),
-            },
-        )?;
+        super::check_span(offset, len, p.n)?;
         if p.row_local && p.unit > 0 {
             ensure(
                 offset.is_multiple_of(p.unit) && len.is_multiple_of(p.unit),

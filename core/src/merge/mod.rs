@@ -155,6 +155,20 @@ pub(crate) fn weight_sum(arg: &'static str, w: &[f32]) -> Result<f32, Error> {
     Ok(s)
 }
 
+/// Checks that a chunk of `len` elements at `offset` lies inside a tensor of
+/// `n` elements ([`Error::TooLarge`] `offset` otherwise).
+pub(crate) fn check_span(offset: usize, len: usize, n: usize) -> Result<(), Error> {
+    ensure(
+        offset <= n && len <= n - offset,
+        Error::TooLarge {
+            arg: "offset",
+            index: 0,
+            max: n,
+            got: offset.saturating_add(len),
+        },
+    )
+}
+
 /// Checks a streamed chunk: `models.len() == m`, every model chunk as long
 /// as `len`.
 pub(crate) fn check_chunk<T>(models: &[&[T]], m: usize, len: usize) -> Result<(), Error> {

@@ -374,15 +374,7 @@ impl SceApply {
         let len = base.len();
         check_chunk(models, p.m, len)?;
         ensure_len("out", len, out.len())?;
-        ensure(
-            offset <= p.n && len <= p.n - offset,
-            Error::TooLarge {
-                arg: "offset",
-                index: 0,
-                max: p.n,
-                got: offset.saturating_add(len),
-            },
-        )?;
+        super::check_span(offset, len, p.n)?;
         let m = p.m;
         let mut rows = [[0.0f32; TILE]; MAX_MODELS];
         let mut var = [0.0f32; TILE];

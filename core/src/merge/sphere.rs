@@ -576,15 +576,7 @@ impl NuslerpApply<'_> {
         }
         ensure_len("out", len, out.len())?;
         let n = self.plan.n;
-        ensure(
-            offset <= n && len <= n - offset,
-            Error::TooLarge {
-                arg: "offset",
-                index: 0,
-                max: n,
-                got: offset.saturating_add(len),
-            },
-        )?;
+        super::check_span(offset, len, n)?;
         match self.plan.opts.layout {
             Layout::Flat => pair_kernel(self.flat.0, self.flat.1, x0, x1, base, out),
             Layout::Rows(r) => {

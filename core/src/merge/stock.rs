@@ -253,15 +253,7 @@ impl StockApply {
         let p = &self.plan;
         check_chunk(models, p.m, len)?;
         ensure_len("out", len, out.len())?;
-        ensure(
-            offset <= p.n && len <= p.n - offset,
-            Error::TooLarge {
-                arg: "offset",
-                index: 0,
-                max: p.n,
-                got: offset.saturating_add(len),
-            },
-        )?;
+        super::check_span(offset, len, p.n)?;
         match p.opts.rows {
             None => stock_kernel(self.t, models, base, out),
             Some(r) => {
