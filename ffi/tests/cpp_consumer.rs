@@ -64,10 +64,10 @@ fn libcuda_dir() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MEDLEY_CUDA_LIB_DIR") {
         return Some(PathBuf::from(p));
     }
-    if let Some(lp) = std::env::var_os("LD_LIBRARY_PATH") {
-        if let Some(d) = std::env::split_paths(&lp).find(|d| d.join("libcuda.so").exists()) {
-            return Some(d);
-        }
+    if let Some(lp) = std::env::var_os("LD_LIBRARY_PATH")
+        && let Some(d) = std::env::split_paths(&lp).find(|d| d.join("libcuda.so").exists())
+    {
+        return Some(d);
     }
     let build = profile_dir().join("build");
     let dirs = std::fs::read_dir(&build).ok()?;
