@@ -33,6 +33,7 @@ pub mod element;
 pub mod ensemble;
 pub mod error;
 pub mod math;
+pub mod merge;
 pub mod moe;
 pub mod rng;
 pub(crate) mod rowops;

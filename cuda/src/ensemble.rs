@@ -192,8 +192,9 @@ pub fn v2_plan(
     chunks = chunks.min(g_max).max(1);
     let chunk = vocab.div_ceil(chunks).next_multiple_of(8);
     let chunks = vocab.div_ceil(chunk);
-    // Rows too long for the grid at V2_MAX_CHUNK per block: v1 runs.
-    if chunk > V2_MAX_CHUNK {
+    // Rows too long for the grid at V2_MAX_CHUNK per block, or a device
+    // without that much shared memory per block: v1 runs.
+    if chunk > V2_MAX_CHUNK || 4 * chunk > kernels.info(Kernel::EnsembleV2).max_dynamic_smem as usize {
         return None;
     }
     let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);

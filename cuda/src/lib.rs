@@ -37,9 +37,11 @@
 pub mod driver;
 pub mod ensemble;
 pub mod error;
+pub mod gating;
 pub mod mem;
 pub mod owned;
 pub mod registry;
+pub mod routing;
 
 pub use error::CudaError;
 pub use mem::Stream;

@@ -21,9 +21,11 @@ macro_rules! ptx {
 }
 
 /// The PTX modules, in load order.
-pub(crate) const MODULES: [(&str, &CStr); 2] = [
+pub(crate) const MODULES: [(&str, &CStr); 4] = [
     ("util.ptx", ptx!("util.ptx")),
     ("ensemble.ptx", ptx!("ensemble.ptx")),
+    ("gating.ptx", ptx!("gating.ptx")),
+    ("routing.ptx", ptx!("routing.ptx")),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -38,6 +40,14 @@ pub enum Kernel {
     /// `ensemble.ptx: ensemble_v2` (rows split over co-resident blocks,
     /// launched cooperatively).
     EnsembleV2,
+    /// `gating.ptx: gate_topk` (one warp per token).
+    GateTopk,
+    /// `routing.ptx: moe_align` (the block-padded plan, one block).
+    MoeAlign,
+    /// `routing.ptx: moe_permute` (gather rows into plan order).
+    MoePermute,
+    /// `routing.ptx: moe_combine` (weighted k-way combine).
+    MoeCombine,
 }
 
 /// (module index, entry name, launched cooperatively, most dynamic shared
@@ -46,13 +56,35 @@ type Spec = (usize, &'static CStr, bool, u32);
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 3] = [Kernel::FillU32, Kernel::EnsembleV1, Kernel::EnsembleV2];
+    pub const ALL: [Kernel; 7] = [
+        Kernel::FillU32,
+        Kernel::EnsembleV1,
+        Kernel::EnsembleV2,
+        Kernel::GateTopk,
+        Kernel::MoeAlign,
+        Kernel::MoePermute,
+        Kernel::MoeCombine,
+    ];
 
     const fn spec(self) -> Spec {
         match self {
             Kernel::FillU32 => (0, c"fill_u32", false, 0),
             Kernel::EnsembleV1 => (1, c"ensemble_v1", false, 0),
             Kernel::EnsembleV2 => (1, c"ensemble_v2", true, crate::ensemble::V2_MAX_SMEM),
+            Kernel::GateTopk => (
+                2,
+                c"gate_topk",
+                false,
+                crate::gating::gate_smem(crate::gating::MAX_DEVICE_EXPERTS),
+            ),
+            Kernel::MoeAlign => (
+                3,
+                c"moe_align",
+                false,
+                crate::routing::align_smem(crate::routing::MAX_ALIGN_EXPERTS),
+            ),
+            Kernel::MoePermute => (3, c"moe_permute", false, 0),
+            Kernel::MoeCombine => (3, c"moe_combine", false, 0),
         }
     }
 
@@ -67,8 +99,12 @@ impl Kernel {
 pub struct KernelInfo {
     /// Registers per thread (from the driver's JIT).
     pub registers: u32,
-    /// Resident blocks per multiprocessor at the kernel's block size.
+    /// Resident blocks per multiprocessor at the kernel's block size (and
+    /// its planned dynamic shared memory).
     pub blocks_per_sm: u32,
+    /// Dynamic shared memory the kernel may use per block on this device
+    /// (its plan, capped by the device's opt-in limit).
+    pub max_dynamic_smem: u32,
 }
 
 /// Block size every medley kernel is written for.
@@ -116,6 +152,7 @@ impl Kernels {
             });
         }
         let cooperative = driver::device_attribute(dev, driver::ATTR_COOPERATIVE_LAUNCH)? != 0;
+        let smem_optin = driver::device_attribute(dev, driver::ATTR_SMEM_OPTIN)? as u32;
         let mut modules = [core::ptr::null_mut(); MODULES.len()];
         for (i, (_, ptx)) in MODULES.iter().enumerate() {
             match driver::module_load_ptx(ptx) {
@@ -136,10 +173,16 @@ impl Kernels {
             let resolved = (|| -> Result<(Func, KernelInfo), DriverError> {
                 // SAFETY: modules[m] was loaded above in the current context.
                 let raw = unsafe { driver::module_function(modules[m], name) }?;
+                // Above 48 KiB in all (static + dynamic) a kernel must opt in
+                // to its dynamic shared memory; never ask for more than the
+                // device allows (launchers check their need against
+                // max_dynamic_smem).
+                // SAFETY: raw was just resolved from a live module.
+                let static_smem =
+                    unsafe { driver::function_attribute(raw, driver::FUNC_ATTR_SHARED_SIZE) }? as u32;
+                let smem = smem.min(smem_optin.saturating_sub(static_smem));
                 if smem > 0 {
-                    // Above 48 KiB in all (static + dynamic) a kernel must
-                    // opt in to its dynamic shared memory.
-                    // SAFETY: raw was just resolved from a live module.
+                    // SAFETY: as above.
                     unsafe {
                         driver::set_function_attribute(raw, driver::FUNC_ATTR_MAX_DYNAMIC_SMEM, smem as i32)
                     }?;
@@ -157,6 +200,7 @@ impl Kernels {
                     KernelInfo {
                         registers,
                         blocks_per_sm,
+                        max_dynamic_smem: smem,
                     },
                 ))
             })();

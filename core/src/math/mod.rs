@@ -15,6 +15,7 @@
 #![allow(clippy::excessive_precision)]
 
 pub mod act;
+pub mod trig;
 
 /// log2(e).
 pub const LOG2E: f32 = core::f32::consts::LOG2_E;

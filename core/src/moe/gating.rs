@@ -584,6 +584,15 @@ impl<'a> GroupedConfig<'a> {
         }
     }
 
+    /// Validates the configuration for `e` experts exactly as
+    /// [`grouped_topk`] does (bias length and values when given, scaling
+    /// factor, groups, `k` against the kept groups) and returns the group
+    /// size `e / n_group`. Exposed for callers whose logits live elsewhere
+    /// (the GPU launcher).
+    pub fn validate(&self, e: usize) -> Result<usize, Error> {
+        self.check(e)
+    }
+
     fn check(&self, e: usize) -> Result<usize, Error> {
         if let Some(b) = self.bias {
             ensure_len("bias", e, b.len())?;

@@ -1,0 +1,93 @@
+//! MoE gating on the GPU (`medley_cuda::gating::gate`), timed with CUDA
+//! events over back-to-back launches, inputs rotating through at least
+//! 120 MB. Throughput is the effective bandwidth: router logits read (bf16)
+//! plus ids and weights written. Shapes of the PyTorch baselines (E, k) =
+//! (8, 2), (64, 6), (128, 8), (256, 8) for T in {1, 64, 1024, 16384}, plus
+//! DeepSeek-V3 grouped routing at E = 256.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use medley_benches::random_f32;
+use medley_core::bf16;
+use medley_core::moe::gating::GroupedConfig;
+use medley_cuda::driver::Event;
+use medley_cuda::gating::{Gating, RouterLogits, gate};
+use medley_cuda::mem::DeviceRows;
+use medley_cuda::owned::{Buffer, Gpu};
+use std::time::Duration;
+
+const ROTATE_BYTES: usize = 120 << 20;
+
+fn gating(c: &mut Criterion) {
+    let gpu = match Gpu::open() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("cuda/gating benchmarks skipped: {why}");
+            return;
+        }
+    };
+    let host = random_f32(5, 1 << 22, 4.0);
+    let bias_h = vec![0.0f32; 256];
+    let bias = Buffer::from_slice(&bias_h).expect("bias");
+    for (e, k) in [(8usize, 2usize), (64, 6), (128, 8), (256, 8)] {
+        for t in [1usize, 64, 1024, 16384] {
+            let set = t * e;
+            let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
+            let data: Vec<bf16> = (0..sets * set)
+                .map(|i| bf16::from_f32(host[i % host.len()]))
+                .collect();
+            let input = Buffer::from_slice(&data).expect("inputs");
+            let ids = Buffer::zeroed(t * k * 4).expect("ids");
+            let w = Buffer::zeroed(t * k * 4).expect("weights");
+            let mut group = c.benchmark_group(format!("cuda/gating/E{e}_k{k}_T{t}"));
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(100))
+                .measurement_time(Duration::from_millis(300))
+                .throughput(Throughput::BytesDecimal((set * 2 + t * k * 8) as u64));
+            let mut variants = vec![("topk_softmax", Gating::TopkSoftmax { renormalize: true })];
+            if e == 256 {
+                variants.push((
+                    "deepseek_v3",
+                    Gating::Grouped {
+                        config: GroupedConfig::deepseek_v3(&bias_h),
+                        bias: Some(bias.view(256)),
+                    },
+                ));
+            }
+            for (name, g) in &variants {
+                group.bench_function(BenchmarkId::new(*name, "bf16"), |bch| {
+                    bch.iter_custom(|iters| {
+                        let (start, end) = (Event::new().unwrap(), Event::new().unwrap());
+                        // SAFETY: the Gpu's own stream is live.
+                        unsafe { start.record(gpu.stream().raw()) }.unwrap();
+                        for i in 0..iters as usize {
+                            let off = (i % sets) * set * 2;
+                            // SAFETY: [off, off + set * 2) lies inside `input`.
+                            let slice = unsafe {
+                                medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, set)
+                            };
+                            let logits = RouterLogits::BF16(DeviceRows::dense(slice, t, e).unwrap());
+                            gate(
+                                gpu.kernels(),
+                                logits,
+                                k,
+                                g,
+                                ids.view_mut(t * k),
+                                w.view_mut(t * k),
+                                gpu.stream(),
+                            )
+                            .expect("launch");
+                        }
+                        // SAFETY: as above.
+                        unsafe { end.record(gpu.stream().raw()) }.unwrap();
+                        end.synchronize().unwrap();
+                        Duration::from_secs_f64(end.elapsed_ms(&start).unwrap() as f64 / 1e3)
+                    })
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, gating);

@@ -1,0 +1,255 @@
+//! Top-k gating on the GPU: [`gate`] launches `ptx/gating.ptx` with the
+//! semantics of [`medley_core::moe::gating`] (ids and weights equal the
+//! CPU's bit for bit; see the PTX header).
+//!
+//! Differences from the CPU functions (no host synchronization inside a
+//! call): no [`medley_core::Report`] (NaN and masked rows are visible in
+//! the outputs: NaN weights, zero weights); a grouped router's bias lives in
+//! device memory, so a non-finite bias value makes that row a NaN row
+//! instead of an error; at most [`MAX_DEVICE_EXPERTS`] experts.
+
+use crate::driver::DriverError;
+use crate::error::CudaError;
+use crate::mem::{DeviceRows, DeviceSlice, DeviceSliceMut, Stream};
+use crate::registry::{BLOCK, Kernel, Kernels};
+use cust::memory::DeviceCopy;
+use half::{bf16, f16};
+use medley_core::Error;
+use medley_core::moe::MAX_K;
+use medley_core::moe::gating::{GroupScore, GroupedConfig, Scoring};
+
+/// Most experts (router row length) the GPU gating kernel takes.
+pub const MAX_DEVICE_EXPERTS: usize = 1024;
+
+/// Router logits `[T, E]` in device memory.
+#[derive(Debug, Clone, Copy)]
+pub enum RouterLogits<'a> {
+    /// `f32` logits.
+    F32(DeviceRows<'a, f32>),
+    /// `f16` logits.
+    F16(DeviceRows<'a, f16>),
+    /// `bf16` logits.
+    BF16(DeviceRows<'a, bf16>),
+}
+
+impl RouterLogits<'_> {
+    fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
+        match self {
+            RouterLogits::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
+            RouterLogits::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
+            RouterLogits::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
+        }
+    }
+}
+
+/// Which gating function runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Gating<'a> {
+    /// [`medley_core::moe::gating::topk_softmax`].
+    TopkSoftmax {
+        /// Renormalize the `k` weights.
+        renormalize: bool,
+    },
+    /// [`medley_core::moe::gating::keep_topk_softmax`].
+    KeepTopkSoftmax,
+    /// [`medley_core::moe::gating::grouped_topk`] with the bias in device
+    /// memory (`E` values) and the other parameters as in
+    /// [`GroupedConfig`] (its `bias` field is ignored; its `k` is the `k`).
+    Grouped {
+        /// Groups, scoring, renormalization, scaling.
+        config: GroupedConfig<'a>,
+        /// The per-expert selection bias, or `None`.
+        bias: Option<DeviceSlice<'a, f32>>,
+    },
+}
+
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy)]
+struct GateParams {
+    logits: u64,
+    ids: u64,
+    weights: u64,
+    bias: u64,
+    rows: u32,
+    experts: u32,
+    stride: u32,
+    k: u32,
+    dtype: u32,
+    mode: u32,
+    scoring: u32,
+    n_group: u32,
+    topk_group: u32,
+    group_score: u32,
+    renormalize: u32,
+    scale: f32,
+}
+
+const _: () = assert!(core::mem::size_of::<GateParams>() == 80);
+
+// SAFETY: #[repr(C)] plain data (device addresses as u64, integers,
+// floats), laid out as the 80-byte parameter documented in ptx/gating.ptx
+// (size asserted above).
+unsafe impl DeviceCopy for GateParams {}
+
+/// Warps (tokens) per block of `gate_topk`.
+const WARPS: u32 = BLOCK / 32;
+
+/// Dynamic shared memory `gate_topk` uses for `e` experts.
+pub(crate) const fn gate_smem(e: usize) -> u32 {
+    (WARPS as usize * (e + 256) * 4) as u32
+}
+
+/// Routes every token of `logits` to `k` experts: `ids` (`T * k` u32) and
+/// `weights` (`T * k` f32), on the caller's `stream`, without
+/// synchronizing. Errors (before launching): those of the CPU function for
+/// the same arguments, [`Error::TooLarge`] for `E` above
+/// [`MAX_DEVICE_EXPERTS`], and null / misaligned pointers.
+pub fn gate(
+    kernels: &Kernels,
+    logits: RouterLogits<'_>,
+    k: usize,
+    gating: &Gating<'_>,
+    ids: DeviceSliceMut<'_, u32>,
+    weights: DeviceSliceMut<'_, f32>,
+    stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    let (ptr, t, e, stride, dtype, size) = logits.parts();
+    if e == 0 {
+        return Err(Error::Empty { arg: "logits.len" }.into());
+    }
+    if e > MAX_DEVICE_EXPERTS {
+        return Err(Error::TooLarge {
+            arg: "logits.len",
+            index: 0,
+            max: MAX_DEVICE_EXPERTS,
+            got: e,
+        }
+        .into());
+    }
+    if k == 0 {
+        return Err(Error::OutOfRange { arg: "k", index: 0 }.into());
+    }
+    let kmax = MAX_K.min(e);
+    if k > kmax {
+        return Err(Error::TooLarge {
+            arg: "k",
+            index: 0,
+            max: kmax,
+            got: k,
+        }
+        .into());
+    }
+    let n = t
+        .checked_mul(k)
+        .filter(|&n| n <= u32::MAX as usize)
+        .ok_or(Error::SizeOverflow { arg: "ids" })?;
+    if ids.len() != n {
+        return Err(Error::LengthMismatch {
+            arg: "ids",
+            index: 0,
+            expected: n,
+            got: ids.len(),
+        }
+        .into());
+    }
+    if weights.len() != n {
+        return Err(Error::LengthMismatch {
+            arg: "weights",
+            index: 0,
+            expected: n,
+            got: weights.len(),
+        }
+        .into());
+    }
+    let stride32 = u32::try_from(stride).map_err(|_| Error::SizeOverflow { arg: "logits.stride" })?;
+    check(ptr, t * e, size, "logits")?;
+    check(ids.as_raw(), n, 4, "ids")?;
+    check(weights.as_raw(), n, 4, "weights")?;
+    let mut p = GateParams {
+        logits: ptr,
+        ids: ids.as_raw(),
+        weights: weights.as_raw(),
+        bias: 0,
+        rows: t as u32,
+        experts: e as u32,
+        stride: stride32,
+        k: k as u32,
+        // bit 8: every row starts 16-byte aligned (the kernel's vector loads)
+        dtype: dtype
+            | if ptr.is_multiple_of(16) && (stride * size).is_multiple_of(16) {
+                256
+            } else {
+                0
+            },
+        mode: 0,
+        scoring: 0,
+        n_group: 1,
+        topk_group: 1,
+        group_score: 1,
+        renormalize: 0,
+        scale: 1.0,
+    };
+    match gating {
+        Gating::TopkSoftmax { renormalize } => p.mode = if *renormalize { 1 } else { 0 },
+        Gating::KeepTopkSoftmax => p.mode = 1,
+        Gating::Grouped { config, bias } => {
+            let cfg = GroupedConfig {
+                k,
+                bias: None,
+                ..*config
+            };
+            cfg.validate(e)?;
+            if let Some(b) = bias {
+                if b.len() != e {
+                    return Err(Error::LengthMismatch {
+                        arg: "bias",
+                        index: 0,
+                        expected: e,
+                        got: b.len(),
+                    }
+                    .into());
+                }
+                check(b.as_raw(), e, 4, "bias")?;
+                p.bias = b.as_raw();
+            }
+            p.mode = 2;
+            p.scoring = match cfg.scoring {
+                Scoring::Softmax => 0,
+                Scoring::Sigmoid => 1,
+            };
+            p.n_group = cfg.n_group as u32;
+            p.topk_group = cfg.topk_group as u32;
+            p.group_score = match cfg.group_score {
+                GroupScore::Top2Sum => 0,
+                GroupScore::Max => 1,
+            };
+            p.renormalize = cfg.renormalize as u32;
+            p.scale = cfg.routed_scaling_factor;
+        }
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let _ctx = kernels.enter()?;
+    let f = *kernels.func(Kernel::GateTopk);
+    let grid = (t as u32).div_ceil(WARPS);
+    let smem = gate_smem(e);
+    // SAFETY: `p` is gate_topk's single 80-byte by-value parameter (size
+    // asserted); every device view was checked above against the extent the
+    // kernel touches (T rows of stride elements, T * k ids and weights, E
+    // bias values) and is non-null and aligned; the dynamic shared memory
+    // is the 8 * (E + 256) * 4 bytes the kernel indexes; the stream belongs
+    // to the kernels' context, current via `enter`.
+    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, smem, stream>>>(p)) };
+    r.map_err(CudaError::from)
+}
+
+fn check(ptr: u64, len: usize, align: usize, arg: &'static str) -> Result<(), CudaError> {
+    if len > 0 && ptr == 0 {
+        return Err(CudaError::Null { arg });
+    }
+    if !ptr.is_multiple_of(align as u64) {
+        return Err(CudaError::Misaligned { arg, align });
+    }
+    Ok(())
+}

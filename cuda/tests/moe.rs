@@ -1,0 +1,474 @@
+//! Conformance of the MoE kernels (`gating.ptx`, `routing.ptx`) with the
+//! CPU core, on fresh random inputs with poisoned outputs. The kernels
+//! promise bit-for-bit equality with the core, so these tests compare bits:
+//! gating ids and weights, plan arrays, permuted rows, combined rows.
+//!
+//! Without a CUDA device every test reports that it was skipped and why;
+//! the CPU references still run (and are checked against simple loops).
+
+#![allow(clippy::needless_range_loop)]
+
+#[path = "../../core/tests/common/mod.rs"]
+mod common;
+
+use common::Gen;
+use medley_core::moe::gating::{
+    GroupScore, GroupedConfig, Scoring, grouped_topk, keep_topk_softmax, topk_softmax,
+};
+use medley_core::moe::plan::{align_block_size, block_padded_len};
+use medley_core::moe::{ExpertRange, NO_EXPERT};
+use medley_core::{Rows, bf16, f16};
+use medley_cuda::gating::{Gating, RouterLogits, gate};
+use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
+use medley_cuda::owned::{Buffer, Gpu};
+use medley_cuda::routing::{AlignOutput, DeviceMatrix, DeviceMatrixMut, align, combine, permute};
+
+const POISON: u32 = 0x7FA5_A5A5;
+
+/// A GPU for this test (each test runs on its own thread, and cust's
+/// allocations use the thread's current context, so every test opens its
+/// own).
+fn gpu() -> Option<Gpu> {
+    match Gpu::open() {
+        Ok(g) => Some(g),
+        Err(why) => {
+            eprintln!("GPU half skipped: {why}");
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GateCase {
+    t: usize,
+    e: usize,
+    k: usize,
+    dtype: u8,
+    logits: Vec<f32>, // t x e, already rounded to dtype
+    mode: u8,         // 0 topk_softmax, 1 topk_softmax renorm, 2 keep, 3 grouped
+    n_group: usize,
+    topk_group: usize,
+    scoring: Scoring,
+    group_score: GroupScore,
+    renorm: bool,
+    scale: f32,
+    bias: Option<Vec<f32>>,
+}
+
+fn round(dtype: u8, x: f32) -> f32 {
+    match dtype {
+        1 => f16::from_f32(x).to_f32(),
+        2 => bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+impl GateCase {
+    fn random(seed: u64) -> GateCase {
+        let mut g = Gen(seed);
+        let es = [
+            1usize, 2, 3, 5, 8, 16, 60, 64, 128, 144, 160, 256, 384, 1000, 1024,
+        ];
+        let e = es[g.below(es.len())];
+        let mode = g.below(4) as u8;
+        let t = g.below(70);
+        let dtype = g.below(3) as u8;
+        let mut c = GateCase {
+            t,
+            e,
+            k: 1,
+            dtype,
+            logits: Vec::new(),
+            mode,
+            n_group: 1,
+            topk_group: 1,
+            scoring: if g.chance(0.5) {
+                Scoring::Sigmoid
+            } else {
+                Scoring::Softmax
+            },
+            group_score: if g.chance(0.5) {
+                GroupScore::Top2Sum
+            } else {
+                GroupScore::Max
+            },
+            renorm: g.chance(0.7),
+            scale: if g.chance(0.5) { 1.0 } else { 2.5 },
+            bias: None,
+        };
+        if mode == 3 {
+            let divisors: Vec<usize> = (1..=e.min(256)).filter(|d| e.is_multiple_of(*d)).collect();
+            c.n_group = divisors[g.below(divisors.len())];
+            if c.group_score == GroupScore::Top2Sum && e / c.n_group < 2 {
+                c.group_score = GroupScore::Max;
+            }
+            c.topk_group = 1 + g.below(c.n_group);
+            if g.chance(0.6) {
+                c.bias = Some((0..e).map(|_| g.range(-0.5, 0.5) as f32).collect());
+            }
+        }
+        let reach = if mode == 3 {
+            c.topk_group * (e / c.n_group)
+        } else {
+            e
+        };
+        c.k = 1 + g.below(reach.min(32));
+        // Logits: a mix of spreads, ties (small integer grid), masked entries,
+        // and the odd +inf / NaN row.
+        let grid = g.chance(0.3);
+        c.logits = (0..t * e)
+            .map(|_| {
+                let x = if grid {
+                    g.below(7) as f32 - 3.0
+                } else {
+                    g.range(-8.0, 8.0) as f32
+                };
+                let x = if g.chance(0.05) { f32::NEG_INFINITY } else { x };
+                round(dtype, x)
+            })
+            .collect();
+        for row in 0..t {
+            let r = g.below(40);
+            let s = &mut c.logits[row * e..(row + 1) * e];
+            match r {
+                0 => s.fill(f32::NEG_INFINITY),
+                1 => s[g.below(e)] = f32::NAN,
+                2 => s[g.below(e)] = f32::INFINITY,
+                3 => {
+                    s[g.below(e)] = f32::INFINITY;
+                    s[g.below(e)] = f32::INFINITY;
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+
+    fn grouped(&self) -> GroupedConfig<'_> {
+        GroupedConfig {
+            k: self.k,
+            scoring: self.scoring,
+            bias: self.bias.as_deref(),
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            group_score: self.group_score,
+            renormalize: self.renorm,
+            routed_scaling_factor: self.scale,
+        }
+    }
+
+    fn cpu(&self) -> (Vec<u32>, Vec<f32>) {
+        let n = self.t * self.k;
+        let (mut ids, mut w) = (vec![0u32; n], vec![0.0f32; n]);
+        fn run<T: medley_core::Element>(c: &GateCase, data: &[T], ids: &mut [u32], w: &mut [f32]) {
+            let rows = Rows::dense(data, c.t, c.e).unwrap();
+            match c.mode {
+                0 => topk_softmax(rows, c.k, false, ids, w),
+                1 => topk_softmax(rows, c.k, true, ids, w),
+                2 => keep_topk_softmax(rows, c.k, ids, w),
+                _ => grouped_topk(rows, &c.grouped(), ids, w),
+            }
+            .unwrap();
+        }
+        match self.dtype {
+            1 => run(
+                self,
+                &self.logits.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+                &mut ids,
+                &mut w,
+            ),
+            2 => run(
+                self,
+                &self.logits.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+                &mut ids,
+                &mut w,
+            ),
+            _ => run(self, &self.logits, &mut ids, &mut w),
+        }
+        (ids, w)
+    }
+
+    fn gpu(&self, g: &Gpu) -> Result<(Vec<u32>, Vec<f32>), String> {
+        let n = self.t * self.k;
+        let input = match self.dtype {
+            1 => Buffer::from_slice(&self.logits.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
+            2 => Buffer::from_slice(&self.logits.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+            _ => Buffer::from_slice(&self.logits),
+        }?;
+        let ids = Buffer::filled(n, POISON)?;
+        let w = Buffer::filled(n, POISON)?;
+        let bias = Buffer::from_slice(self.bias.as_deref().unwrap_or(&[0.0f32]))?;
+        let te = self.t * self.e;
+        let logits = match self.dtype {
+            1 => RouterLogits::F16(DeviceRows::dense(input.view(te), self.t, self.e).unwrap()),
+            2 => RouterLogits::BF16(DeviceRows::dense(input.view(te), self.t, self.e).unwrap()),
+            _ => RouterLogits::F32(DeviceRows::dense(input.view(te), self.t, self.e).unwrap()),
+        };
+        let gating = match self.mode {
+            0 => Gating::TopkSoftmax { renormalize: false },
+            1 => Gating::TopkSoftmax { renormalize: true },
+            2 => Gating::KeepTopkSoftmax,
+            _ => Gating::Grouped {
+                config: GroupedConfig {
+                    bias: None,
+                    ..self.grouped()
+                },
+                bias: self.bias.as_ref().map(|b| bias.view(b.len())),
+            },
+        };
+        gate(
+            g.kernels(),
+            logits,
+            self.k,
+            &gating,
+            ids.view_mut(n),
+            w.view_mut(n),
+            g.stream(),
+        )
+        .map_err(|e| format!("launch: {e:?}"))?;
+        g.synchronize().map_err(|e| format!("{e:?}"))?;
+        let ids_h: Vec<u32> = ids.to_vec(n)?;
+        let w_h: Vec<u32> = w.to_vec(n)?;
+        if ids_h.contains(&POISON) || w_h.contains(&POISON) {
+            return Err("an output was never written".into());
+        }
+        Ok((ids_h, w_h.into_iter().map(f32::from_bits).collect()))
+    }
+}
+
+#[test]
+fn gating_matches_the_core_bit_for_bit() {
+    let cases: Vec<GateCase> = (0..400u64).map(|s| GateCase::random(0x6A7E_0000 + s)).collect();
+    // CPU half: the core's outputs are well formed (ids distinct, in range).
+    for c in &cases {
+        let (ids, w) = c.cpu();
+        for r in 0..c.t {
+            let row = &ids[r * c.k..(r + 1) * c.k];
+            assert!(row.iter().all(|&i| (i as usize) < c.e), "{c:?}");
+            let mut s = row.to_vec();
+            s.sort();
+            s.dedup();
+            assert_eq!(s.len(), c.k);
+            assert!(w[r * c.k..(r + 1) * c.k].iter().all(|x| x.is_nan() || *x >= 0.0));
+        }
+    }
+    let Some(g) = gpu() else { return };
+    let mut failures = Vec::new();
+    for c in &cases {
+        let (ids, w) = c.cpu();
+        match c.gpu(&g) {
+            Err(e) => failures.push(format!("E={} k={} mode={}: {e}", c.e, c.k, c.mode)),
+            Ok((gi, gw)) => {
+                let wb = |v: &[f32]| {
+                    v.iter()
+                        .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                        .collect::<Vec<_>>()
+                };
+                if gi != ids || wb(&gw) != wb(&w) {
+                    let at = (0..ids.len())
+                        .find(|&i| gi[i] != ids[i] || wb(&gw[i..i + 1]) != wb(&w[i..i + 1]))
+                        .unwrap();
+                    failures.push(format!(
+                        "T={} E={} k={} mode={} dtype={} groups={}/{}: slot {at}: gpu ({}, {}) cpu ({}, {})",
+                        c.t,
+                        c.e,
+                        c.k,
+                        c.mode,
+                        c.dtype,
+                        c.topk_group,
+                        c.n_group,
+                        gi[at],
+                        gw[at],
+                        ids[at],
+                        w[at]
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "gating: {} cases on the GPU, {} differ from the core",
+        cases.len(),
+        failures.len()
+    );
+    for f in failures.iter().take(10) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty());
+}
+
+#[test]
+fn routing_plan_permute_and_combine_match_the_core() {
+    let mut rng = Gen(0x9047);
+    let mut failures = Vec::new();
+    let g = gpu();
+    for case in 0..120 {
+        let t = [0usize, 1, 2, 7, 33, 257, 1000, 4096][rng.below(8)];
+        let k = 1 + rng.below(8);
+        let experts = [1usize, 3, 8, 60, 256, 1000][rng.below(6)];
+        let first = rng.below(experts) as u32;
+        let last = (first as usize + 1 + rng.below(experts - first as usize)) as u32;
+        let range = if rng.chance(0.5) {
+            ExpertRange::all(experts)
+        } else {
+            ExpertRange { first, last }
+        };
+        let block_m = [1usize, 4, 16, 64, 128][rng.below(5)];
+        let n = t * k;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| {
+                if rng.chance(0.05) {
+                    NO_EXPERT
+                } else {
+                    rng.below(experts) as u32
+                }
+            })
+            .collect();
+        let l = range.len();
+        let (len, blocks) = block_padded_len(n, l, block_m).unwrap();
+        let (mut s, mut be, mut off, mut inv) = (
+            vec![0u32; len],
+            vec![0u32; blocks],
+            vec![0u64; l + 1],
+            vec![0u32; n],
+        );
+        let total = align_block_size(
+            &ids,
+            experts,
+            range,
+            block_m,
+            &mut s,
+            &mut be,
+            &mut off,
+            Some(&mut inv),
+        )
+        .unwrap();
+        // Token rows and expert outputs (bf16), routing weights.
+        let h = [1usize, 8, 24, 100, 256][rng.below(5)];
+        let x: Vec<bf16> = (0..t * h)
+            .map(|_| bf16::from_f32(rng.range(-2.0, 2.0) as f32))
+            .collect();
+        let y: Vec<bf16> = (0..len * h)
+            .map(|_| bf16::from_f32(rng.range(-2.0, 2.0) as f32))
+            .collect();
+        let w: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.chance(0.1) {
+                    0.0
+                } else {
+                    rng.range(0.0, 1.0) as f32
+                }
+            })
+            .collect();
+        // CPU references of permute and combine (simple loops, the kernels'
+        // documented arithmetic).
+        let mut xp = vec![bf16::from_f32(0.0); len * h];
+        for p in 0..(total as usize) {
+            if (s[p] as usize) < n {
+                let tok = s[p] as usize / k;
+                xp[p * h..(p + 1) * h].copy_from_slice(&x[tok * h..(tok + 1) * h]);
+            }
+        }
+        let mut out = vec![0.0f32; t * h];
+        for tok in 0..t {
+            for c in 0..h {
+                let mut acc = 0.0f32;
+                for j in 0..k {
+                    let (pos, wj) = (inv[tok * k + j], w[tok * k + j]);
+                    if pos != u32::MAX && wj != 0.0 {
+                        acc += wj * y[pos as usize * h + c].to_f32();
+                    }
+                }
+                out[tok * h + c] = acc;
+            }
+        }
+        let Some(g) = g.as_ref() else { continue };
+        let run = || -> Result<Vec<String>, String> {
+            let mut f = Vec::new();
+            let d_ids = Buffer::from_slice(&ids)?;
+            let (ds, dbe, doff, dinv, dtot) = (
+                Buffer::filled(len, POISON)?,
+                Buffer::filled(blocks, POISON)?,
+                Buffer::filled(2 * (l + 1), POISON)?,
+                Buffer::filled(n, POISON)?,
+                Buffer::filled(1, POISON)?,
+            );
+            let o = AlignOutput {
+                sorted_ids: ds.view_mut(len),
+                block_experts: dbe.view_mut(blocks),
+                total: dtot.view_mut(1),
+                offsets: Some(doff.view_mut(l + 1)),
+                inverse: Some(dinv.view_mut(n)),
+            };
+            align(g.kernels(), d_ids.view(n), experts, range, block_m, o, g.stream())
+                .map_err(|e| format!("{e:?}"))?;
+            let dx = Buffer::from_slice(&x)?;
+            let dxp = Buffer::filled(len * h, 0x7FA5u16)?;
+            permute(
+                g.kernels(),
+                DeviceMatrix::BF16(DeviceRows::dense(dx.view(t * h), t, h).unwrap()),
+                k,
+                ds.view(len),
+                dtot.view(1),
+                DeviceMatrixMut::BF16(DeviceRowsMut::dense(dxp.view_mut(len * h), len, h).unwrap()),
+                g.stream(),
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            let dy = Buffer::from_slice(&y)?;
+            let dw = Buffer::from_slice(&w)?;
+            let dout = Buffer::filled(t * h, POISON)?;
+            combine(
+                g.kernels(),
+                DeviceMatrix::BF16(DeviceRows::dense(dy.view(len * h), len, h).unwrap()),
+                k,
+                dinv.view(n),
+                dw.view(n),
+                DeviceRowsMut::dense(dout.view_mut(t * h), t, h).unwrap(),
+                g.stream(),
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            g.synchronize().map_err(|e| format!("{e:?}"))?;
+            if ds.to_vec::<u32>(len)? != s {
+                f.push("sorted_ids".into());
+            }
+            if dbe.to_vec::<u32>(blocks)? != be {
+                f.push("block_experts".into());
+            }
+            if dtot.to_vec::<u32>(1)?[0] as u64 != total {
+                f.push("total".into());
+            }
+            if doff.to_vec::<u64>(l + 1)? != off {
+                f.push("offsets".into());
+            }
+            if dinv.to_vec::<u32>(n)? != inv {
+                f.push("inverse".into());
+            }
+            let gxp: Vec<u16> = dxp.to_vec(len * h)?;
+            if gxp != xp.iter().map(|v| v.to_bits()).collect::<Vec<_>>() {
+                f.push("permute".into());
+            }
+            let gout: Vec<u32> = dout.to_vec(t * h)?;
+            if gout != out.iter().map(|v| v.to_bits()).collect::<Vec<_>>() {
+                f.push("combine".into());
+            }
+            Ok(f)
+        };
+        match run() {
+            Ok(f) if f.is_empty() => {}
+            Ok(f) => failures.push(format!(
+                "case {case} T={t} k={k} E={experts} {range:?} bm={block_m} H={h}: {f:?}"
+            )),
+            Err(e) => failures.push(format!("case {case}: {e}")),
+        }
+    }
+    if g.is_some() {
+        eprintln!(
+            "routing: 120 cases on the GPU, {} differ from the core",
+            failures.len()
+        );
+    }
+    for f in failures.iter().take(10) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty());
+}
