@@ -58,6 +58,11 @@
 #define MEDLEY_MOE_MAX_K 32
 
 /**
+ * Most models one merge takes.
+ */
+#define MEDLEY_MERGE_MAX_MODELS 64
+
+/**
  * What a medley call returns. `MEDLEY_STATUS_OK` is 0; every failure has
  * its own number, in blocks that never collide with errno values, 0/1
  * booleans or CUDA codes, and a number is never reused for another
@@ -247,6 +252,71 @@ enum medley_cuda_kernel
 };
 #ifndef __cplusplus
 typedef uint32_t medley_cuda_kernel;
+#endif // __cplusplus
+
+/**
+ * What elects the sign of an element (`consensus` field of
+ * `medley_ties_options`).
+ */
+enum medley_ties_consensus
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The sign of the total mass of the votes (TIES; mergekit `"sum"`).
+   */
+  MEDLEY_TIES_CONSENSUS_SUM = 0,
+  /**
+   * The sign of the number of positive minus negative votes (mergekit
+   * `"count"`).
+   */
+  MEDLEY_TIES_CONSENSUS_COUNT = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_ties_consensus;
+#endif // __cplusplus
+
+/**
+ * What votes in the sign election (`votes` field).
+ */
+enum medley_ties_votes
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The weighted trimmed task vectors `w_i delta_i` (mergekit).
+   */
+  MEDLEY_TIES_VOTES_WEIGHTED = 0,
+  /**
+   * The unweighted trimmed task vectors `delta_i` (the TIES paper).
+   */
+  MEDLEY_TIES_VOTES_UNWEIGHTED = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_ties_votes;
+#endif // __cplusplus
+
+/**
+ * The divisor of a normalized merge (`divisor` field).
+ */
+enum medley_ties_divisor
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The sum of the agreeing models' weights (mergekit).
+   */
+  MEDLEY_TIES_DIVISOR_WEIGHT_SUM = 0,
+  /**
+   * The number of agreeing models: the paper's disjoint mean.
+   */
+  MEDLEY_TIES_DIVISOR_COUNT = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_ties_divisor;
 #endif // __cplusplus
 
 /**
@@ -526,6 +596,64 @@ typedef struct medley_cuda_ensemble_output {
   size_t log_normalizer_len;
 } medley_cuda_ensemble_output;
 
+/**
+ * Options of a TIES merge. `medley_ties_options_default()` is mergekit's
+ * `ties`; `medley_ties_options_paper()` the paper's variant.
+ */
+typedef struct medley_ties_options {
+  /**
+   * A `medley_ties_consensus` value.
+   */
+  uint32_t consensus;
+  /**
+   * A `medley_ties_votes` value.
+   */
+  uint32_t votes;
+  /**
+   * A `medley_ties_divisor` value.
+   */
+  uint32_t divisor;
+  /**
+   * Nonzero: divide the merged task vector by the divisor (mergekit's
+   * `normalize: true`).
+   */
+  uint32_t normalize;
+  /**
+   * Scale of the merged task vector (finite; mergekit's `lambda`).
+   */
+  float lambda;
+  /**
+   * 0: trim over the whole tensor (mergekit); else trim each row of
+   * this many elements separately (must divide the tensor length).
+   */
+  size_t row_len;
+} medley_ties_options;
+
+/**
+ * One fine-tuned model's tensor and its merge parameters.
+ */
+typedef struct medley_merge_model {
+  /**
+   * Host pointer to the tensor (`data_len` elements of the call's
+   * `dtype`, aligned for it); may be null only when `data_len` is 0.
+   */
+  const void *data;
+  /**
+   * Elements at `data`: must equal the base's length.
+   */
+  size_t data_len;
+  /**
+   * Weight `w_i` (finite; may be negative).
+   */
+  float weight;
+  /**
+   * Fraction of the task vector kept by the trim, in `(0, 1]`: the
+   * `floor(density * n)` largest magnitudes of `x_i - base` (ties to the
+   * lower index).
+   */
+  double density;
+} medley_merge_model;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -748,6 +876,81 @@ medley_status medley_cuda_ensemble_combine(const struct medley_cuda_engine *engi
                                            uint64_t workspace,
                                            size_t workspace_len,
                                            uint32_t kernel);
+
+/**
+ * mergekit's `ties`: weighted votes, sum consensus, weight-sum divisor,
+ * normalized, `lambda = 1`, trim over the whole tensor.
+ */
+struct medley_ties_options medley_ties_options_default(void);
+
+/**
+ * TIES as in the paper (Yadav et al. 2023): unweighted votes and the
+ * disjoint mean over the agreeing models; otherwise as the default.
+ */
+struct medley_ties_options medley_ties_options_paper(void);
+
+/**
+ * The `u32` scratch elements `medley_merge_ties` needs for these models,
+ * tensor length `n` and options, into `*scratch_len` (0 when none is
+ * needed: then `scratch` may be null). About 8% of `n` for tensors of
+ * 2^24 elements, 2048 below 2^20, per model that is trimmed.
+ *
+ * Returns `MEDLEY_STATUS_OK` or the parameter errors of
+ * `medley_merge_ties` (the tensors themselves are not read).
+ *
+ * # Safety
+ * `models` must hold `n_models` structs; `options` one struct;
+ * `scratch_len` must point to a writable `size_t`.
+ */
+medley_status medley_merge_ties_scratch_len(const struct medley_merge_model *models,
+                                            size_t n_models,
+                                            size_t n,
+                                            const struct medley_ties_options *options,
+                                            size_t *scratch_len);
+
+/**
+ * Merges one tensor of `n_models` fine-tuned models onto their base with
+ * TIES (Yadav et al. 2023, with mergekit's semantics and defaults): each
+ * task vector `delta_i = x_i - base` is trimmed to its `floor(density_i *
+ * n)` largest magnitudes, a sign is elected per element from the (weighted)
+ * trimmed vectors, and the agreeing contributions `w_i delta_i` are summed
+ * and divided by the agreeing weights (or count); `out = base + lambda *
+ * merged`, rounded once to `out_dtype`. Arithmetic is `float`, in
+ * mergekit's order of operations.
+ *
+ * - `models`, `n_models`: 1 to 64 models, each with `n = base_len`
+ *   elements of `dtype`, a weight and a density.
+ * - `base`, `base_len`: the base model's tensor (`dtype`).
+ * - `options`: required (`medley_ties_options_default()`).
+ * - `out`, `out_len`: `n` elements of `out_dtype` (any `medley_dtype`).
+ * - `scratch`, `scratch_len`: at least `medley_merge_ties_scratch_len`
+ *   `uint32_t` elements (null with 0 when none is needed).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Errors name the per-model lengths `models`, weights `params.weight`
+ * and densities `params.density`. Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED`,
+ * `MEDLEY_STATUS_OVERFLOW`, `MEDLEY_STATUS_OVERLAP`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (lengths, no or too many models, scratch too
+ * short) or `MEDLEY_STATUS_BAD_PARAMETER` (weights, densities outside
+ * `(0, 1]`, `lambda`, `row_len` not dividing `n`, enum values).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it
+ * (`models` for `n_models` structs, `options` for one); no buffer may be
+ * modified by another thread during the call.
+ */
+medley_status medley_merge_ties(const struct medley_merge_model *models,
+                                size_t n_models,
+                                const void *base,
+                                size_t base_len,
+                                uint32_t dtype,
+                                const struct medley_ties_options *options,
+                                void *out,
+                                size_t out_len,
+                                uint32_t out_dtype,
+                                uint32_t *scratch,
+                                size_t scratch_len);
 
 /**
  * The name of a status code as a static, NUL-terminated string: its C

@@ -694,3 +694,159 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
         );
     }
 }
+
+#[test]
+fn ties_merge_matches_the_core_and_fails_cleanly() {
+    use medley_core::merge::gta::{GtaOptions, TaskParams, merge};
+    let n = 12;
+    let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let a: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b + ((i * 5 % 7) as f32 - 3.0) * 0.1)
+        .collect();
+    let c: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b - ((i * 3 % 5) as f32 - 2.0) * 0.2)
+        .collect();
+    let models = [
+        medley_merge_model {
+            data: a.as_ptr().cast(),
+            data_len: n,
+            weight: 0.6,
+            density: 0.5,
+        },
+        medley_merge_model {
+            data: c.as_ptr().cast(),
+            data_len: n,
+            weight: 0.4,
+            density: 0.75,
+        },
+    ];
+    let params = [
+        TaskParams::new(0.6).with_density(0.5),
+        TaskParams::new(0.4).with_density(0.75),
+    ];
+    for (opts, core_opts) in [
+        (medley_ties_options_default(), GtaOptions::ties()),
+        (medley_ties_options_paper(), GtaOptions::ties_paper()),
+    ] {
+        let mut len = 0usize;
+        // SAFETY: live structs and out-pointer.
+        let s = unsafe { medley_merge_ties_scratch_len(models.as_ptr(), 2, n, &opts, &mut len) };
+        assert_eq!(s, medley_status::Ok);
+        let mut scratch = vec![0u32; len];
+        let mut out = vec![SENTINEL; n];
+        // SAFETY: every buffer is live with the length given.
+        let s = unsafe {
+            medley_merge_ties(
+                models.as_ptr(),
+                2,
+                base.as_ptr().cast(),
+                n,
+                medley_dtype::F32 as u32,
+                &opts,
+                out.as_mut_ptr().cast(),
+                n,
+                medley_dtype::F32 as u32,
+                scratch.as_mut_ptr(),
+                len,
+            )
+        };
+        assert_eq!(s, medley_status::Ok, "{}", message());
+        let mut want = vec![0.0f32; n];
+        let mut sc = vec![0u32; len];
+        merge(&[&a[..], &c[..]], &base, &params, &core_opts, &mut sc, &mut want).unwrap();
+        assert_eq!(out, want);
+    }
+    // bf16 output of f32 inputs.
+    let opts = medley_ties_options_default();
+    let mut scratch = vec![0u32; 4096];
+    let mut out16 = vec![0xFFFFu16; n];
+    // SAFETY: as above.
+    let s = unsafe {
+        medley_merge_ties(
+            models.as_ptr(),
+            2,
+            base.as_ptr().cast(),
+            n,
+            0,
+            &opts,
+            out16.as_mut_ptr().cast(),
+            n,
+            medley_dtype::Bf16 as u32,
+            scratch.as_mut_ptr(),
+            scratch.len(),
+        )
+    };
+    assert_eq!(s, medley_status::Ok);
+    assert!(out16.iter().all(|&x| x != 0xFFFF));
+    // Failures: each leaves `out` untouched.
+    let mut bad_density = models;
+    bad_density[1].density = 0.0;
+    let mut short = models;
+    short[0].data_len = n - 1;
+    let mut null_data = models;
+    null_data[1].data = null();
+    let mut bad_enum = opts;
+    bad_enum.votes = 3;
+    let mut bad_rows = opts;
+    bad_rows.row_len = 5;
+    let cases: [(
+        &str,
+        &[medley_merge_model],
+        medley_ties_options,
+        usize,
+        medley_status,
+    ); 7] = [
+        ("density 0", &bad_density, opts, 4096, medley_status::BadParameter),
+        ("short model", &short, opts, 4096, medley_status::BadShape),
+        ("null data", &null_data, opts, 4096, medley_status::NullArgument),
+        ("votes 3", &models, bad_enum, 4096, medley_status::BadParameter),
+        ("row_len 5", &models, bad_rows, 4096, medley_status::BadParameter),
+        ("scratch short", &models, opts, 10, medley_status::BadShape),
+        ("no models", &[], opts, 4096, medley_status::BadShape),
+    ];
+    for (what, ms, o, slen, st) in cases {
+        let mut out = vec![SENTINEL; n];
+        // SAFETY: as above (every length is within its buffer).
+        let s = unsafe {
+            medley_merge_ties(
+                ms.as_ptr(),
+                ms.len(),
+                base.as_ptr().cast(),
+                n,
+                0,
+                &o,
+                out.as_mut_ptr().cast(),
+                n,
+                0,
+                scratch.as_mut_ptr(),
+                slen,
+            )
+        };
+        assert_eq!(s, st, "{what}: {}", message());
+        assert!(out.iter().all(|&x| x == SENTINEL), "{what}: out written");
+    }
+    // Output aliasing the base.
+    let mut inplace = base.clone();
+    // SAFETY: as above.
+    let s = unsafe {
+        medley_merge_ties(
+            models.as_ptr(),
+            2,
+            inplace.as_ptr().cast(),
+            n,
+            0,
+            &opts,
+            inplace.as_mut_ptr().cast(),
+            n,
+            0,
+            scratch.as_mut_ptr(),
+            scratch.len(),
+        )
+    };
+    assert_eq!(s, medley_status::Overlap);
+    assert_eq!(inplace, base);
+}
