@@ -58,6 +58,11 @@
 #define MEDLEY_MOE_MAX_K 32
 
 /**
+ * Most experts (router row length) the GPU gating functions take.
+ */
+#define MEDLEY_MOE_MAX_DEVICE_EXPERTS 1024
+
+/**
  * Most models one merge takes.
  */
 #define MEDLEY_MERGE_MAX_MODELS 64
@@ -876,6 +881,52 @@ medley_status medley_cuda_ensemble_combine(const struct medley_cuda_engine *engi
                                            uint64_t workspace,
                                            size_t workspace_len,
                                            uint32_t kernel);
+
+/**
+ * `medley_moe_topk_softmax` on the GPU: enqueues medley's gating kernel
+ * on the caller's `stream` and returns without waiting. Ids and weights
+ * equal the CPU function's bit for bit. No report: NaN rows have NaN
+ * weights, fully masked rows zero weights. At most
+ * `MEDLEY_MOE_MAX_DEVICE_EXPERTS` experts.
+ *
+ * - `logits`: host struct describing `T x E` router logits in device
+ *   memory (any `medley_dtype`).
+ * - `ids`, `weights`: device addresses of `T * k` `uint32_t` / `float`
+ *   (4-byte aligned); `ids_len` and `weights_len` must equal `T * k`.
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns the
+ * statuses of `medley_moe_topk_softmax` plus `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * `engine` must be a live handle; `stream` a valid stream of its
+ * context; the device addresses device memory of that context holding
+ * the lengths given, not used by other work while the kernel may run.
+ */
+medley_status medley_cuda_moe_topk_softmax(const struct medley_cuda_engine *engine,
+                                           void *stream,
+                                           const struct medley_cuda_rows *logits,
+                                           size_t k,
+                                           uint32_t renormalize,
+                                           uint64_t ids,
+                                           size_t ids_len,
+                                           uint64_t weights,
+                                           size_t weights_len);
+
+/**
+ * `medley_moe_keep_topk_softmax` on the GPU (softmax over the kept
+ * logits); arguments and errors as `medley_cuda_moe_topk_softmax`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_topk_softmax`.
+ */
+medley_status medley_cuda_moe_keep_topk_softmax(const struct medley_cuda_engine *engine,
+                                                void *stream,
+                                                const struct medley_cuda_rows *logits,
+                                                size_t k,
+                                                uint64_t ids,
+                                                size_t ids_len,
+                                                uint64_t weights,
+                                                size_t weights_len);
 
 /**
  * mergekit's `ties`: weighted votes, sum consensus, weight-sum divisor,

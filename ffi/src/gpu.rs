@@ -1,6 +1,6 @@
 //! CUDA entry points: the engine handle (medley's kernels loaded in one
-//! CUDA context) and the GPU ensemble combination on the caller's stream
-//! over the caller's device memory.
+//! CUDA context), the GPU ensemble combination and top-k gating on the
+//! caller's stream over the caller's device memory.
 
 use crate::args::{Region, Regions, dtype, get, req_out_ptr, slice, stride_or};
 use crate::cpu::{at, copy_list, medley_ensemble_config, scalars};
@@ -13,6 +13,7 @@ use medley_cuda::ensemble::{
     DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, DeviceWeights, MAX_DEVICE_MODELS, Version,
     combine, workspace_bytes,
 };
+use medley_cuda::gating::{Gating, RouterLogits, gate};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
 
 /// medley's CUDA kernels loaded in one CUDA context: an opaque handle,
@@ -461,5 +462,110 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
         let st = unsafe { Stream::from_raw(stream) };
         combine(&e.kernels, &dm[..n], &dcfg, output, ws, st, version)?;
         Ok(())
+    })
+}
+
+/// The shared body of the GPU gating entry points.
+///
+/// # Safety
+/// As the entry points.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gpu_gate(
+    engine: *const medley_cuda_engine,
+    stream: *mut c_void,
+    logits: *const medley_cuda_rows,
+    k: usize,
+    gating: Gating<'_>,
+    ids: u64,
+    ids_len: usize,
+    weights: u64,
+    weights_len: usize,
+) -> Result<(), Fail> {
+    // SAFETY: the caller guarantees a live handle and the struct pointer
+    // (copied at once).
+    let (e, r) = unsafe { (get(engine, "engine")?, *get(logits, "logits")?) };
+    let mut regions = Regions::new();
+    // SAFETY: the caller guarantees the device memory.
+    let x = match unsafe { device_rows(&r, "logits", 0, &mut regions) }? {
+        DeviceLogits::F32(v) => RouterLogits::F32(v),
+        DeviceLogits::F16(v) => RouterLogits::F16(v),
+        DeviceLogits::BF16(v) => RouterLogits::BF16(v),
+    };
+    regions.written(Region::device(ids, ids_len, 4, "ids", 0)?);
+    regions.written(Region::device(weights, weights_len, 4, "weights", 0)?);
+    regions.check()?;
+    // SAFETY: both outputs passed Region::device and overlap nothing else
+    // of the call; device memory of the engine's context (the caller).
+    let (i, w) = unsafe {
+        (
+            DeviceSliceMut::<u32>::from_raw(ids, ids_len),
+            DeviceSliceMut::<f32>::from_raw(weights, weights_len),
+        )
+    };
+    // SAFETY: the caller guarantees a valid stream of the engine's context.
+    let st = unsafe { Stream::from_raw(stream) };
+    gate(&e.kernels, x, k, &gating, i, w, st)?;
+    Ok(())
+}
+
+/// `medley_moe_topk_softmax` on the GPU: enqueues medley's gating kernel
+/// on the caller's `stream` and returns without waiting. Ids and weights
+/// equal the CPU function's bit for bit. No report: NaN rows have NaN
+/// weights, fully masked rows zero weights. At most
+/// `MEDLEY_MOE_MAX_DEVICE_EXPERTS` experts.
+///
+/// - `logits`: host struct describing `T x E` router logits in device
+///   memory (any `medley_dtype`).
+/// - `ids`, `weights`: device addresses of `T * k` `uint32_t` / `float`
+///   (4-byte aligned); `ids_len` and `weights_len` must equal `T * k`.
+///
+/// Checked before the launch; on failure nothing is enqueued. Returns the
+/// statuses of `medley_moe_topk_softmax` plus `MEDLEY_STATUS_DRIVER`.
+///
+/// # Safety
+/// `engine` must be a live handle; `stream` a valid stream of its
+/// context; the device addresses device memory of that context holding
+/// the lengths given, not used by other work while the kernel may run.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_moe_topk_softmax(
+    engine: *const medley_cuda_engine,
+    stream: *mut c_void,
+    logits: *const medley_cuda_rows,
+    k: usize,
+    renormalize: u32,
+    ids: u64,
+    ids_len: usize,
+    weights: u64,
+    weights_len: usize,
+) -> medley_status {
+    ffi_boundary!({
+        let g = Gating::TopkSoftmax {
+            renormalize: renormalize != 0,
+        };
+        // SAFETY: the caller's guarantees are those of `gpu_gate`.
+        unsafe { gpu_gate(engine, stream, logits, k, g, ids, ids_len, weights, weights_len) }
+    })
+}
+
+/// `medley_moe_keep_topk_softmax` on the GPU (softmax over the kept
+/// logits); arguments and errors as `medley_cuda_moe_topk_softmax`.
+///
+/// # Safety
+/// As `medley_cuda_moe_topk_softmax`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_moe_keep_topk_softmax(
+    engine: *const medley_cuda_engine,
+    stream: *mut c_void,
+    logits: *const medley_cuda_rows,
+    k: usize,
+    ids: u64,
+    ids_len: usize,
+    weights: u64,
+    weights_len: usize,
+) -> medley_status {
+    ffi_boundary!({
+        let g = Gating::KeepTopkSoftmax;
+        // SAFETY: the caller's guarantees are those of `gpu_gate`.
+        unsafe { gpu_gate(engine, stream, logits, k, g, ids, ids_len, weights, weights_len) }
     })
 }

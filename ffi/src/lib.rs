@@ -50,7 +50,7 @@ pub use cpu::{
 pub use gpu::{
     medley_cuda_engine, medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
     medley_cuda_ensemble_output, medley_cuda_ensemble_workspace_bytes, medley_cuda_kernel, medley_cuda_model,
-    medley_cuda_probe, medley_cuda_rows,
+    medley_cuda_moe_keep_topk_softmax, medley_cuda_moe_topk_softmax, medley_cuda_probe, medley_cuda_rows,
 };
 pub use merge::{
     medley_merge_model, medley_merge_ties, medley_merge_ties_scratch_len, medley_ties_consensus,
@@ -72,6 +72,8 @@ pub const MEDLEY_MAX_DEVICE_MODELS: usize = 16;
 pub const MEDLEY_MOE_MAX_EXPERTS: usize = 4096;
 /// Most experts per token (`k`) the gating functions take.
 pub const MEDLEY_MOE_MAX_K: usize = 32;
+/// Most experts (router row length) the GPU gating functions take.
+pub const MEDLEY_MOE_MAX_DEVICE_EXPERTS: usize = 1024;
 /// Most models one merge takes.
 pub const MEDLEY_MERGE_MAX_MODELS: usize = 64;
 
@@ -86,6 +88,10 @@ mod tests {
         assert_eq!(MEDLEY_MAX_DEVICE_MODELS, medley_cuda::ensemble::MAX_DEVICE_MODELS);
         assert_eq!(MEDLEY_MOE_MAX_EXPERTS, medley_core::moe::MAX_EXPERTS);
         assert_eq!(MEDLEY_MOE_MAX_K, medley_core::moe::MAX_K);
+        assert_eq!(
+            MEDLEY_MOE_MAX_DEVICE_EXPERTS,
+            medley_cuda::gating::MAX_DEVICE_EXPERTS
+        );
         assert_eq!(MEDLEY_MERGE_MAX_MODELS, medley_core::merge::MAX_MODELS);
     }
 }

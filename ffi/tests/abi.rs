@@ -692,6 +692,22 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
             medley_cuda_ensemble_combine(null(), null_mut(), null(), 0, &cfg, 0, 0, &out, 0, 0, 0),
             medley_status::NullArgument
         );
+        let rows = medley_cuda_rows {
+            data: 0x1000,
+            data_len: 4,
+            dtype: 0,
+            rows: 1,
+            len: 4,
+            stride: 0,
+        };
+        assert_eq!(
+            medley_cuda_moe_topk_softmax(null(), null_mut(), &rows, 2, 1, 0x2000, 2, 0x3000, 2),
+            medley_status::NullArgument
+        );
+        assert_eq!(
+            medley_cuda_moe_keep_topk_softmax(null(), null_mut(), &rows, 2, 0x2000, 2, 0x3000, 2),
+            medley_status::NullArgument
+        );
     }
 }
 

@@ -286,7 +286,7 @@ fn cuda(r: &mut Bytes<'_>) {
     // No engine can exist without a device: every call must fail on its
     // arguments or the driver, and write nothing.
     let mut engine = 0x40usize as *mut medley_cuda_engine;
-    let s = match r.u8() % 5 {
+    let s = match r.u8() % 6 {
         0 => medley_cuda_probe(),
         1 => unsafe {
             let p = if r.u8() % 2 == 0 { null_mut() } else { &mut engine as *mut _ };
@@ -298,6 +298,16 @@ fn cuda(r: &mut Bytes<'_>) {
             let s = medley_cuda_ensemble_workspace_bytes(null(), r.size(), r.size(), r.size(), r.u32(), &mut bytes);
             assert_eq!(bytes, 5);
             s
+        },
+        4 => unsafe {
+            let mut store = Vec::new();
+            let x = rows(r, &mut store);
+            let (k, n) = (r.size(), r.size());
+            if r.u8() % 2 == 0 {
+                medley_cuda_moe_topk_softmax(null(), null_mut(), &x, k, r.u32(), r.u32() as u64, n, 0, n)
+            } else {
+                medley_cuda_moe_keep_topk_softmax(null(), null_mut(), &x, k, 0, n, r.u32() as u64, n)
+            }
         },
         _ => unsafe {
             let cfg = medley_ensemble_config_default();

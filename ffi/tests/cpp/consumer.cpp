@@ -10,8 +10,8 @@
 // CUDA driver API (declared below: no CUDA header is needed to build this
 // file), creates its own non-blocking stream, loads medley's kernels for
 // that stream, runs the GPU ensemble with both kernels and with per-row
-// device weights, and compares with the CPU results; checks that a bad call
-// enqueues nothing. Prints why it was skipped otherwise (34 = the stub
+// device weights and the GPU top-k gating, and compares with the CPU
+// results; checks that a bad call enqueues nothing. Prints why it was skipped otherwise (34 = the stub
 // driver of a CPU-only build, 100 = no device).
 //
 // Exit status 0 when every check passed. Build (see ffi/README.md):
@@ -119,16 +119,18 @@ static float from_bf16(uint16_t h) {
 // only its first V1 tokens; model 2 masks some tokens with -inf).
 
 static const size_t B = 3, V = 37, V1 = 30;
-static const size_t STRIDE0 = 40, STRIDE1 = 32, STRIDE2 = 37, OUT_STRIDE = 40;
+// Row strides: every row starts 16-byte aligned, so the GPU's split-row
+// kernel (v2) applies.
+static const size_t STRIDE0 = 40, STRIDE1 = 32, STRIDE2 = 44, OUT_STRIDE = 40;
 
 struct EnsembleData {
   std::vector<float> m0;       // B x STRIDE0, f32
   std::vector<uint16_t> m1;    // B x STRIDE1, bf16 bits
   std::vector<float> m1_f32;   // the same values as f32 (for the GPU)
-  std::vector<float> m2;       // B x STRIDE2, f32
+  std::vector<float> m2;       // B x STRIDE2, f32 (the last row unpadded)
   float temps[3] = {1.0f, 0.7f, 1.3f};
 
-  EnsembleData() : m0(B * STRIDE0, 1e30f), m1(B * STRIDE1, to_bf16(1e30f)), m1_f32(B * STRIDE1, 1e30f), m2(B * STRIDE2) {
+  EnsembleData() : m0(B * STRIDE0, 1e30f), m1(B * STRIDE1, to_bf16(1e30f)), m1_f32(B * STRIDE1, 1e30f), m2((B - 1) * STRIDE2 + V, 1e30f) {
     // Deterministic, tie-free pseudo-random logits (padding keeps 1e30,
     // which medley must never read).
     uint32_t s = 12345;
@@ -167,7 +169,7 @@ struct EnsembleData {
         x.logits = medley_rows{m1.data(), m1.size(), MEDLEY_DTYPE_BF16, B, V1, STRIDE1};
         break;
       default:
-        x.logits = medley_rows{m2.data(), m2.size(), MEDLEY_DTYPE_F32, B, V, 0};
+        x.logits = medley_rows{m2.data(), m2.size(), MEDLEY_DTYPE_F32, B, V, STRIDE2};
         break;
     }
     return x;
@@ -518,7 +520,10 @@ static void compare_gpu(const char *what, const CpuResult &cpu, const std::vecto
       if (!close_to(got, want, 3e-4, 3e-5) && bad++ < 5)
         std::fprintf(stderr, "  %s row %zu token %zu: GPU %.9g, CPU %.9g\n", what, b, v, got, want);
     }
-    CHECK(am[b] == cpu.argmax[b], "%s row %zu: GPU argmax %u, CPU %u", what, b, am[b], cpu.argmax[b]);
+    // The argmax is a maximal token (GPU and CPU may split a near-tie).
+    float best = cpu.log_probs[b * OUT_STRIDE + cpu.argmax[b]];
+    CHECK(am[b] < V && cpu.log_probs[b * OUT_STRIDE + am[b]] >= best - 1e-4f, "%s row %zu: GPU argmax %u, CPU %u",
+          what, b, am[b], cpu.argmax[b]);
     CHECK(close_to(lz[b], cpu.log_z[b], 3e-4, 3e-5), "%s row %zu: GPU ln Z %.9g, CPU %.9g", what, b, lz[b],
           cpu.log_z[b]);
   }
@@ -569,7 +574,7 @@ static void gpu_part(const EnsembleData &d) {
     medley_cuda_model models[3] = {
         {{d0, d.m0.size(), MEDLEY_DTYPE_F32, B, V, STRIDE0}, d.temps[0]},
         {{d1, d.m1_f32.size(), MEDLEY_DTYPE_F32, B, V1, STRIDE1}, d.temps[1]},
-        {{d2, d.m2.size(), MEDLEY_DTYPE_F32, B, V, 0}, d.temps[2]},
+        {{d2, d.m2.size(), MEDLEY_DTYPE_F32, B, V, STRIDE2}, d.temps[2]},
     };
     medley_cuda_ensemble_output out{dlp, B * OUT_STRIDE, OUT_STRIDE, 0, 0, 0, dam, B, dlz, B};
     size_t ws_bytes = 0;
@@ -660,6 +665,64 @@ static void gpu_part(const EnsembleData &d) {
         poisoned = poisoned && u == 0x7f7f7f7fu;
       }
       CHECK(poisoned, "a failed GPU call wrote its outputs");
+    }
+    // Top-k gating on the GPU against the CPU, bit for bit (bf16 router
+    // logits; a tie, a fully masked row and a NaN row included).
+    {
+      const size_t T = 64, E = 256, K = 8;
+      std::vector<uint16_t> lg(T * E);
+      uint32_t st = 99;
+      for (auto &x : lg) {
+        st = st * 1664525u + 1013904223u;
+        x = to_bf16(((st >> 8) & 0xffff) / 4096.0f - 8.0f);
+      }
+      lg[5] = lg[200] = to_bf16(30.0f);                                   // row 0: tie at the top
+      for (size_t e = 0; e < E; ++e) lg[1 * E + e] = to_bf16(-INFINITY);  // row 1: fully masked
+      lg[2 * E + 17] = 0x7fc0;                                            // row 2: NaN
+      CUdeviceptr dl = mem.alloc(lg.size() * 2), dids = mem.alloc(T * K * 4), dwt = mem.alloc(T * K * 4);
+      CHECK(dl && dids && dwt, "cuMemAlloc failed");
+      if (!(dl && dids && dwt)) return;
+      CU(cuMemcpyHtoDAsync_v2(dl, lg.data(), lg.size() * 2, stream));
+      medley_rows hx{lg.data(), lg.size(), MEDLEY_DTYPE_BF16, T, E, 0};
+      medley_cuda_rows dx{dl, lg.size(), MEDLEY_DTYPE_BF16, T, E, 0};
+      for (int variant = 0; variant < 3; ++variant) {
+        std::vector<uint32_t> cids(T * K), gids(T * K);
+        std::vector<float> cw(T * K), gw(T * K);
+        medley_status cs, gs;
+        if (variant < 2) {
+          cs = medley_moe_topk_softmax(&hx, K, variant, cids.data(), T * K, cw.data(), T * K, nullptr);
+          gs = medley_cuda_moe_topk_softmax(engine, stream, &dx, K, variant, dids, T * K, dwt, T * K);
+        } else {
+          cs = medley_moe_keep_topk_softmax(&hx, K, cids.data(), T * K, cw.data(), T * K, nullptr);
+          gs = medley_cuda_moe_keep_topk_softmax(engine, stream, &dx, K, dids, T * K, dwt, T * K);
+        }
+        CHECK(cs == MEDLEY_STATUS_OK && gs == MEDLEY_STATUS_OK, "gating variant %d: CPU %s, GPU %s: %s", variant,
+              medley_status_name(cs), medley_status_name(gs), last_message().c_str());
+        CU(cuMemcpyDtoHAsync_v2(gids.data(), dids, T * K * 4, stream));
+        CU(cuMemcpyDtoHAsync_v2(gw.data(), dwt, T * K * 4, stream));
+        CU(cuStreamSynchronize(stream));
+        int diff = 0;
+        for (size_t i = 0; i < T * K; ++i) {
+          bool same = gids[i] == cids[i] &&
+                      ((std::isnan(gw[i]) && std::isnan(cw[i])) || std::memcmp(&gw[i], &cw[i], 4) == 0);
+          if (!same && diff++ < 5)
+            std::fprintf(stderr, "  gating variant %d slot %zu: GPU (%u, %.9g), CPU (%u, %.9g)\n", variant, i,
+                         gids[i], gw[i], cids[i], cw[i]);
+        }
+        CHECK(diff == 0, "gating variant %d: %d slots differ between GPU and CPU", variant, diff);
+        CHECK(cids[0] == 5 && cids[1] == 200, "tie order on the CPU: %u %u", cids[0], cids[1]);
+        CHECK(std::isnan(cw[2 * K]) && cw[K] == 0.0f, "NaN and masked rows");
+      }
+      // A bad call enqueues nothing (k above E): the previous ids stay.
+      std::vector<uint32_t> before(T * K), after(T * K);
+      CU(cuMemcpyDtoHAsync_v2(before.data(), dids, T * K * 4, stream));
+      CHECK_STATUS(medley_cuda_moe_topk_softmax(engine, stream, &dx, E + 1, 1, dids, T * K, dwt, T * K),
+                   MEDLEY_STATUS_BAD_SHAPE);
+      CU(cuMemcpyDtoHAsync_v2(after.data(), dids, T * K * 4, stream));
+      CU(cuStreamSynchronize(stream));
+      CHECK(before == after, "a failed GPU gating call wrote its outputs");
+      std::printf("gpu: top-k gating (three variants, bf16, tie, masked and NaN rows) equals the CPU bit for "
+                  "bit\n");
     }
     CHECK(cuStreamSynchronize(stream) == 0, "stream error");
     CHECK_STATUS(medley_cuda_engine_destroy(engine), MEDLEY_STATUS_OK);
