@@ -143,14 +143,7 @@ fn rows(r: &mut Bytes<'_>, store: &mut Vec<Buf<u32>>) -> medley_rows {
     }
     b.fill = 0;
     let (data, words) = b.arg(r);
-    let elems = if words > isize::MAX as usize / 4 {
-        // The overflowing-length case: too many bytes for any element size.
-        isize::MAX as usize + 1 + r.below(1 << 20)
-    } else if dtype == 1 || dtype == 2 {
-        words * 2
-    } else {
-        words
-    };
+    let elems = elems(r, words, dtype, usize::MAX);
     let rows_ = if r.u8() % 4 == 0 { r.size() } else { r.below(5) };
     let len = if r.u8() % 4 == 0 { r.size() } else { r.below(40) };
     let stride = match r.u8() % 4 {
@@ -282,6 +275,83 @@ fn gating(r: &mut Bytes<'_>) {
     assert!(ids.guard_intact() && w.guard_intact());
 }
 
+/// Elements of `dtype` in a claimed length of `l` u32 words from
+/// [`Buf::arg`] (at most `n` for 16-bit types, two per word); an
+/// overflowing claim stays overflowing for every element size.
+fn elems(r: &mut Bytes<'_>, l: usize, dtype: u32, n: usize) -> usize {
+    if l > isize::MAX as usize / 4 {
+        isize::MAX as usize + 1 + r.below(1 << 20)
+    } else if dtype == 1 || dtype == 2 {
+        (l * 2).min(n)
+    } else {
+        l
+    }
+}
+
+fn ties(r: &mut Bytes<'_>) {
+    let n = r.below(64);
+    let dtype = r.enum_value(3);
+    let words = n; // n u32 words hold n elements of any dtype
+    let m = if r.u8() % 16 == 0 { 60 + r.below(10) } else { 1 + r.below(4) };
+    let mut store: Vec<Buf<u32>> = Vec::new();
+    let mut models = Vec::new();
+    for _ in 0..m {
+        let mut b = Buf::new(words, 0u32);
+        for w in b.v.iter_mut().take(words) {
+            *w = r.f32().to_bits();
+        }
+        let (p, l) = b.arg(r);
+        let len = elems(r, l, dtype, n);
+        models.push(medley_merge_model {
+            data: p.cast_const().cast(),
+            data_len: len,
+            weight: r.param(),
+            density: match r.u8() % 4 {
+                0 => f64::from_bits(r.u32() as u64 | ((r.u32() as u64) << 32)),
+                _ => (r.below(101) as f64) / 100.0,
+            },
+        });
+        store.push(b);
+    }
+    let mut base = Buf::new(words, 0u32);
+    let (bp, bl) = base.arg(r);
+    let bl = elems(r, bl, dtype, n);
+    let mut opts = medley_ties_options {
+        consensus: r.enum_value(2),
+        votes: r.enum_value(2),
+        divisor: r.enum_value(2),
+        normalize: r.u32(),
+        lambda: r.param(),
+        row_len: if r.u8() % 4 == 0 { r.size() } else { 0 },
+    };
+    if r.u8() % 4 != 0 {
+        opts = medley_ties_options_default();
+    }
+    let out_dtype = r.enum_value(3);
+    let mut out = Buf::new(n, 0x5A5A_5A5Au32);
+    let (op, ol) = out.arg(r);
+    let ol = elems(r, ol, out_dtype, n);
+    let (mp, mn) = match r.u8() % 8 {
+        0 => (null(), r.size()),
+        1 => (models.as_ptr(), usize::MAX / 16 + r.below(100)),
+        _ => (models.as_ptr(), r.below(m + 1)),
+    };
+    let mut need = 0usize;
+    let s = unsafe { medley_merge_ties_scratch_len(mp, mn, bl, &opts, &mut need) };
+    known(s);
+    let mut scratch = Buf::new(need.min(1 << 16), 0u32);
+    let (sp, sl) = scratch.arg(r);
+    let s = unsafe {
+        medley_merge_ties(mp, mn, bp.cast_const().cast(), bl, dtype, &opts, op.cast(), ol, out_dtype, sp, sl)
+    };
+    known(s);
+    if s != medley_status::Ok {
+        assert!(out.untouched(), "{s:?} wrote");
+    }
+    assert!(out.guard_intact() && scratch.guard_intact());
+    drop(store);
+}
+
 fn cuda(r: &mut Bytes<'_>) {
     // No engine can exist without a device: every call must fail on its
     // arguments or the driver, and write nothing.
@@ -301,7 +371,16 @@ fn cuda(r: &mut Bytes<'_>) {
         },
         4 => unsafe {
             let mut store = Vec::new();
-            let x = rows(r, &mut store);
+            let h = rows(r, &mut store);
+            // Device addresses are never dereferenced on the host: any value.
+            let x = medley_cuda_rows {
+                data: if r.u8() % 2 == 0 { 0 } else { r.u32() as u64 },
+                data_len: h.data_len,
+                dtype: h.dtype,
+                rows: h.rows,
+                len: h.len,
+                stride: h.stride,
+            };
             let (k, n) = (r.size(), r.size());
             if r.u8() % 2 == 0 {
                 medley_cuda_moe_topk_softmax(null(), null_mut(), &x, k, r.u32(), r.u32() as u64, n, 0, n)
@@ -335,9 +414,10 @@ fn cuda(r: &mut Bytes<'_>) {
 fuzz_target!(|data: &[u8]| {
     let mut r = Bytes(data);
     for _ in 0..1 + r.below(3) {
-        match r.u8() % 8 {
+        match r.u8() % 10 {
             0..=3 => ensemble(&mut r),
             4 | 5 => gating(&mut r),
+            6 | 7 => ties(&mut r),
             _ => cuda(&mut r),
         }
         check_message(&mut r);
