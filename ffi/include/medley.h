@@ -816,7 +816,9 @@ medley_status medley_cuda_engine_destroy(struct medley_cuda_engine *engine);
  * ready for the next one (one workspace per concurrently running call).
  *
  * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
- * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`).
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_BAD_SHAPE` (more than
+ * `MEDLEY_MAX_DEVICE_MODELS` models, `rows` or `vocab` beyond the kernels'
+ * 32-bit limits) or `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`).
  *
  * # Safety
  * `engine` must be a live handle; `bytes` must point to a writable

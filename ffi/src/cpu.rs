@@ -170,18 +170,20 @@ pub struct medley_ensemble_output {
 /// mask, no weights yet (`weights = NULL`, `weights_len = 0`).
 #[unsafe(no_mangle)]
 pub extern "C" fn medley_ensemble_config_default() -> medley_ensemble_config {
-    medley_ensemble_config {
-        mode: medley_mode::Linear as u32,
-        mask_rule: medley_mask_rule::All as u32,
-        out_temperature: 1.0,
-        plausibility_model: -1,
-        plausibility_alpha: 0.0,
-        weights: core::ptr::null(),
-        weights_len: 0,
-        weights_stride: 0,
-        device_weights: 0,
-    }
+    ffi_boundary!(default = DEFAULT_CONFIG, { DEFAULT_CONFIG })
 }
+
+const DEFAULT_CONFIG: medley_ensemble_config = medley_ensemble_config {
+    mode: medley_mode::Linear as u32,
+    mask_rule: medley_mask_rule::All as u32,
+    out_temperature: 1.0,
+    plausibility_model: -1,
+    plausibility_alpha: 0.0,
+    weights: core::ptr::null(),
+    weights_len: 0,
+    weights_stride: 0,
+    device_weights: 0,
+};
 
 /// The scalar part of a config.
 pub(crate) struct Scalars {

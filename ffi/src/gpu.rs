@@ -2,7 +2,7 @@
 //! CUDA context), the GPU ensemble combination and top-k gating on the
 //! caller's stream over the caller's device memory.
 
-use crate::args::{Region, Regions, dtype, get, req_out_ptr, slice, stride_or};
+use crate::args::{Region, Regions, at_most, dtype, get, req_out_ptr, slice, stride_or};
 use crate::cpu::{at, copy_list, medley_ensemble_config, scalars};
 use crate::status::{Fail, medley_status};
 use core::ffi::c_void;
@@ -190,7 +190,9 @@ pub unsafe extern "C" fn medley_cuda_engine_destroy(engine: *mut medley_cuda_eng
 /// ready for the next one (one workspace per concurrently running call).
 ///
 /// Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
-/// `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`).
+/// `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_BAD_SHAPE` (more than
+/// `MEDLEY_MAX_DEVICE_MODELS` models, `rows` or `vocab` beyond the kernels'
+/// 32-bit limits) or `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`).
 ///
 /// # Safety
 /// `engine` must be a live handle; `bytes` must point to a writable
@@ -209,6 +211,11 @@ pub unsafe extern "C" fn medley_cuda_ensemble_workspace_bytes(
         let e = unsafe { get(engine, "engine") }?;
         let out = req_out_ptr(bytes, "bytes")?;
         let size = crate::args::dtype("dtype", dtype)?.size_bytes();
+        // The kernels' limits, checked first so that the plan's arithmetic
+        // stays small (medley_cuda's planner assumes shapes combine accepts).
+        at_most("n_models", n_models, MAX_DEVICE_MODELS)?;
+        at_most("rows", rows, u32::MAX as usize)?;
+        at_most("vocab", vocab, u32::MAX as usize - 1)?;
         let n = workspace_bytes(&e.kernels, rows, vocab, n_models, size);
         // SAFETY: non-null, aligned (req_out_ptr), writable (the caller).
         unsafe { out.write(n) };

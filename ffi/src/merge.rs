@@ -154,14 +154,25 @@ fn from_gta(g: &GtaOptions) -> medley_ties_options {
 /// normalized, `lambda = 1`, trim over the whole tensor.
 #[unsafe(no_mangle)]
 pub extern "C" fn medley_ties_options_default() -> medley_ties_options {
-    from_gta(&GtaOptions::ties())
+    ffi_boundary!(default = TIES_FALLBACK, { from_gta(&GtaOptions::ties()) })
 }
+
+/// What the option constructors return if they ever panicked: mergekit's
+/// `ties` spelled out.
+const TIES_FALLBACK: medley_ties_options = medley_ties_options {
+    consensus: medley_ties_consensus::Sum as u32,
+    votes: medley_ties_votes::Weighted as u32,
+    divisor: medley_ties_divisor::WeightSum as u32,
+    normalize: 1,
+    lambda: 1.0,
+    row_len: 0,
+};
 
 /// TIES as in the paper (Yadav et al. 2023): unweighted votes and the
 /// disjoint mean over the agreeing models; otherwise as the default.
 #[unsafe(no_mangle)]
 pub extern "C" fn medley_ties_options_paper() -> medley_ties_options {
-    from_gta(&GtaOptions::ties_paper())
+    ffi_boundary!(default = TIES_FALLBACK, { from_gta(&GtaOptions::ties_paper()) })
 }
 
 const NO_MODEL: medley_merge_model = medley_merge_model {
@@ -341,5 +352,6 @@ mod tests {
         for g in [GtaOptions::ties(), GtaOptions::ties_paper()] {
             assert_eq!(options(&from_gta(&g)).unwrap(), g);
         }
+        assert_eq!(options(&TIES_FALLBACK).unwrap(), GtaOptions::ties());
     }
 }
