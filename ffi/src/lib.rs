@@ -10,11 +10,10 @@
 //!
 //! - Functions return a [`medley_status`]: `MEDLEY_STATUS_OK` (0) or a
 //!   failure code (7000 block: arguments and panics; 7100 block: CUDA).
-//!   [`medley_status_name`] names a code,
-//!   [`medley_last_error_message`]
+//!   [`medley_status_name`] names a code, [`medley_last_error_message`]
 //!   describes the calling thread's last failure, and
-//!   [`medley_last_cuda_error`] gives the
-//!   raw `CUresult` of a driver failure (thread-local, like `errno`).
+//!   [`medley_last_cuda_error`] gives the raw `CUresult` of a driver
+//!   failure (thread-local, like `errno`).
 //! - No panic crosses the boundary: every body runs inside
 //!   `ffi_boundary!` (`catch_unwind`); a panic returns
 //!   `MEDLEY_STATUS_PANIC`.
@@ -29,8 +28,7 @@
 //!   `CUstream` / `cudaStream_t` as `void *` and device addresses as
 //!   `uint64_t`, enqueue on that stream and never synchronize.
 //! - State is kept only in opaque, Box-owned handles created and destroyed
-//!   explicitly ([`medley_cuda_engine`]); destroy
-//!   reports errors.
+//!   explicitly ([`medley_cuda_engine`]); destroy reports errors.
 #![allow(unsafe_code)]
 
 #[macro_use]
