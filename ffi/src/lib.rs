@@ -29,7 +29,6 @@
 //!   `uint64_t`, enqueue on that stream and never synchronize.
 //! - State is kept only in opaque, Box-owned handles created and destroyed
 //!   explicitly ([`medley_cuda_engine`]); destroy reports errors.
-#![allow(unsafe_code)]
 
 #[macro_use]
 mod boundary;
