@@ -174,6 +174,7 @@ pub fn v2_plan(
     vocab: usize,
     n_models: usize,
     elem_bytes: usize,
+    log_linear: bool,
 ) -> Option<V2Plan> {
     if !kernels.cooperative() || rows == 0 || vocab == 0 || n_models == 0 {
         return None;
@@ -182,12 +183,21 @@ pub fn v2_plan(
     if g_max == 0 {
         return None;
     }
-    // Chunk size bounded so a wave's inputs stay in L2 for the second read.
-    let target = (L2_BUDGET / (g_max * n_models * elem_bytes)).clamp(1024, V2_MAX_CHUNK) & !7;
+    // Linear mode reads a piece's logits twice: bound the chunk so a
+    // wave's inputs stay in L2 for the second read. Log-linear keeps its
+    // scores in shared memory: the largest chunk (fewest blocks per row,
+    // fewest barrier arrivals).
+    let target = if log_linear {
+        V2_MAX_CHUNK
+    } else {
+        (L2_BUDGET / (g_max * n_models * elem_bytes)).clamp(1024, V2_MAX_CHUNK) & !7
+    };
     let mut chunks = vocab.div_ceil(target);
-    // Few rows: split them further so every SM has work.
+    // Few rows: split them further so every SM has work, but keep at least
+    // one full 2048-token step per block (more blocks than that only add
+    // arrivals at the row's barrier).
     if rows * chunks < g_max {
-        chunks = chunks.max(g_max.div_ceil(rows).min(vocab.div_ceil(512)));
+        chunks = chunks.max(g_max.div_ceil(rows).min(vocab.div_ceil(2048)));
     }
     chunks = chunks.min(g_max).max(1);
     let chunk = vocab.div_ceil(chunks).next_multiple_of(8);
@@ -206,8 +216,9 @@ pub fn v2_plan(
 }
 
 /// Workspace bytes [`combine`] needs to run `ensemble_v2` for this call
-/// shape (0 when v2 cannot run; v1 needs none). Zero the workspace once
-/// before its first use; calls leave it ready for the next.
+/// shape (0 when v2 cannot run; v1 needs none): the most either mode's
+/// plan uses. Zero the workspace once before its first use; calls leave it
+/// ready for the next, whatever their shape.
 pub fn workspace_bytes(
     kernels: &Kernels,
     rows: usize,
@@ -215,7 +226,12 @@ pub fn workspace_bytes(
     n_models: usize,
     elem_bytes: usize,
 ) -> usize {
-    v2_plan(kernels, rows, vocab, n_models, elem_bytes).map_or(0, |p| p.workspace_bytes())
+    [false, true]
+        .iter()
+        .filter_map(|&ll| v2_plan(kernels, rows, vocab, n_models, elem_bytes, ll))
+        .map(|p| p.workspace_bytes())
+        .max()
+        .unwrap_or(0)
 }
 
 /// The 488-byte by-value parameter of `ensemble_v1/v2` (layout documented
@@ -563,6 +579,7 @@ pub fn combine(
         params.vocab as usize,
         models.len(),
         elem_bytes,
+        cfg.mode == Mode::LogLinear,
     );
     let v2 = match (version, plan, &workspace) {
         (Version::V1, _, _) => None,

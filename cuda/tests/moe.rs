@@ -238,7 +238,12 @@ impl GateCase {
 
 #[test]
 fn gating_matches_the_core_bit_for_bit() {
-    let cases: Vec<GateCase> = (0..400u64).map(|s| GateCase::random(0x6A7E_0000 + s)).collect();
+    // MEDLEY_MOE_CASES=n runs n cases of each test (compute-sanitizer runs).
+    let n: u64 = std::env::var("MEDLEY_MOE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let cases: Vec<GateCase> = (0..n).map(|s| GateCase::random(0x6A7E_0000 + s)).collect();
     // CPU half: the core's outputs are well formed (ids distinct, in range).
     for c in &cases {
         let (ids, w) = c.cpu();
@@ -302,7 +307,11 @@ fn routing_plan_permute_and_combine_match_the_core() {
     let mut rng = Gen(0x9047);
     let mut failures = Vec::new();
     let g = gpu();
-    for case in 0..120 {
+    let n: usize = std::env::var("MEDLEY_MOE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    for case in 0..n.min(120) {
         let t = [0usize, 1, 2, 7, 33, 257, 1000, 4096][rng.below(8)];
         let k = 1 + rng.below(8);
         let experts = [1usize, 3, 8, 60, 256, 1000][rng.below(6)];
@@ -463,7 +472,8 @@ fn routing_plan_permute_and_combine_match_the_core() {
     }
     if g.is_some() {
         eprintln!(
-            "routing: 120 cases on the GPU, {} differ from the core",
+            "routing: {} cases on the GPU, {} differ from the core",
+            n.min(120),
             failures.len()
         );
     }
