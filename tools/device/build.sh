@@ -18,6 +18,26 @@ for l in sys.stdin:
 for t in $(ls cuda/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//'); do
   cp "$(pick test -p medley-cuda --test "$t" --no-run | tail -1)" ".device/test-$t"
 done
+# The C API's C++ consumer (ffi/tests/cpp/consumer.cpp), statically linked
+# against libmedley_ffi.a (cargo builds the staticlib with the lib the ffi
+# tests use) and the driver medley-cuda's build script linked (the stub
+# here; the GPU machine loads its real libcuda.so.1). Named test-* so run.sh
+# runs it with the GPU tests (it ignores --nocapture); it needs no other file
+# (libstdc++ is linked statically: the GPU image may have an older one).
+read -r ffi_lib cuda_dir < <(cargo test -p medley-ffi --no-run --message-format=json 2>/dev/null | python3 -c '
+import sys, json
+lib = cuda = ""
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except Exception: continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "medley_ffi":
+        lib = next((f for f in m["filenames"] if f.endswith(".a")), lib)
+    if m.get("reason") == "build-script-executed" and "medley-cuda" in m["package_id"]:
+        cuda = next((p.split("=", 1)[-1] for p in m["linked_paths"]), cuda)
+print(lib, cuda)')
+[ -n "$ffi_lib" ] || { echo "build.sh: cargo did not build libmedley_ffi.a" >&2; exit 1; }
+c++ -std=c++17 -O2 -Wall -Wextra -Werror -static-libstdc++ -I ffi/include ffi/tests/cpp/consumer.cpp "$ffi_lib" \
+  ${cuda_dir:+-L"$cuda_dir"} -lcuda -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .device/test-ffi_cpp_consumer
 cp "$(pick bench -p medley-benches --bench bench_main --no-run | tail -1)" .device/bench_main
 cp benches/tools/table.py .device/table.py
 ls -la .device

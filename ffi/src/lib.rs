@@ -1,0 +1,94 @@
+//! # medley-ffi
+//!
+//! The C ABI of medley, for C and C++ runtimes. The header is
+//! `ffi/include/medley.h`, generated from this crate by cbindgen (pinned
+//! version in `.ci/run`, which fails when the checked-in header differs).
+//! The crate builds as a static library (`libmedley_ffi.a`), a shared
+//! library (`libmedley_ffi.so`) and an rlib (for Rust tests and fuzzing).
+//!
+//! ## Contract (every entry point)
+//!
+//! - Functions return a [`medley_status`]: `MEDLEY_STATUS_OK` (0) or a
+//!   failure code (7000 block: arguments and panics; 7100 block: CUDA).
+//!   [`medley_status_name`] names a code, [`medley_last_error_message`]
+//!   describes the calling thread's last failure, and
+//!   [`medley_last_cuda_error`] gives the raw `CUresult` of a driver
+//!   failure (thread-local, like `errno`).
+//! - No panic crosses the boundary: every body runs inside
+//!   `ffi_boundary!` (`catch_unwind`); a panic returns
+//!   `MEDLEY_STATUS_PANIC`.
+//! - Buffers are (pointer, length in elements) pairs; a pointer may be null
+//!   only when its length is 0; optional outputs are null when not wanted.
+//!   Every pointer is checked for null and alignment, every size product
+//!   and end address for overflow, every written buffer for overlap with
+//!   the call's other buffers, and the core validates shapes and
+//!   parameters, all before any output is written: a failed call leaves
+//!   its outputs untouched.
+//! - CPU functions take host pointers; GPU functions take the caller's
+//!   `CUstream` / `cudaStream_t` as `void *` and device addresses as
+//!   `uint64_t`, enqueue on that stream and never synchronize.
+//! - State is kept only in opaque, Box-owned handles created and destroyed
+//!   explicitly ([`medley_cuda_engine`]); destroy reports errors.
+
+#[macro_use]
+mod boundary;
+pub mod args;
+pub mod cpu;
+pub mod gpu;
+pub mod merge;
+pub mod status;
+
+pub use args::medley_dtype;
+pub use cpu::{
+    medley_ensemble_combine, medley_ensemble_config, medley_ensemble_config_default, medley_ensemble_output,
+    medley_mask_rule, medley_mode, medley_model, medley_moe_keep_topk_softmax, medley_moe_topk_softmax,
+    medley_report, medley_rows,
+};
+pub use gpu::{
+    medley_cuda_engine, medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
+    medley_cuda_ensemble_output, medley_cuda_ensemble_workspace_bytes, medley_cuda_kernel, medley_cuda_model,
+    medley_cuda_moe_keep_topk_softmax, medley_cuda_moe_topk_softmax, medley_cuda_probe, medley_cuda_rows,
+};
+pub use merge::{
+    medley_merge_model, medley_merge_ties, medley_merge_ties_scratch_len, medley_ties_consensus,
+    medley_ties_divisor, medley_ties_options, medley_ties_options_default, medley_ties_options_paper,
+    medley_ties_votes,
+};
+pub use status::{
+    Fail, medley_last_cuda_error, medley_last_error_message, medley_status, medley_status_name,
+    medley_version,
+};
+
+/// The argmax of a row with no valid token (fully masked or NaN).
+pub const MEDLEY_NO_TOKEN: u32 = 0xFFFF_FFFF;
+/// Most models one CPU combination takes.
+pub const MEDLEY_MAX_MODELS: usize = 64;
+/// Most models one GPU combination takes.
+pub const MEDLEY_MAX_DEVICE_MODELS: usize = 16;
+/// Most experts (router row length) the gating functions take.
+pub const MEDLEY_MOE_MAX_EXPERTS: usize = 4096;
+/// Most experts per token (`k`) the gating functions take.
+pub const MEDLEY_MOE_MAX_K: usize = 32;
+/// Most experts (router row length) the GPU gating functions take.
+pub const MEDLEY_MOE_MAX_DEVICE_EXPERTS: usize = 1024;
+/// Most models one merge takes.
+pub const MEDLEY_MERGE_MAX_MODELS: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_constants_match_the_crates() {
+        assert_eq!(MEDLEY_NO_TOKEN, medley_core::ensemble::NO_TOKEN);
+        assert_eq!(MEDLEY_MAX_MODELS, medley_core::ensemble::MAX_MODELS);
+        assert_eq!(MEDLEY_MAX_DEVICE_MODELS, medley_cuda::ensemble::MAX_DEVICE_MODELS);
+        assert_eq!(MEDLEY_MOE_MAX_EXPERTS, medley_core::moe::MAX_EXPERTS);
+        assert_eq!(MEDLEY_MOE_MAX_K, medley_core::moe::MAX_K);
+        assert_eq!(
+            MEDLEY_MOE_MAX_DEVICE_EXPERTS,
+            medley_cuda::gating::MAX_DEVICE_EXPERTS
+        );
+        assert_eq!(MEDLEY_MERGE_MAX_MODELS, medley_core::merge::MAX_MODELS);
+    }
+}
