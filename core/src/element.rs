@@ -1,4 +1,4 @@
-//! Element types the core reads: `f32`, [`f16`] and [`bf16`].
+//! Element types the core reads: `f32`, [`f16`](struct@f16) and [`bf16`].
 //!
 //! Inputs may be any [`Element`]; every computation upconverts to `f32` and
 //! accumulates there. The conversions here are branch-free so that loops
@@ -46,7 +46,7 @@ mod sealed {
 }
 
 /// A floating-point element the core accepts as input. Sealed: implemented
-/// for `f32`, [`f16`] and [`bf16`] only.
+/// for `f32`, [`f16`](struct@f16) and [`bf16`] only.
 pub trait Element:
     Copy + bytemuck::Pod + Default + PartialEq + core::fmt::Debug + Send + Sync + 'static + sealed::Sealed
 {

@@ -19,7 +19,7 @@
 //! - The caller provides every buffer; nothing allocates. Inputs are slices
 //!   or [`Rows`] views (rows, length, stride), outputs are `&mut` slices or
 //!   [`RowsMut`] views.
-//! - Inputs may be `f32`, [`f16`] or [`bf16`] ([`Element`]); arithmetic and
+//! - Inputs may be `f32`, [`f16`](struct@f16) or [`bf16`] ([`Element`]); arithmetic and
 //!   accumulation are `f32`.
 //! - Every fallible function returns `Result<_, `[`Error`]`>`; the error
 //!   names the argument (and index) that was wrong, and a failed call leaves

@@ -45,7 +45,7 @@
 //!   a GPU kernel reproduces them bit for bit.
 //! - **Bad input** (mismatched lengths, empty model lists, fractions outside
 //!   their range, non-finite parameters, weights that sum to zero where a
-//!   normalization divides by them) returns an [`Error`](crate::Error)
+//!   normalization divides by them) returns an [`Error`]
 //!   naming the argument, before any output is written.
 //! - **NaN and infinities in tensors** are not errors: they propagate to the
 //!   output elements they touch (and, through a whole-tensor statistic such

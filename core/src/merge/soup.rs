@@ -10,7 +10,7 @@
 //!
 //! Every candidate is the **uniform soup of its ingredients**, recomputed
 //! from the ingredients in index order by
-//! [`average`](super::linear::average), so the returned soup is
+//! [`average`](super::linear::average()), so the returned soup is
 //! bit-identical to `average` of the selected models, with no drift from
 //! incremental updates. Each candidate costs one pass over its ingredients.
 
