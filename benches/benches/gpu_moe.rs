@@ -3,14 +3,15 @@
 //! 120 MB. Throughput is the effective bandwidth: router logits read (bf16)
 //! plus ids and weights written. Shapes of the PyTorch baselines (E, k) =
 //! (8, 2), (64, 6), (128, 8), (256, 8) for T in {1, 64, 1024, 16384}, plus
-//! DeepSeek-V3 grouped routing at E = 256.
+//! DeepSeek-V3 grouped routing at E = 256. `bf16` runs the default kernel
+//! (`gate_topk_v2` at these sizes), `bf16_v1` the reference `gate_topk`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
 use medley_core::bf16;
 use medley_core::moe::gating::GroupedConfig;
 use medley_cuda::driver::Event;
-use medley_cuda::gating::{Gating, RouterLogits, gate};
+use medley_cuda::gating::{GateKernel, Gating, RouterLogits, gate_with};
 use medley_cuda::mem::DeviceRows;
 use medley_cuda::owned::{Buffer, Gpu};
 use std::time::Duration;
@@ -54,8 +55,11 @@ fn gating(c: &mut Criterion) {
                     },
                 ));
             }
-            for (name, g) in &variants {
-                group.bench_function(BenchmarkId::new(*name, "bf16"), |bch| {
+            let kernels = [("bf16", GateKernel::Auto), ("bf16_v1", GateKernel::V1)];
+            for ((name, g), (param, kernel)) in
+                variants.iter().flat_map(|v| kernels.iter().map(move |k| (v, k)))
+            {
+                group.bench_function(BenchmarkId::new(*name, param), |bch| {
                     bch.iter_custom(|iters| {
                         let (start, end) = (Event::new().unwrap(), Event::new().unwrap());
                         // SAFETY: the Gpu's own stream is live.
@@ -67,7 +71,7 @@ fn gating(c: &mut Criterion) {
                                 medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, set)
                             };
                             let logits = RouterLogits::BF16(DeviceRows::dense(slice, t, e).unwrap());
-                            gate(
+                            gate_with(
                                 gpu.kernels(),
                                 logits,
                                 k,
@@ -75,6 +79,7 @@ fn gating(c: &mut Criterion) {
                                 ids.view_mut(t * k),
                                 w.view_mut(t * k),
                                 gpu.stream(),
+                                *kernel,
                             )
                             .expect("launch");
                         }

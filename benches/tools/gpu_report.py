@@ -41,8 +41,8 @@ def main():
             print(f"| {m} | {b} | {v} | {mode} | {us:.1f} | {nbytes / us / 1e6:.2f} | {nbytes / (COPY_TBS * 1e6):.1f} | "
                   f"{e[f'{key}_eager_us']:.0f} | {e[f'{key}_compile_us']:.0f} | {best / us:.1f}x |")
     print("\n### Top-k gating (bf16 router logits; ids u32 and weights f32 out)\n")
-    print("| E | k | T | variant | medley (us) | effective GB/s | PyTorch eager (us) | torch.compile (us) | vs best PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| E | k | T | variant | medley (us) | effective GB/s | gate_topk v1 (us) | PyTorch eager (us) | torch.compile (us) | vs best PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for g in base["gating"]:
         e, k, t = g["E"], g["k"], g["T"]
         nbytes = t * e * 2 + t * k * 8
@@ -51,7 +51,9 @@ def main():
             if us is None:
                 continue
             best = min(g["eager_us"], g["compile_us"])
-            print(f"| {e} | {k} | {t} | {variant} | {us:.2f} | {nbytes / us / 1e3:.0f} | {g['eager_us']:.0f} | "
+            v1 = res.get(f"cuda/gating/E{e}_k{k}_T{t}/{variant}/bf16_v1")
+            v1s = "-" if v1 is None else f"{v1:.2f}"
+            print(f"| {e} | {k} | {t} | {variant} | {us:.2f} | {nbytes / us / 1e3:.0f} | {v1s} | {g['eager_us']:.0f} | "
                   f"{g['compile_us']:.0f} | {best / us:.1f}x |")
 
 

@@ -18,8 +18,28 @@ use medley_core::Error;
 use medley_core::moe::MAX_K;
 use medley_core::moe::gating::{GroupScore, GroupedConfig, Scoring};
 
-/// Most experts (router row length) the GPU gating kernel takes.
+/// Most experts (router row length) the GPU gating kernels take.
 pub const MAX_DEVICE_EXPERTS: usize = 1024;
+
+/// Most experts the tuned kernel `gate_topk_v2` takes (its keys live in
+/// 16 registers per lane); [`GateKernel::Auto`] runs `gate_topk` above.
+pub const V2_MAX_EXPERTS: usize = 512;
+
+/// Which gating kernel runs. Both give the same bits (the core's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateKernel {
+    /// `gate_topk_v2` (`gate_grouped_v2` for grouped routing) when
+    /// `E <= V2_MAX_EXPERTS`, except for many tokens over few experts
+    /// (`T >= 4096`, `E <= 64`, not grouped), where `gate_topk` measured
+    /// 6-10% faster on an H100 (BENCHMARKS.md); else `gate_topk`.
+    #[default]
+    Auto,
+    /// `gate_topk`: the straightforward kernel (the on-device reference).
+    V1,
+    /// `gate_topk_v2`: keys in registers, unrolled; an error above
+    /// [`V2_MAX_EXPERTS`].
+    V2,
+}
 
 /// Router logits `[T, E]` in device memory.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +132,23 @@ pub fn gate(
     ids: DeviceSliceMut<'_, u32>,
     weights: DeviceSliceMut<'_, f32>,
     stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    gate_with(kernels, logits, k, gating, ids, weights, stream, GateKernel::Auto)
+}
+
+/// [`gate`] with the kernel chosen: for conformance tests and benchmarks.
+/// [`GateKernel::V2`] with more than [`V2_MAX_EXPERTS`] experts is
+/// [`CudaError::Unsupported`].
+#[allow(clippy::too_many_arguments)]
+pub fn gate_with(
+    kernels: &Kernels,
+    logits: RouterLogits<'_>,
+    k: usize,
+    gating: &Gating<'_>,
+    ids: DeviceSliceMut<'_, u32>,
+    weights: DeviceSliceMut<'_, f32>,
+    stream: Stream<'_>,
+    kernel: GateKernel,
 ) -> Result<(), CudaError> {
     let (ptr, t, e, stride, dtype, size) = logits.parts();
     if e == 0 {
@@ -227,15 +264,30 @@ pub fn gate(
             p.scale = cfg.routed_scaling_factor;
         }
     }
+    let v2 = match kernel {
+        GateKernel::Auto => e <= V2_MAX_EXPERTS && (p.mode == 2 || e > 64 || t < 4096),
+        GateKernel::V1 => false,
+        GateKernel::V2 if e <= V2_MAX_EXPERTS => true,
+        GateKernel::V2 => {
+            return Err(CudaError::Unsupported {
+                what: "gate_topk_v2 takes at most V2_MAX_EXPERTS (512) experts",
+            });
+        }
+    };
     if t == 0 {
         return Ok(());
     }
     let _ctx = kernels.enter()?;
-    let f = *kernels.func(Kernel::GateTopk);
+    let f = *kernels.func(match (v2, p.mode) {
+        (false, _) => Kernel::GateTopk,
+        (true, 2) => Kernel::GateGroupedV2,
+        (true, _) => Kernel::GateTopkV2,
+    });
     let grid = (t as u32).div_ceil(WARPS);
     let smem = gate_smem(e);
-    // SAFETY: `p` is gate_topk's single 80-byte by-value parameter (size
-    // asserted); every device view was checked above against the extent the
+    // SAFETY: `p` is the single 80-byte by-value parameter of gate_topk,
+    // gate_topk_v2 and gate_grouped_v2 (same layout; size asserted; the v2
+    // kernels run only modes they implement, E <= V2_MAX_EXPERTS); every device view was checked above against the extent the
     // kernel touches (T rows of stride elements, T * k ids and weights, E
     // bias values) and is non-null and aligned; the dynamic shared memory
     // is the 8 * (E + 256) * 4 bytes the kernel indexes; the stream belongs

@@ -40,8 +40,14 @@ pub enum Kernel {
     /// `ensemble.ptx: ensemble_v2` (rows split over co-resident blocks,
     /// launched cooperatively).
     EnsembleV2,
-    /// `gating.ptx: gate_topk` (one warp per token).
+    /// `gating.ptx: gate_topk` (one warp per token; the on-device
+    /// reference).
     GateTopk,
+    /// `gating.ptx: gate_topk_v2` (one warp per token, keys in registers;
+    /// `E <= 512`; top-k softmax variants).
+    GateTopkV2,
+    /// `gating.ptx: gate_grouped_v2` (as `gate_topk_v2`, grouped routing).
+    GateGroupedV2,
     /// `routing.ptx: moe_align` (the block-padded plan, one block).
     MoeAlign,
     /// `routing.ptx: moe_permute` (gather rows into plan order).
@@ -56,11 +62,13 @@ type Spec = (usize, &'static CStr, bool, u32);
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
         Kernel::GateTopk,
+        Kernel::GateTopkV2,
+        Kernel::GateGroupedV2,
         Kernel::MoeAlign,
         Kernel::MoePermute,
         Kernel::MoeCombine,
@@ -76,6 +84,18 @@ impl Kernel {
                 c"gate_topk",
                 false,
                 crate::gating::gate_smem(crate::gating::MAX_DEVICE_EXPERTS),
+            ),
+            Kernel::GateTopkV2 => (
+                2,
+                c"gate_topk_v2",
+                false,
+                crate::gating::gate_smem(crate::gating::V2_MAX_EXPERTS),
+            ),
+            Kernel::GateGroupedV2 => (
+                2,
+                c"gate_grouped_v2",
+                false,
+                crate::gating::gate_smem(crate::gating::V2_MAX_EXPERTS),
             ),
             Kernel::MoeAlign => (
                 3,

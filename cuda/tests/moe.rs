@@ -18,7 +18,7 @@ use medley_core::moe::gating::{
 use medley_core::moe::plan::{align_block_size, block_padded_len};
 use medley_core::moe::{ExpertRange, NO_EXPERT};
 use medley_core::{Rows, bf16, f16};
-use medley_cuda::gating::{Gating, RouterLogits, gate};
+use medley_cuda::gating::{GateKernel, Gating, RouterLogits, V2_MAX_EXPERTS, gate_with};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
 use medley_cuda::routing::{AlignOutput, DeviceMatrix, DeviceMatrixMut, align, combine, permute};
@@ -67,7 +67,7 @@ impl GateCase {
     fn random(seed: u64) -> GateCase {
         let mut g = Gen(seed);
         let es = [
-            1usize, 2, 3, 5, 8, 16, 60, 64, 128, 144, 160, 256, 384, 1000, 1024,
+            1usize, 2, 3, 5, 8, 16, 60, 64, 128, 144, 160, 256, 257, 384, 511, 512, 1000, 1024,
         ];
         let e = es[g.below(es.len())];
         let mode = g.below(4) as u8;
@@ -188,7 +188,7 @@ impl GateCase {
         (ids, w)
     }
 
-    fn gpu(&self, g: &Gpu) -> Result<(Vec<u32>, Vec<f32>), String> {
+    fn gpu(&self, g: &Gpu, kernel: GateKernel) -> Result<(Vec<u32>, Vec<f32>), String> {
         let n = self.t * self.k;
         let input = match self.dtype {
             1 => Buffer::from_slice(&self.logits.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
@@ -216,7 +216,7 @@ impl GateCase {
                 bias: self.bias.as_ref().map(|b| bias.view(b.len())),
             },
         };
-        gate(
+        gate_with(
             g.kernels(),
             logits,
             self.k,
@@ -224,6 +224,7 @@ impl GateCase {
             ids.view_mut(n),
             w.view_mut(n),
             g.stream(),
+            kernel,
         )
         .map_err(|e| format!("launch: {e:?}"))?;
         g.synchronize().map_err(|e| format!("{e:?}"))?;
@@ -259,10 +260,23 @@ fn gating_matches_the_core_bit_for_bit() {
     }
     let Some(g) = gpu() else { return };
     let mut failures = Vec::new();
-    for c in &cases {
+    let mut runs = 0;
+    // Both kernels on every case (v2 where it applies), each against the core.
+    let runs_of = |c: &GateCase| {
+        let mut v = vec![GateKernel::V1];
+        if c.e <= V2_MAX_EXPERTS {
+            v.push(GateKernel::V2);
+        }
+        v
+    };
+    for (c, kernel) in cases
+        .iter()
+        .flat_map(|c| runs_of(c).into_iter().map(move |k| (c, k)))
+    {
         let (ids, w) = c.cpu();
-        match c.gpu(&g) {
-            Err(e) => failures.push(format!("E={} k={} mode={}: {e}", c.e, c.k, c.mode)),
+        runs += 1;
+        match c.gpu(&g, kernel) {
+            Err(e) => failures.push(format!("{kernel:?} E={} k={} mode={}: {e}", c.e, c.k, c.mode)),
             Ok((gi, gw)) => {
                 let wb = |v: &[f32]| {
                     v.iter()
@@ -274,7 +288,7 @@ fn gating_matches_the_core_bit_for_bit() {
                         .find(|&i| gi[i] != ids[i] || wb(&gw[i..i + 1]) != wb(&w[i..i + 1]))
                         .unwrap();
                     failures.push(format!(
-                        "T={} E={} k={} mode={} dtype={} groups={}/{}: slot {at}: gpu ({}, {}) cpu ({}, {})",
+                        "{kernel:?} T={} E={} k={} mode={} dtype={} groups={}/{}: slot {at}: gpu ({}, {}) cpu ({}, {})",
                         c.t,
                         c.e,
                         c.k,
@@ -292,7 +306,7 @@ fn gating_matches_the_core_bit_for_bit() {
         }
     }
     eprintln!(
-        "gating: {} cases on the GPU, {} differ from the core",
+        "gating: {} cases, {runs} GPU runs (gate_topk and gate_topk_v2), {} differ from the core",
         cases.len(),
         failures.len()
     );

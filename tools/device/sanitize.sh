@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine: compute-sanitizer memcheck and racecheck over
+# Runs on the GPU machine: compute-sanitizer memcheck, racecheck and synccheck over
 # every GPU test binary in .device/, with the suites shortened (the fixed
 # edge cases always run). Prints one line per (tool, binary) and the
 # sanitizer's summary; full logs under $OUT.
@@ -7,7 +7,7 @@ set -uo pipefail
 out=${OUT:-/tmp}
 export MEDLEY_CONFORMANCE_RANDOM=${MEDLEY_CONFORMANCE_RANDOM:-12} MEDLEY_MOE_CASES=${MEDLEY_MOE_CASES:-24}
 status=0
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   for t in .device/test-*; do
     log="$out/sanitize-$tool-$(basename "$t").log"
     timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --nocapture > "$log" 2>&1
