@@ -18,7 +18,6 @@ use crate::error::CudaError;
 use crate::mem::{DeviceRows, DeviceRowsMut, DeviceSliceMut, Stream};
 use crate::registry::{BLOCK, Kernel, Kernels};
 use cust::memory::DeviceCopy;
-use half::{bf16, f16};
 use medley_core::Error;
 use medley_core::ensemble::{Config, MaskRule, Mode, ModelShape, Plausibility, Weights, resolve};
 
@@ -28,25 +27,7 @@ pub use medley_core::ensemble::NO_TOKEN;
 pub const MAX_DEVICE_MODELS: usize = 16;
 
 /// One model's logits in device memory.
-#[derive(Debug, Clone, Copy)]
-pub enum DeviceLogits<'a> {
-    /// `f32` logits.
-    F32(DeviceRows<'a, f32>),
-    /// `f16` logits.
-    F16(DeviceRows<'a, f16>),
-    /// `bf16` logits.
-    BF16(DeviceRows<'a, bf16>),
-}
-
-impl DeviceLogits<'_> {
-    fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
-        match self {
-            DeviceLogits::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
-            DeviceLogits::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
-            DeviceLogits::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
-        }
-    }
-}
+pub type DeviceLogits<'a> = crate::mem::DeviceMatrix<'a>;
 
 /// One input model: device logits and a temperature.
 #[derive(Debug, Clone, Copy)]

@@ -10,10 +10,9 @@
 
 use crate::driver::DriverError;
 use crate::error::CudaError;
-use crate::mem::{DeviceRows, DeviceSlice, DeviceSliceMut, Stream};
+use crate::mem::{DeviceSlice, DeviceSliceMut, Stream};
 use crate::registry::{BLOCK, Kernel, Kernels};
 use cust::memory::DeviceCopy;
-use half::{bf16, f16};
 use medley_core::Error;
 use medley_core::moe::MAX_K;
 use medley_core::moe::gating::{GroupScore, GroupedConfig, Scoring};
@@ -42,25 +41,7 @@ pub enum GateKernel {
 }
 
 /// Router logits `[T, E]` in device memory.
-#[derive(Debug, Clone, Copy)]
-pub enum RouterLogits<'a> {
-    /// `f32` logits.
-    F32(DeviceRows<'a, f32>),
-    /// `f16` logits.
-    F16(DeviceRows<'a, f16>),
-    /// `bf16` logits.
-    BF16(DeviceRows<'a, bf16>),
-}
-
-impl RouterLogits<'_> {
-    fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
-        match self {
-            RouterLogits::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
-            RouterLogits::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
-            RouterLogits::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
-        }
-    }
-}
+pub type RouterLogits<'a> = crate::mem::DeviceMatrix<'a>;
 
 /// Which gating function runs.
 #[derive(Debug, Clone, Copy)]

@@ -158,6 +158,32 @@ impl<T> DeviceSliceMut<'_, T> {
     }
 }
 
+/// A matrix in device memory in any of the element types the kernels read:
+/// the logits of an ensemble member, router logits, token rows or expert
+/// outputs ([`crate::ensemble::DeviceLogits`] and
+/// [`crate::gating::RouterLogits`] are this type).
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceMatrix<'a> {
+    /// `f32` rows.
+    F32(DeviceRows<'a, f32>),
+    /// `f16` rows.
+    F16(DeviceRows<'a, half::f16>),
+    /// `bf16` rows.
+    BF16(DeviceRows<'a, half::bf16>),
+}
+
+impl DeviceMatrix<'_> {
+    /// (device address, rows, row length, row stride, kernel dtype code
+    /// 0 f32 / 1 f16 / 2 bf16, element bytes).
+    pub(crate) fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
+        match self {
+            DeviceMatrix::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
+            DeviceMatrix::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
+            DeviceMatrix::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
+        }
+    }
+}
+
 /// `rows x len` elements with a row stride, over a device slice (the device
 /// twin of [`medley_core::Rows`]).
 #[derive(Debug, Clone, Copy)]

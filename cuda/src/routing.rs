@@ -12,7 +12,7 @@
 
 use crate::driver::DriverError;
 use crate::error::CudaError;
-use crate::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
+use crate::mem::{DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
 use crate::registry::{BLOCK, Kernel, Kernels};
 use cust::memory::DeviceCopy;
 use half::{bf16, f16};
@@ -175,25 +175,7 @@ pub fn align(
 }
 
 /// Token rows or expert outputs in device memory (any element type).
-#[derive(Debug, Clone, Copy)]
-pub enum DeviceMatrix<'a> {
-    /// `f32` rows.
-    F32(DeviceRows<'a, f32>),
-    /// `f16` rows.
-    F16(DeviceRows<'a, f16>),
-    /// `bf16` rows.
-    BF16(DeviceRows<'a, bf16>),
-}
-
-impl DeviceMatrix<'_> {
-    fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
-        match self {
-            DeviceMatrix::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
-            DeviceMatrix::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 1, 2),
-            DeviceMatrix::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 2, 2),
-        }
-    }
-}
+pub use crate::mem::DeviceMatrix;
 
 /// Writable rows in device memory (any element type).
 #[derive(Debug)]
