@@ -225,6 +225,43 @@ def seq_sum(dst, x, tag):
     label(f"V2_SS{tag}_END")
 
 
+def each_slot(keys, skip_to):
+    """Yields (slot, register) over `keys` (blocks of 8 slots), skipping to
+    `skip_to` when E ends before block b (uniform; no skip for one block)."""
+    for b, block in enumerate(keys):
+        if b > 0:
+            ins("setp.le.u32", "%q", "%E", str(256 * b))
+            emit(f"    @%q bra         {skip_to};")
+        for j, reg in enumerate(block):
+            yield 8 * b + j, reg
+
+
+def lane_best(keys, skip_to):
+    """%bk, %bs = the lane's largest key and its slot (strict >: the lowest
+    slot, i.e. the lowest index, among equal keys); 0, 0 when none."""
+    ins("mov.u32", "%bk", "0")
+    ins("mov.u32", "%bs", "0")
+    for s, reg in each_slot(keys, skip_to):
+        ins("setp.gt.u32", "%q", reg, "%bk")
+        ins("selp.b32", "%bk", reg, "%bk", "%q")
+        ins("selp.b32", "%bs", str(s), "%bs", "%q")
+    if len(keys) > 1:
+        label(skip_to)
+
+
+def pop_winner(keys, skip_to):
+    """The lane whose candidate %t won (%qw) zeroes the key of slot %bs."""
+    for s, reg in each_slot(keys, skip_to):
+        ins("setp.eq.and.u32", "%q", "%bs", str(s), "%qw")
+        ins("mov.u32", reg, "0", pred="%q")
+    if len(keys) > 1:
+        label(skip_to)
+
+
+def expert_keys():
+    return [[K(8 * b + j) for j in range(8)] for b in range(BLOCKS)]
+
+
 def select_rounds(tag, record_key):
     """k rounds of selection over the register keys; lane j < k gets pick j
     (%myi, and %myk when record_key)."""
@@ -232,20 +269,7 @@ def select_rounds(tag, record_key):
     label(f"V2_SEL{tag}")
     ins("setp.ge.u32", "%q", "%j", "%k")
     emit(f"    @%q bra         V2_SEL{tag}_DONE;")
-    # the lane's best unpopped slot (strict >: lowest slot, i.e. lowest
-    # element, among equal keys)
-    ins("mov.u32", "%bk", "0")
-    ins("mov.u32", "%bs", "0")
-    for b in range(BLOCKS):
-        if b > 0:
-            ins("setp.le.u32", "%q", "%E", str(256 * b))
-            emit(f"    @%q bra         V2_SEL{tag}_SCANNED;")
-        for j in range(8):
-            s = 8 * b + j
-            ins("setp.gt.u32", "%q", K(s), "%bk")
-            ins("selp.b32", "%bk", K(s), "%bk", "%q")
-            ins("selp.b32", "%bs", str(s), "%bs", "%q")
-    label(f"V2_SEL{tag}_SCANNED")
+    lane_best(expert_keys(), f"V2_SEL{tag}_SCANNED")
     ins("redux.sync.max.u32", "%rk", "%bk", "0xffffffff")
     # the element of the lane's best: 256 * (bs / 8) + 8 * lane + bs % 8
     ins("shr.u32", "%t", "%bs", "3")
@@ -258,15 +282,7 @@ def select_rounds(tag, record_key):
     ins("redux.sync.min.u32", "%ri", "%t", "0xffffffff")
     # the winner pops its slot
     ins("setp.eq.u32", "%qw", "%t", "%ri")
-    for b in range(BLOCKS):
-        if b > 0:
-            ins("setp.le.u32", "%q", "%E", str(256 * b))
-            emit(f"    @%q bra         V2_SEL{tag}_POPPED;")
-        for j in range(8):
-            s = 8 * b + j
-            ins("setp.eq.and.u32", "%q", "%bs", str(s), "%qw")
-            ins("mov.u32", K(s), "0", pred="%q")
-    label(f"V2_SEL{tag}_POPPED")
+    pop_winner(expert_keys(), f"V2_SEL{tag}_POPPED")
     ins("setp.eq.u32", "%q", "%lane", "%j")
     if record_key:
         ins("mov.u32", "%myk", "%rk", pred="%q")
@@ -565,12 +581,8 @@ def grouped_section():
     label("V2_G_ROUND")
     ins("setp.ge.u32", "%q", "%j", "%tkg")
     emit("    @%q bra         V2_G_CUT;")
-    ins("mov.u32", "%bk", "0")
-    ins("mov.u32", "%bs", "0")
-    for i in range(8):
-        ins("setp.gt.u32", "%q", f"%G{i}", "%bk")
-        ins("selp.b32", "%bk", f"%G{i}", "%bk", "%q")
-        ins("selp.b32", "%bs", str(i), "%bs", "%q")
+    groups = [[f"%G{i}" for i in range(8)]]
+    lane_best(groups, None)
     ins("redux.sync.max.u32", "%gk", "%bk", "0xffffffff")
     ins("shl.b32", "%t", "%bs", "5")
     ins("add.u32", "%t", "%t", "%lane")
@@ -578,9 +590,7 @@ def grouped_section():
     ins("selp.b32", "%t", "%t", "0xFFFFFFFF", "%q")
     ins("redux.sync.min.u32", "%gi", "%t", "0xffffffff")
     ins("setp.eq.u32", "%qw", "%t", "%gi")
-    for i in range(8):
-        ins("setp.eq.and.u32", "%q", "%bs", str(i), "%qw")
-        ins("mov.u32", f"%G{i}", "0", pred="%q")
+    pop_winner(groups, None)
     ins("add.u32", "%j", "%j", "1")
     emit("    bra.uni         V2_G_ROUND;")
     label("V2_G_CUT")
