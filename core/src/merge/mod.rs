@@ -155,6 +155,20 @@ pub(crate) fn weight_sum(arg: &'static str, w: &[f32]) -> Result<f32, Error> {
     Ok(s)
 }
 
+/// A statistics pass must have been fed exactly `n` elements (reported
+/// against `base`, the tensor every pass walks).
+pub(crate) fn check_pass_fed(fed: u64, n: usize) -> Result<(), Error> {
+    ensure(
+        fed == n as u64,
+        Error::LengthMismatch {
+            arg: "base",
+            index: 0,
+            expected: n,
+            got: fed as usize,
+        },
+    )
+}
+
 /// Checks that a chunk of `len` elements at `offset` lies inside a tensor of
 /// `n` elements ([`Error::TooLarge`] `offset` otherwise).
 pub(crate) fn check_span(offset: usize, len: usize, n: usize) -> Result<(), Error> {

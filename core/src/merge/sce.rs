@@ -273,15 +273,7 @@ impl SceStats<'_> {
         if self.phase == ScePhase::Done {
             return Ok(());
         }
-        ensure(
-            self.fed == self.plan.n as u64,
-            Error::LengthMismatch {
-                arg: "base",
-                index: 0,
-                expected: self.plan.n,
-                got: self.fed as usize,
-            },
-        )?;
+        super::check_pass_fed(self.fed, self.plan.n)?;
         self.fed = 0;
         match self.phase {
             ScePhase::Count => {

@@ -396,23 +396,8 @@ pub fn keep_topk_softmax<T: Element>(
     ids: &mut [u32],
     weights: &mut [f32],
 ) -> Result<Report, Error> {
-    let (_, t) = check_shape(&logits, k, ids, weights)?;
-    let mut rep = Report::default();
-    for (tok, (id, w)) in ids
-        .chunks_exact_mut(k)
-        .zip(weights.chunks_exact_mut(k))
-        .enumerate()
-        .take(t)
-    {
-        let row = logits.row(tok);
-        let s = select_logits(row, k);
-        if decided(&s, id, w, &mut rep) {
-            continue;
-        }
-        id.copy_from_slice(&s.top.idx[..k]);
-        kept_softmax(&s.top, w);
-    }
-    Ok(rep)
+    // The renormalized topk_softmax computes exactly this (see there).
+    topk_softmax(logits, k, true, ids, weights)
 }
 
 /// Where the noise of [`noisy_topk`] comes from.
