@@ -36,7 +36,31 @@ fn real_driver() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Copies every `ptx/*.ptx` into `OUT_DIR/ptx/` with one trailing NUL (the
+/// registry embeds these as C strings), refusing a file with a NUL inside.
+fn embed_ptx(out: &Path) {
+    let dir = out.join("ptx");
+    fs::create_dir_all(&dir).expect("create OUT_DIR/ptx");
+    println!("cargo:rerun-if-changed=../ptx");
+    let mut names: Vec<_> = fs::read_dir("../ptx")
+        .expect("read ../ptx")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ptx"))
+        .collect();
+    names.sort();
+    for p in names {
+        println!("cargo:rerun-if-changed={}", p.display());
+        let mut text = fs::read(&p).expect("read a ptx file");
+        assert!(!text.contains(&0), "NUL byte inside {}", p.display());
+        text.push(0);
+        fs::write(dir.join(p.file_name().expect("file name")), text).expect("write embedded ptx");
+    }
+}
+
 fn main() {
+    embed_ptx(&PathBuf::from(
+        env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"),
+    ));
     println!("cargo:rerun-if-changed=stub/symbols.txt");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=MEDLEY_CUDA_STUB");

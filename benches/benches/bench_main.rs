@@ -6,6 +6,7 @@ use criterion::criterion_main;
 
 mod ensemble;
 mod gpu_ensemble;
+mod gpu_experts;
 mod gpu_moe;
 mod merge;
 mod moe;
@@ -15,5 +16,6 @@ criterion_main!(
     merge::benches,
     moe::benches,
     gpu_ensemble::benches,
-    gpu_moe::benches
+    gpu_moe::benches,
+    gpu_experts::benches
 );

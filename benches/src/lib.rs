@@ -1,6 +1,8 @@
 //! Shared helpers for medley's criterion benchmarks: deterministic inputs and
 //! the memcpy ceiling every memory-bound benchmark is measured against.
 
+pub mod experts;
+
 use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
 use std::hint::black_box;
 

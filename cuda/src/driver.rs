@@ -115,6 +115,20 @@ unsafe extern "C" {
     fn cuMemsetD8Async(ptr: CuDevicePtr, value: u8, n: usize, stream: CuStream) -> c_int;
     #[link_name = "cuMemcpyHtoDAsync_v2"]
     fn cuMemcpyHtoDAsync(dst: CuDevicePtr, src: *const c_void, n: usize, stream: CuStream) -> c_int;
+    fn cuTensorMapEncodeTiled(
+        map: *mut TensorMap,
+        dtype: c_int,
+        rank: c_uint,
+        addr: *mut c_void,
+        dims: *const u64,
+        strides: *const u64,
+        boxdim: *const u32,
+        estrides: *const u32,
+        interleave: c_int,
+        swizzle: c_int,
+        l2: c_int,
+        oob: c_int,
+    ) -> c_int;
     #[link_name = "cuMemcpyDtoHAsync_v2"]
     fn cuMemcpyDtoHAsync(dst: *mut c_void, src: CuDevicePtr, n: usize, stream: CuStream) -> c_int;
 }
@@ -448,4 +462,61 @@ impl Drop for Event {
         // SAFETY: the event is owned and destroyed once.
         let _ = unsafe { cuEventDestroy(self.0) };
     }
+}
+
+/// An opaque 128-byte TMA descriptor (`CUtensorMap`), passed to kernels by
+/// value.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+pub struct TensorMap(pub [u64; 16]);
+
+impl TensorMap {
+    /// An all-zero map (never valid for a copy; a placeholder).
+    pub const ZERO: TensorMap = TensorMap([0; 16]);
+}
+
+/// A TMA descriptor for a row-major matrix of 16-bit elements, `rows` rows
+/// of `cols` elements `stride` elements apart, copied in boxes of
+/// `box_cols x box_rows` into 128-byte swizzled shared memory (elements
+/// outside the matrix read as zero).
+///
+/// The driver checks the rest (`addr` 16-byte aligned, `stride * 2` a
+/// multiple of 16, `box_cols * 2 <= 128`, boxes at most 256).
+pub fn tensor_map_2d_u16(
+    addr: u64,
+    rows: u64,
+    cols: u64,
+    stride: u64,
+    box_cols: u32,
+    box_rows: u32,
+) -> Result<TensorMap, DriverError> {
+    const DTYPE_UINT16: c_int = 1;
+    const SWIZZLE_128B: c_int = 3;
+    const L2_PROMOTION_256B: c_int = 3;
+    let mut map = TensorMap::ZERO;
+    let dims = [cols, rows];
+    let strides = [stride * 2];
+    let boxes = [box_cols, box_rows];
+    let es = [1u32, 1];
+    // SAFETY: every pointer refers to a live local of the documented size
+    // (rank 2: two dims, one stride, two box and element-stride entries);
+    // the driver only encodes the descriptor, it does not touch `addr`.
+    let rc = unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            DTYPE_UINT16,
+            2,
+            addr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            es.as_ptr(),
+            0,
+            SWIZZLE_128B,
+            L2_PROMOTION_256B,
+            0,
+        )
+    };
+    check(rc, "cuTensorMapEncodeTiled")?;
+    Ok(map)
 }

@@ -37,7 +37,9 @@
 pub mod driver;
 pub mod ensemble;
 pub mod error;
+pub mod experts;
 pub mod gating;
+mod gemm_table;
 pub mod mem;
 pub mod owned;
 pub mod registry;

@@ -284,6 +284,34 @@ impl<'a, T> DeviceRowsMut<'a, T> {
     pub fn as_raw(&self) -> u64 {
         self.data.as_raw()
     }
+    /// A writable view of the same rows for a shorter borrow (to pass to
+    /// a call that takes the view by value and use this one afterwards).
+    pub fn reborrow(&mut self) -> DeviceRowsMut<'_, T> {
+        DeviceRowsMut {
+            data: DeviceSliceMut {
+                ptr: self.data.ptr,
+                len: self.data.len,
+                _m: PhantomData,
+            },
+            rows: self.rows,
+            len: self.len,
+            stride: self.stride,
+        }
+    }
+    /// A read-only view of the same rows (for a kernel that reads what an
+    /// earlier one wrote), borrowing this one.
+    pub fn as_rows(&self) -> DeviceRows<'_, T> {
+        DeviceRows {
+            data: DeviceSlice {
+                ptr: self.data.ptr,
+                len: self.data.len,
+                _m: PhantomData,
+            },
+            rows: self.rows,
+            len: self.len,
+            stride: self.stride,
+        }
+    }
 }
 
 fn check_span(have: usize, rows: usize, len: usize, stride: usize) -> Result<(), CudaError> {

@@ -5,28 +5,32 @@
 
 use crate::driver::{self, CtxGuard, CuContext, CuModule, DriverError};
 use crate::error::CudaError;
+use crate::gemm_table::GEMMS;
 use crate::mem::Func;
 use core::ffi::CStr;
 use core::mem::ManuallyDrop;
 
-/// Embeds `ptx/<file>` as a NUL-terminated string, checked at compile time.
+/// Embeds `ptx/<file>` as NUL-terminated bytes (build.rs copies it into
+/// `OUT_DIR/ptx/` with the NUL appended, after checking there is none
+/// inside).
 macro_rules! ptx {
     ($file:literal) => {
-        match CStr::from_bytes_with_nul(concat!(include_str!(concat!("../../ptx/", $file)), "\0").as_bytes())
-        {
-            Ok(s) => s,
-            Err(_) => panic!(concat!("NUL byte inside ptx/", $file)),
-        }
+        include_bytes!(concat!(env!("OUT_DIR"), "/ptx/", $file))
     };
 }
 
-/// The PTX modules, in load order.
-pub(crate) const MODULES: [(&str, &CStr); 4] = [
+/// The PTX modules, in load order. `moe_wgmma.ptx` (sm_90a) is loaded only
+/// on compute capability 9.0; the others on every device medley supports.
+pub(crate) const MODULES: [(&str, &[u8]); 6] = [
     ("util.ptx", ptx!("util.ptx")),
     ("ensemble.ptx", ptx!("ensemble.ptx")),
     ("gating.ptx", ptx!("gating.ptx")),
     ("routing.ptx", ptx!("routing.ptx")),
+    ("moe_mma.ptx", ptx!("moe_mma.ptx")),
+    ("moe_wgmma.ptx", ptx!("moe_wgmma.ptx")),
 ];
+const MODULE_MMA: usize = 4;
+const MODULE_WGMMA: usize = 5;
 
 /// Every kernel entry point medley-cuda launches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +141,7 @@ pub struct Kernels {
     modules: [CuModule; MODULES.len()],
     funcs: [Func; Kernel::ALL.len()],
     info: [KernelInfo; Kernel::ALL.len()],
+    gemms: [Option<(Func, KernelInfo)>; GEMMS.len()],
     sm_count: u32,
     compute_capability: (i32, i32),
     cooperative: bool,
@@ -175,11 +180,19 @@ impl Kernels {
         let smem_optin = driver::device_attribute(dev, driver::ATTR_SMEM_OPTIN)? as u32;
         let mut modules = [core::ptr::null_mut(); MODULES.len()];
         for (i, (_, ptx)) in MODULES.iter().enumerate() {
-            match driver::module_load_ptx(ptx) {
+            if i == MODULE_WGMMA && cc != (9, 0) {
+                continue;
+            }
+            let loaded = CStr::from_bytes_with_nul(ptx)
+                .map_err(|_| CudaError::Unsupported {
+                    what: "an embedded PTX module without its single trailing NUL",
+                })
+                .and_then(|c| driver::module_load_ptx(c).map_err(CudaError::from));
+            match loaded {
                 Ok(m) => modules[i] = m,
                 Err(e) => {
                     unload_all(&modules[..i]);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -235,11 +248,56 @@ impl Kernels {
                 }
             }
         }
+        let mut gemms = [None; GEMMS.len()];
+        for (slot, g) in gemms.iter_mut().zip(GEMMS.iter()) {
+            let m = match g.generation {
+                crate::experts::Generation::Mma => modules[MODULE_MMA],
+                crate::experts::Generation::Wgmma => modules[MODULE_WGMMA],
+            };
+            if m.is_null() {
+                continue;
+            }
+            let resolved = (|| -> Result<Option<(Func, KernelInfo)>, DriverError> {
+                // SAFETY: m was loaded above in the current context.
+                let raw = unsafe { driver::module_function(m, g.entry) }?;
+                if g.smem > smem_optin {
+                    return Ok(None);
+                }
+                // SAFETY: raw was just resolved from a live module.
+                unsafe {
+                    driver::set_function_attribute(raw, driver::FUNC_ATTR_MAX_DYNAMIC_SMEM, g.smem as i32)
+                }?;
+                // SAFETY: as above.
+                let registers =
+                    unsafe { driver::function_attribute(raw, driver::FUNC_ATTR_NUM_REGS) }? as u32;
+                // SAFETY: as above.
+                let blocks_per_sm = unsafe { driver::occupancy(raw, g.threads, g.smem as usize) }?;
+                Ok(Some((
+                    Func {
+                        raw,
+                        cooperative: false,
+                    },
+                    KernelInfo {
+                        registers,
+                        blocks_per_sm,
+                        max_dynamic_smem: g.smem,
+                    },
+                )))
+            })();
+            match resolved {
+                Ok(f) => *slot = f,
+                Err(e) => {
+                    unload_all(&modules);
+                    return Err(e.into());
+                }
+            }
+        }
         Ok(Kernels {
             ctx,
             modules,
             funcs,
             info,
+            gemms,
             sm_count,
             compute_capability: cc,
             cooperative,
@@ -274,6 +332,18 @@ impl Kernels {
 
     pub(crate) fn func(&self, k: Kernel) -> &Func {
         &self.funcs[k as usize]
+    }
+
+    /// The expert GEMM `id` (an index into [`GEMMS`]), if this device
+    /// loaded it (the wgmma generation needs compute capability 9.0).
+    pub(crate) fn gemm(&self, id: usize) -> Option<&(Func, KernelInfo)> {
+        self.gemms.get(id).and_then(|g| g.as_ref())
+    }
+
+    /// Static facts about expert GEMM `id` (an index into
+    /// [`crate::experts::GEMMS`]), or `None` where it is not loaded.
+    pub fn gemm_info(&self, id: usize) -> Option<KernelInfo> {
+        self.gemm(id).map(|g| g.1)
     }
 
     /// Static facts about a loaded kernel.
@@ -314,6 +384,9 @@ impl Kernels {
             Err(e) => return Err((e, ManuallyDrop::into_inner(me))),
         };
         for (i, m) in me.modules.iter().enumerate() {
+            if m.is_null() {
+                continue;
+            }
             // SAFETY: each module was loaded in me.ctx, now current, and is
             // unloaded once (the registry is consumed).
             if let Err(e) = unsafe { driver::module_unload(*m) } {

@@ -189,6 +189,24 @@ pub enum DeviceMatrixMut<'a> {
 }
 
 impl DeviceMatrixMut<'_> {
+    /// A writable view of the same rows for a shorter borrow.
+    pub fn reborrow(&mut self) -> DeviceMatrixMut<'_> {
+        match self {
+            DeviceMatrixMut::F32(r) => DeviceMatrixMut::F32(r.reborrow()),
+            DeviceMatrixMut::F16(r) => DeviceMatrixMut::F16(r.reborrow()),
+            DeviceMatrixMut::BF16(r) => DeviceMatrixMut::BF16(r.reborrow()),
+        }
+    }
+
+    /// A read-only view of the same rows, borrowing this one.
+    pub fn as_matrix(&self) -> DeviceMatrix<'_> {
+        match self {
+            DeviceMatrixMut::F32(r) => DeviceMatrix::F32(r.as_rows()),
+            DeviceMatrixMut::F16(r) => DeviceMatrix::F16(r.as_rows()),
+            DeviceMatrixMut::BF16(r) => DeviceMatrix::BF16(r.as_rows()),
+        }
+    }
+
     fn parts(&self) -> (u64, usize, usize, usize, u32, usize) {
         match self {
             DeviceMatrixMut::F32(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), 0, 4),
@@ -303,7 +321,7 @@ struct CombineParams {
     k: u32,
     dtype: u32,
     yrows: u32,
-    pad: u32,
+    flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<CombineParams>() == 64);
 // SAFETY: #[repr(C)] plain data laid out as moe_combine's 64-byte
@@ -323,6 +341,37 @@ pub fn combine(
     weights: DeviceSlice<'_, f32>,
     out: DeviceRowsMut<'_, f32>,
     stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    combine_impl(kernels, y, k, inverse, weights, out, stream, 0)
+}
+
+/// As [`combine`] for rows `y` that already hold `w[t, j] * y` (the output
+/// of [`crate::experts::gemm2`]): `out[t, h] = sum_j y[inverse[t * k + j],
+/// h]` in `j` order, with the same skips (unplaced slots, weight exactly 0)
+/// and the same poisoning. Bit for bit what [`combine`] gives on the
+/// unscaled rows when the scaling was `w * y` rounded to `f32`.
+pub fn combine_prescaled(
+    kernels: &Kernels,
+    y: DeviceMatrix<'_>,
+    k: usize,
+    inverse: DeviceSlice<'_, u32>,
+    weights: DeviceSlice<'_, f32>,
+    out: DeviceRowsMut<'_, f32>,
+    stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    combine_impl(kernels, y, k, inverse, weights, out, stream, 1)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn combine_impl(
+    kernels: &Kernels,
+    y: DeviceMatrix<'_>,
+    k: usize,
+    inverse: DeviceSlice<'_, u32>,
+    weights: DeviceSlice<'_, f32>,
+    out: DeviceRowsMut<'_, f32>,
+    stream: Stream<'_>,
+    flags: u32,
 ) -> Result<(), CudaError> {
     let (yp, yrows, h, ys, yd, esize) = y.parts();
     let t = out.rows();
@@ -362,7 +411,7 @@ pub fn combine(
         k: k as u32,
         dtype: yd,
         yrows: fits(yrows, "y.rows")?,
-        pad: 0,
+        flags,
     };
     if t == 0 {
         return Ok(());

@@ -39,5 +39,9 @@ print(lib, cuda)')
 c++ -std=c++17 -O2 -Wall -Wextra -Werror -static-libstdc++ -I ffi/include ffi/tests/cpp/consumer.cpp "$ffi_lib" \
   ${cuda_dir:+-L"$cuda_dir"} -lcuda -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .device/test-ffi_cpp_consumer
 cp "$(pick bench -p medley-benches --bench bench_main --no-run | tail -1)" .device/bench_main
-cp benches/tools/table.py .device/table.py
+cp "$(pick build --release -p medley-benches --bin tune_experts | tail -1)" .device/tune_experts
+cp benches/tools/table.py benches/tools/experts_report.py .device/
+# Debug info is for this machine's debugger; the copies must fit the device
+# tool's 64 MiB carry limit.
+strip --strip-debug .device/test-* .device/bench_main .device/tune_experts
 ls -la .device

@@ -6,6 +6,7 @@
 set -uo pipefail
 out=${OUT:-/tmp}
 export MEDLEY_CONFORMANCE_RANDOM=${MEDLEY_CONFORMANCE_RANDOM:-12} MEDLEY_MOE_CASES=${MEDLEY_MOE_CASES:-24}
+export MEDLEY_EXPERT_CASES=${MEDLEY_EXPERT_CASES:-3} MEDLEY_EXPERT_SHAPED=${MEDLEY_EXPERT_SHAPED:-0} MEDLEY_EXPERT_FULL=${MEDLEY_EXPERT_FULL:-0}
 status=0
 for tool in memcheck racecheck synccheck; do
   for t in .device/test-*; do

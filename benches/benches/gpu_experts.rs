@@ -1,0 +1,102 @@
+//! The expert GEMMs on the GPU (`medley_cuda::experts`), timed with CUDA
+//! events over back-to-back launches, at the shapes of the PyTorch
+//! baselines (`../shared/reference/pytorch-baselines-h100.json`, "moe"):
+//! Mixtral (H 4096, F 14336, E 8, k 2) and DeepSeek-V3 (H 7168, F 2048,
+//! E 256, k 8) at T in {1, 16, 128, 1024, 4096}, bf16.
+//!
+//! Each benchmark is one "projection" of the baselines (`2 T k F H` FLOPs,
+//! the throughput reported as elements = FLOPs): `gemm1_*` the fused
+//! gate/up + SwiGLU GEMM with `2I = F`, `gemm2_*` the down projection with
+//! `K = F`, for the configuration the tuning table picks per generation
+//! (`MEDLEY_GEMM_TUNING`, else the built-in H100 table). `gemm1_wgmma`
+//! includes the permute of `x` the wgmma generation needs. The weight
+//! bytes each problem touches are written to
+//! `target/criterion/cuda-experts-meta.json` for benches/tools/experts_report.py.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use medley_benches::experts::{Problem, SHAPES, TOKENS};
+use medley_cuda::driver::Event;
+use medley_cuda::experts::{Epilogue, GEMMS, GemmDtype, Generation, Tuning, bucket};
+use medley_cuda::owned::Gpu;
+use std::time::Duration;
+
+fn experts(c: &mut Criterion) {
+    let gpu = match Gpu::open() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("cuda/experts benchmarks skipped: {why}");
+            return;
+        }
+    };
+    let tuning = match Tuning::from_env() {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("cuda/experts: bad tuning table: {why}");
+            return;
+        }
+    };
+    let mut meta = Vec::new();
+    for shape in SHAPES {
+        for &t in &TOKENS {
+            let p = match Problem::new(&gpu, shape, t) {
+                Ok(p) => p,
+                Err(why) => {
+                    eprintln!("cuda/experts {} T={t}: setup failed: {why}", shape.0);
+                    continue;
+                }
+            };
+            meta.push(format!(
+                "{{\"id\": \"{}_T{t}\", \"H\": {}, \"F\": {}, \"E\": {}, \"k\": {}, \"T\": {t}, \"touched\": {}, \"weight_bytes\": {}, \"flops\": {}}}",
+                p.name, p.h, p.f, p.e, p.k, p.touched, p.weight_bytes(), p.flops()
+            ));
+            let b = bucket(t * p.k, p.e);
+            let mut group = c.benchmark_group(format!("cuda/experts/{}_T{t}", p.name));
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(100))
+                .measurement_time(Duration::from_millis(400))
+                .throughput(Throughput::Elements(p.flops() as u64));
+            for (epi, ename) in [(Epilogue::SwiGlu, "gemm1"), (Epilogue::Down, "gemm2")] {
+                for (genr, gname) in [(Generation::Mma, "mma"), (Generation::Wgmma, "wgmma")] {
+                    let Some(id) =
+                        tuning.pick(gpu.kernels(), epi, GemmDtype::BF16, b, |g| g.generation == genr)
+                    else {
+                        continue;
+                    };
+                    let bm = GEMMS[id].bm as usize;
+                    let permute = epi == Epilogue::SwiGlu && genr == Generation::Wgmma;
+                    eprintln!(
+                        "cuda/experts/{}_T{t} {ename}_{gname}: {}",
+                        p.name,
+                        GEMMS[id].name()
+                    );
+                    group.bench_function(BenchmarkId::new(format!("{ename}_{gname}"), "bf16"), |bch| {
+                        bch.iter_custom(|iters| {
+                            let (start, end) = (Event::new().unwrap(), Event::new().unwrap());
+                            // SAFETY: the Gpu's own stream is live.
+                            unsafe { start.record(gpu.stream().raw()) }.unwrap();
+                            for _ in 0..iters {
+                                if permute {
+                                    p.permute(&gpu, GemmDtype::BF16, bm).expect("permute");
+                                }
+                                p.launch(&gpu, id, bm).expect("launch");
+                            }
+                            // SAFETY: as above.
+                            unsafe { end.record(gpu.stream().raw()) }.unwrap();
+                            end.synchronize().unwrap();
+                            Duration::from_secs_f64(end.elapsed_ms(&start).unwrap() as f64 / 1e3)
+                        })
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+    let _ = std::fs::create_dir_all("target/criterion");
+    let _ = std::fs::write(
+        "target/criterion/cuda-experts-meta.json",
+        format!("[\n{}\n]\n", meta.join(",\n")),
+    );
+}
+
+criterion_group!(benches, experts);

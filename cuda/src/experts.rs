@@ -1,0 +1,885 @@
+//! The sparse expert matmuls of an MoE layer on the GPU: grouped GEMMs that
+//! run each local expert's weights only over the rows the block-padded plan
+//! ([`crate::routing::align`]) routes to it. Empty experts own no plan block
+//! and cost nothing; blocks of other ranks' experts are never placed.
+//!
+//! - [`gemm1`]: gate and up projections with SwiGLU fused into the
+//!   epilogue: `act[p, n] = silu(x[row(p)] . w13[e][n]) * (x[row(p)] .
+//!   w13[e][I + n])`, rounded once to the activation dtype.
+//! - [`gemm2`]: the down projection with the routing weight applied in the
+//!   epilogue: `y[p, h] = w[slot(p)] * (act[p] . w2[e][h])` as `f32`; then
+//!   [`crate::routing::combine_prescaled`] sums each token's `k` rows in `j`
+//!   order (deterministic, batch-invariant).
+//! - [`layer`]: permute (when needed), GEMM1, GEMM2 and combine on one
+//!   stream: the GPU twin of [`medley_core::moe::layer::moe_layer`].
+//!
+//! Two generations of kernels, side by side (`ptx/gen/moe_gemm.py` writes
+//! both and the table [`GEMMS`]):
+//!
+//! - [`Generation::Mma`] (`ptx/moe_mma.ptx`, sm_80+): `mma.sync` with
+//!   `ldmatrix`, a multi-stage `cp.async` pipeline and XOR-swizzled shared
+//!   memory; token rows are gathered inside the kernel.
+//! - [`Generation::Wgmma`] (`ptx/moe_wgmma.ptx`, sm_90a): `wgmma` fed by TMA
+//!   through a full/empty mbarrier ring, a producer warp and one or two
+//!   consumer warpgroups; A must already be in plan order (TMA cannot
+//!   gather), so [`layer`] permutes `x` first.
+//!
+//! Which configuration runs for a shape comes from a [`Tuning`] table: the
+//! one `benches/src/bin/tune_experts.rs` wrote on the GPU at hand (read at
+//! run time from `MEDLEY_GEMM_TUNING`), else the built-in table, the same
+//! tool's output on an H100 (`cuda/tuning/h100.txt`).
+//!
+//! Arithmetic: bf16 or f16 activations and weights (one dtype for both),
+//! f32 accumulation in the tensor cores (their order, not the CPU's),
+//! `silu(g) = g / (1 + 2^(-g log2 e))` with the hardware `ex2`, the
+//! intermediate activation rounded to the input dtype (the CPU reference
+//! keeps it in `f32`): results match the reference within bf16/f16
+//! rounding, not bitwise. Limits: `H` and `I` multiples of 8, row strides
+//! multiples of 8 elements, base addresses 16-byte aligned.
+
+use crate::driver::{self, DriverError, TensorMap};
+use crate::error::CudaError;
+use crate::mem::{DeviceMatrix, DeviceRowsMut, DeviceSlice, Stream};
+use crate::registry::Kernels;
+use core::ffi::{CStr, c_void};
+use cust::memory::DeviceCopy;
+use medley_core::Error;
+
+pub use crate::gemm_table::GEMMS;
+
+/// The kernel generation of an expert GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Generation {
+    /// `mma.sync` + `ldmatrix` + `cp.async` (sm_80 and later).
+    Mma,
+    /// `wgmma` + TMA (sm_90a: H100/H200 only).
+    Wgmma,
+}
+
+/// What an expert GEMM does with its accumulators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// GEMM1: `silu(gate) * up`, rounded to the activation dtype.
+    SwiGlu,
+    /// GEMM2: `routing weight * acc` as `f32`.
+    Down,
+}
+
+/// Element type of an expert GEMM's activations and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmDtype {
+    /// bfloat16.
+    BF16,
+    /// IEEE half.
+    F16,
+}
+
+/// One expert-GEMM entry point: a fixed launch configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmConfig {
+    /// Kernel generation.
+    pub generation: Generation,
+    /// Epilogue.
+    pub epilogue: Epilogue,
+    /// Element type.
+    pub dtype: GemmDtype,
+    /// Plan rows per block (the plan's `block_m` must be a multiple).
+    pub bm: u32,
+    /// Output columns per block.
+    pub bn: u32,
+    /// Warps along M (mma) or consumer warpgroups (wgmma).
+    pub warps_m: u32,
+    /// Warps along N (mma; 1 for wgmma).
+    pub warps_n: u32,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory per block, bytes.
+    pub smem: u32,
+    /// Launched as one wave of resident blocks that walk the tiles
+    /// (wgmma only; the same entry otherwise gets one block per tile).
+    pub persistent: bool,
+    /// PTX entry name.
+    pub entry: &'static CStr,
+    /// The configuration's unique name (the entry name, plus
+    /// `_persistent` for the persistent launch).
+    pub label: &'static str,
+}
+
+impl GemmConfig {
+    /// The configuration's unique name (as tuning tables spell it).
+    pub fn name(&self) -> &'static str {
+        self.label
+    }
+}
+
+/// Index of the configuration named `name` in [`GEMMS`] (for configuration
+/// files; never used on the launch path).
+pub fn find(name: &str) -> Option<usize> {
+    GEMMS.iter().position(|g| g.name() == name)
+}
+
+/// Raster group: M blocks that sweep the N tiles together (weights reused
+/// from L2 by the group's blocks).
+const GROUP_M: u32 = 8;
+
+/// The block-padded plan in device memory (the outputs of
+/// [`crate::routing::align`] or [`medley_core::moe::plan::align_block_size`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DevicePlan<'a> {
+    /// `u32 [len]`: the slot of each plan position (`>= slots`: padding).
+    pub sorted_ids: DeviceSlice<'a, u32>,
+    /// `u32 [len / block_m]`: local expert of each block (`NO_EXPERT`:
+    /// none).
+    pub block_experts: DeviceSlice<'a, u32>,
+    /// `u32 [1]`: `num_tokens_post_padded`.
+    pub total: DeviceSlice<'a, u32>,
+    /// The plan's block size.
+    pub block_m: usize,
+    /// `T * k`.
+    pub slots: usize,
+    /// Experts per token.
+    pub k: usize,
+}
+
+/// Writable activations in plan order (GEMM1's output).
+#[derive(Debug)]
+pub enum DeviceActMut<'a> {
+    /// `f16` rows.
+    F16(DeviceRowsMut<'a, half::f16>),
+    /// `bf16` rows.
+    BF16(DeviceRowsMut<'a, half::bf16>),
+}
+
+impl DeviceActMut<'_> {
+    /// A writable view of the same rows for a shorter borrow.
+    pub fn reborrow(&mut self) -> DeviceActMut<'_> {
+        match self {
+            DeviceActMut::F16(r) => DeviceActMut::F16(r.reborrow()),
+            DeviceActMut::BF16(r) => DeviceActMut::BF16(r.reborrow()),
+        }
+    }
+
+    /// A read-only view of the same rows, borrowing this one.
+    pub fn as_matrix(&self) -> DeviceMatrix<'_> {
+        match self {
+            DeviceActMut::F16(r) => DeviceMatrix::F16(r.as_rows()),
+            DeviceActMut::BF16(r) => DeviceMatrix::BF16(r.as_rows()),
+        }
+    }
+
+    fn parts(&self) -> (u64, usize, usize, usize, GemmDtype) {
+        match self {
+            DeviceActMut::F16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), GemmDtype::F16),
+            DeviceActMut::BF16(r) => (r.as_raw(), r.rows(), r.len(), r.stride(), GemmDtype::BF16),
+        }
+    }
+}
+
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy, Default)]
+struct GemmParams {
+    a: u64,
+    w: u64,
+    sorted: u64,
+    bexp: u64,
+    total: u64,
+    out: u64,
+    weights: u64,
+    lda: u32,
+    ldo: u32,
+    n: u32,
+    k: u32,
+    ktop: u32,
+    nslots: u32,
+    len: u32,
+    plan_bm: u32,
+    group_m: u32,
+    ntiles: u32,
+    nexp: u32,
+    pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<GemmParams>() == 104);
+// SAFETY: #[repr(C)] plain data laid out as the 104-byte parameter of every
+// moe_mma_* entry (ptx/moe_mma.ptx), size asserted.
+unsafe impl DeviceCopy for GemmParams {}
+
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+struct WgParams {
+    map_a: TensorMap,
+    map_w: TensorMap,
+    g: GemmParams,
+}
+const _: () = assert!(core::mem::size_of::<WgParams>() == 384);
+// SAFETY: #[repr(C)] plain data laid out as the 384-byte, 64-aligned
+// parameter of every moe_wgmma_* entry (ptx/moe_wgmma.ptx), size asserted.
+unsafe impl DeviceCopy for WgParams {}
+
+fn invalid(e: Error) -> CudaError {
+    e.into()
+}
+
+fn mismatch(arg: &'static str, expected: usize, got: usize) -> CudaError {
+    invalid(Error::LengthMismatch {
+        arg,
+        index: 0,
+        expected,
+        got,
+    })
+}
+
+fn need(cond: bool, e: CudaError) -> Result<(), CudaError> {
+    if cond { Ok(()) } else { Err(e) }
+}
+
+fn aligned(ptr: u64, align: u64, arg: &'static str) -> Result<(), CudaError> {
+    need(
+        ptr.is_multiple_of(align),
+        CudaError::Misaligned {
+            arg,
+            align: align as usize,
+        },
+    )
+}
+
+fn fits(v: usize, arg: &'static str) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| invalid(Error::SizeOverflow { arg }))
+}
+
+fn mult8(v: usize, arg: &'static str) -> Result<(), CudaError> {
+    need(
+        v.is_multiple_of(8) && v > 0,
+        invalid(Error::OutOfRange { arg, index: v }),
+    )
+}
+
+fn dtype_of(m: &DeviceMatrix<'_>, arg: &'static str) -> Result<GemmDtype, CudaError> {
+    match m {
+        DeviceMatrix::F16(_) => Ok(GemmDtype::F16),
+        DeviceMatrix::BF16(_) => Ok(GemmDtype::BF16),
+        DeviceMatrix::F32(_) => Err(CudaError::Unsupported {
+            what: match arg {
+                "x" => "f32 activations in the expert GEMMs (bf16 or f16 only)",
+                _ => "f32 weights in the expert GEMMs (bf16 or f16 only)",
+            },
+        }),
+    }
+}
+
+/// Everything one launch needs, checked.
+struct Launch {
+    id: usize,
+    p: GemmParams,
+    a_rows: usize,
+    w_rows: usize,
+    grid: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    kernels: &Kernels,
+    id: usize,
+    epi: Epilogue,
+    a: &DeviceMatrix<'_>,
+    a_in_plan_order: bool,
+    plan: &DevicePlan<'_>,
+    w: &DeviceMatrix<'_>,
+    n: usize,
+    out: (u64, usize, usize, usize),
+    weights: u64,
+) -> Result<Launch, CudaError> {
+    let cfg = GEMMS.get(id).ok_or(invalid(Error::OutOfRange {
+        arg: "gemm",
+        index: id,
+    }))?;
+    need(
+        cfg.epilogue == epi,
+        CudaError::Unsupported {
+            what: "a GEMM configuration of the other epilogue",
+        },
+    )?;
+    let dt = dtype_of(a, "x")?;
+    need(
+        dtype_of(w, "w")? == dt && cfg.dtype == dt,
+        invalid(Error::OutOfRange {
+            arg: "dtype",
+            index: 0,
+        }),
+    )?;
+    need(
+        kernels.gemm(id).is_some(),
+        CudaError::Unsupported {
+            what: "this expert GEMM generation (wgmma needs compute capability 9.0)",
+        },
+    )?;
+    let (ap, arows, k, lda, _, _) = a.parts();
+    let (wp, wrows, wk, ldw, _, _) = w.parts();
+    let (op, orows, on, ldo) = out;
+    mult8(k, "K")?;
+    mult8(n, "N")?;
+    mult8(lda, "x.stride")?;
+    need(wk == k, mismatch("w.len", k, wk))?;
+    need(ldw == wk, mismatch("w.stride", wk, ldw))?;
+    need(on == n, mismatch("out.len", n, on))?;
+    need(
+        ldo.is_multiple_of(2),
+        invalid(Error::OutOfRange {
+            arg: "out.stride",
+            index: ldo,
+        }),
+    )?;
+    let nw = if epi == Epilogue::SwiGlu { 2 * n } else { n };
+    need(
+        wrows.is_multiple_of(nw) && wrows > 0,
+        mismatch("w.rows", wrows.div_ceil(nw).max(1) * nw, wrows),
+    )?;
+    let nexp = wrows / nw;
+    // The plan.
+    let bm = plan.block_m;
+    need(
+        bm > 0 && bm.is_multiple_of(cfg.bm as usize),
+        invalid(Error::OutOfRange {
+            arg: "plan.block_m",
+            index: bm,
+        }),
+    )?;
+    let len = plan.sorted_ids.len();
+    need(
+        len.is_multiple_of(bm),
+        mismatch("plan.sorted_ids", len.div_ceil(bm) * bm, len),
+    )?;
+    need(
+        plan.block_experts.len() == len / bm,
+        mismatch("plan.block_experts", len / bm, plan.block_experts.len()),
+    )?;
+    need(plan.total.len() == 1, mismatch("plan.total", 1, plan.total.len()))?;
+    need(
+        plan.k > 0,
+        invalid(Error::OutOfRange {
+            arg: "plan.k",
+            index: 0,
+        }),
+    )?;
+    need(orows == len, mismatch("out.rows", len, orows))?;
+    if a_in_plan_order {
+        need(arows == len, mismatch("x.rows", len, arows))?;
+    } else {
+        need(
+            cfg.generation == Generation::Mma,
+            CudaError::Unsupported {
+                what: "gathering rows in a wgmma GEMM (permute x into plan order first)",
+            },
+        )?;
+        need(
+            plan.slots == arows * plan.k,
+            mismatch("plan.slots", arows * plan.k, plan.slots),
+        )?;
+    }
+    for (p, arg) in [(ap, "x"), (wp, "w"), (op, "out")] {
+        need(p != 0, CudaError::Null { arg })?;
+        aligned(p, 16, arg)?;
+    }
+    aligned(plan.sorted_ids.as_raw(), 4, "plan.sorted_ids")?;
+    aligned(plan.block_experts.as_raw(), 4, "plan.block_experts")?;
+    aligned(plan.total.as_raw(), 4, "plan.total")?;
+    let ntiles = n.div_ceil(cfg.bn as usize);
+    let blocks = (len / cfg.bm as usize)
+        .checked_mul(ntiles)
+        .filter(|&b| b <= i32::MAX as usize)
+        .ok_or(invalid(Error::SizeOverflow { arg: "grid" }))?;
+    let p = GemmParams {
+        a: ap,
+        w: wp,
+        sorted: plan.sorted_ids.as_raw(),
+        bexp: plan.block_experts.as_raw(),
+        total: plan.total.as_raw(),
+        out: op,
+        weights,
+        lda: fits(lda, "x.stride")?,
+        ldo: fits(ldo, "out.stride")?,
+        n: fits(n, "N")?,
+        k: fits(k, "K")?,
+        ktop: if a_in_plan_order {
+            0
+        } else {
+            fits(plan.k, "plan.k")?
+        },
+        nslots: fits(plan.slots, "plan.slots")?,
+        len: fits(len, "plan.sorted_ids")?,
+        plan_bm: fits(bm, "plan.block_m")?,
+        group_m: GROUP_M,
+        ntiles: fits(ntiles, "N")?,
+        nexp: fits(nexp, "w.rows")?,
+        pad: 0,
+    };
+    Ok(Launch {
+        id,
+        p,
+        a_rows: arows,
+        w_rows: wrows,
+        grid: blocks as u32,
+    })
+}
+
+fn run(kernels: &Kernels, l: Launch, stream: Stream<'_>) -> Result<(), CudaError> {
+    if l.grid == 0 {
+        return Ok(());
+    }
+    let cfg = &GEMMS[l.id];
+    let _ctx = kernels.enter()?;
+    let (f, info) = *kernels.gemm(l.id).expect("checked in prepare");
+    match cfg.generation {
+        Generation::Mma => {
+            let mut p = l.p;
+            // SAFETY: `p` is the entry's 104-byte parameter (size asserted);
+            // prepare checked every buffer against the plan and shapes: the
+            // kernel reads `len` plan entries, `len / plan_bm` block experts
+            // (experts >= nexp exit), A rows below `a_rows` (gathered rows
+            // are `slot / k < T` for real slots, row 0 for padding),
+            // `nexp * NW` weight rows of K, and writes `len x N` outputs.
+            let r: Result<(), DriverError> = unsafe {
+                stream.launch(
+                    &f,
+                    l.grid,
+                    cfg.threads,
+                    cfg.smem,
+                    &[(&raw mut p).cast::<c_void>()],
+                )
+            };
+            r.map_err(CudaError::from)
+        }
+        Generation::Wgmma => {
+            let k = l.p.k as u64;
+            let box_w = cfg.bn.min(128);
+            let map_a = driver::tensor_map_2d_u16(l.p.a, l.a_rows as u64, k, l.p.lda as u64, 64, cfg.bm)?;
+            let map_w = driver::tensor_map_2d_u16(l.p.w, l.w_rows as u64, k, k, 64, box_w)?;
+            let mut p = WgParams { map_a, map_w, g: l.p };
+            // Persistent: one wave of resident blocks walks all the tiles;
+            // otherwise one block per tile (the kernel handles both).
+            let grid = if cfg.persistent {
+                l.grid.min(kernels.sm_count() * info.blocks_per_sm.max(1))
+            } else {
+                l.grid
+            };
+            // SAFETY: `p` is the entry's 384-byte parameter (size asserted);
+            // the tensor maps cover exactly the A rows and weight rows
+            // prepare checked (TMA never reads outside them), and the
+            // other pointers are as for the mma generation.
+            let r: Result<(), DriverError> =
+                unsafe { stream.launch(&f, grid, cfg.threads, cfg.smem, &[(&raw mut p).cast::<c_void>()]) };
+            r.map_err(CudaError::from)
+        }
+    }
+}
+
+/// GEMM1 with the fused SwiGLU: for every plan position `p` of a real slot,
+/// `out[p, n] = silu(g) * u` with `g = x_row . w13[e][n]`, `u = x_row .
+/// w13[e][I + n]`, `e` the block's local expert, `x_row` token `slot / k` of
+/// `x` (or row `p` when `x_in_plan_order`, as [`crate::routing::permute`]
+/// writes it; required by the wgmma generation). Rows of padding positions
+/// are not written.
+///
+/// `x`: `[T, H]` or `[len, H]` (bf16/f16); `w13`: `[L * 2I, H]` dense, the
+/// same dtype; `out`: `[len, I]`, the same dtype; `gemm`: an index into
+/// [`GEMMS`] of a [`Epilogue::SwiGlu`] entry of that dtype whose `bm`
+/// divides `plan.block_m`.
+///
+/// Errors (before any launch): [`CudaError::Unsupported`] (f32 data, a
+/// configuration this device did not load, gathering with wgmma),
+/// [`medley_core::Error`] variants for shapes (`H`, `I` multiples of 8;
+/// plan lengths) and [`CudaError::Null`] / [`CudaError::Misaligned`]
+/// (16-byte alignment).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm1(
+    kernels: &Kernels,
+    gemm: usize,
+    x: DeviceMatrix<'_>,
+    x_in_plan_order: bool,
+    plan: &DevicePlan<'_>,
+    w13: DeviceMatrix<'_>,
+    out: DeviceActMut<'_>,
+    stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    let (op, orows, on, ldo, odt) = out.parts();
+    need(
+        dtype_of(&x, "x")? == odt,
+        invalid(Error::OutOfRange {
+            arg: "out.dtype",
+            index: 0,
+        }),
+    )?;
+    let l = prepare(
+        kernels,
+        gemm,
+        Epilogue::SwiGlu,
+        &x,
+        x_in_plan_order,
+        plan,
+        &w13,
+        on,
+        (op, orows, on, ldo),
+        0,
+    )?;
+    run(kernels, l, stream)
+}
+
+/// GEMM2 with the routing weight: for every plan position `p` of a real
+/// slot `s`, `out[p, h] = weights[s] * (act[p] . w2[e][h])` (f32, the
+/// product rounded). Rows of padding positions are not written.
+///
+/// `act`: `[len, I]` in plan order (bf16/f16, GEMM1's output); `w2`: `[L *
+/// H, I]` dense, the same dtype; `weights`: `f32 [T * k]`; `out`: `f32
+/// [len, H]`. Errors as [`gemm1`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm2(
+    kernels: &Kernels,
+    gemm: usize,
+    act: DeviceMatrix<'_>,
+    plan: &DevicePlan<'_>,
+    w2: DeviceMatrix<'_>,
+    weights: DeviceSlice<'_, f32>,
+    out: DeviceRowsMut<'_, f32>,
+    stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    need(
+        weights.len() == plan.slots,
+        mismatch("weights", plan.slots, weights.len()),
+    )?;
+    need(
+        weights.as_raw() != 0 || plan.slots == 0,
+        CudaError::Null { arg: "weights" },
+    )?;
+    aligned(weights.as_raw(), 4, "weights")?;
+    let l = prepare(
+        kernels,
+        gemm,
+        Epilogue::Down,
+        &act,
+        true,
+        plan,
+        &w2,
+        out.len(),
+        (out.as_raw(), out.rows(), out.len(), out.stride()),
+        weights.as_raw(),
+    )?;
+    run(kernels, l, stream)
+}
+
+/// Average rows per local expert, bucketed: the key of [`Tuning`] tables.
+/// Bucket `b` holds `m_avg` in `(4^(b-1), 4^b]` (bucket 0: `m_avg <= 1`),
+/// the last bucket everything above `4^5 = 1024`.
+pub fn bucket(slots: usize, local_experts: usize) -> u8 {
+    let m = slots as f64 / local_experts.max(1) as f64;
+    let mut b = 0u8;
+    let mut edge = 1.0;
+    while m > edge && b < 6 {
+        b += 1;
+        edge *= 4.0;
+    }
+    b
+}
+
+/// Number of [`bucket`] values.
+pub const BUCKETS: usize = 7;
+
+/// Which GEMM configuration runs per (epilogue, dtype, bucket): the best
+/// a tuning run measured, per generation.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// `(epilogue, dtype, bucket, gemm index, microseconds measured)`.
+    pub entries: Vec<(Epilogue, GemmDtype, u8, usize, f64)>,
+    /// The device the table was measured on (the file's `# device:` line).
+    pub device: String,
+}
+
+/// The built-in table: the tuning harness's output on an H100.
+const BUILTIN: &str = include_str!("../tuning/h100.txt");
+
+impl Tuning {
+    /// Parses a table written by the tuning harness: `#` comment lines
+    /// (`# device: NAME` names the GPU) and lines `epilogue dtype bucket
+    /// entry microseconds` (`swiglu|down bf16|f16 0..6 moe_... 12.5`).
+    /// Entries naming no known kernel are an error (a stale file).
+    pub fn parse(text: &str) -> Result<Tuning, String> {
+        let mut t = Tuning {
+            entries: Vec::new(),
+            device: String::new(),
+        };
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if let Some(d) = line.strip_prefix("# device:") {
+                t.device = d.trim().to_string();
+                continue;
+            }
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let bad = || {
+                format!(
+                    "line {}: expected `epilogue dtype bucket entry us`: {line}",
+                    i + 1
+                )
+            };
+            if f.len() != 5 {
+                return Err(bad());
+            }
+            let epi = match f[0] {
+                "swiglu" => Epilogue::SwiGlu,
+                "down" => Epilogue::Down,
+                _ => return Err(bad()),
+            };
+            let dt = match f[1] {
+                "bf16" => GemmDtype::BF16,
+                "f16" => GemmDtype::F16,
+                _ => return Err(bad()),
+            };
+            let b: u8 = f[2].parse().map_err(|_| bad())?;
+            let id = find(f[3]).ok_or_else(|| format!("line {}: unknown kernel {}", i + 1, f[3]))?;
+            let us: f64 = f[4].parse().map_err(|_| bad())?;
+            if b as usize >= BUCKETS || GEMMS[id].epilogue != epi || GEMMS[id].dtype != dt {
+                return Err(bad());
+            }
+            t.entries.push((epi, dt, b, id, us));
+        }
+        Ok(t)
+    }
+
+    /// The built-in table (the harness's H100 output, compiled in).
+    pub fn builtin() -> Tuning {
+        Tuning::parse(BUILTIN).expect("cuda/tuning/h100.txt parses")
+    }
+
+    /// The table in the file `MEDLEY_GEMM_TUNING` names, else the built-in
+    /// one. A file that cannot be read or parsed is an error (never
+    /// silently ignored).
+    pub fn from_env() -> Result<Tuning, String> {
+        match std::env::var_os("MEDLEY_GEMM_TUNING") {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("MEDLEY_GEMM_TUNING={}: {e}", path.to_string_lossy()))?;
+                Tuning::parse(&text)
+            }
+            None => Ok(Tuning::builtin()),
+        }
+    }
+
+    /// The fastest configuration for the key among those `kernels` loaded
+    /// and `allow` accepts, or a default: the first loaded mma entry of the
+    /// epilogue and dtype whose bm suits the bucket.
+    pub fn pick(
+        &self,
+        kernels: &Kernels,
+        epi: Epilogue,
+        dt: GemmDtype,
+        bucket: u8,
+        allow: impl Fn(&GemmConfig) -> bool,
+    ) -> Option<usize> {
+        let best = self
+            .entries
+            .iter()
+            .filter(|e| e.0 == epi && e.1 == dt && e.2 == bucket)
+            .filter(|e| kernels.gemm(e.3).is_some() && allow(&GEMMS[e.3]))
+            .min_by(|a, b| a.4.total_cmp(&b.4))
+            .map(|e| e.3);
+        best.or_else(|| {
+            let want_bm = match bucket {
+                0..=2 => 16,
+                3 => 64,
+                _ => 128,
+            };
+            GEMMS.iter().position(|g| {
+                g.generation == Generation::Mma
+                    && g.epilogue == epi
+                    && g.dtype == dt
+                    && g.bm == want_bm
+                    && kernels.gemm(find(g.name()).unwrap_or(0)).is_some()
+                    && allow(g)
+            })
+        })
+    }
+}
+
+/// The kernels one layer call runs and the plan block size they need.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerChoice {
+    /// GEMM1 (an index into [`GEMMS`]).
+    pub gemm1: usize,
+    /// GEMM2.
+    pub gemm2: usize,
+    /// The plan's `block_m` (a multiple of both configurations' `bm`).
+    pub block_m: usize,
+}
+
+impl LayerChoice {
+    /// Picks both GEMMs from `tuning` for `slots = T * k` over
+    /// `local_experts`; `generation` restricts the choice to one
+    /// generation.
+    pub fn pick(
+        tuning: &Tuning,
+        kernels: &Kernels,
+        dt: GemmDtype,
+        slots: usize,
+        local_experts: usize,
+        generation: Option<Generation>,
+    ) -> Option<LayerChoice> {
+        let b = bucket(slots, local_experts);
+        let ok = |g: &GemmConfig| generation.is_none_or(|want| g.generation == want);
+        let g1 = tuning.pick(kernels, Epilogue::SwiGlu, dt, b, ok)?;
+        let g2 = tuning.pick(kernels, Epilogue::Down, dt, b, ok)?;
+        let block_m = GEMMS[g1].bm.max(GEMMS[g2].bm) as usize;
+        Some(LayerChoice {
+            gemm1: g1,
+            gemm2: g2,
+            block_m,
+        })
+    }
+}
+
+/// Scratch buffers of [`layer`] (device memory, the plan's `len` rows).
+#[derive(Debug)]
+pub struct LayerScratch<'a> {
+    /// `[len, H]` in the activation dtype: `x` in plan order (used only
+    /// when GEMM1 is a wgmma configuration; may be empty otherwise).
+    pub xp: crate::routing::DeviceMatrixMut<'a>,
+    /// `[len, I]`: GEMM1's output.
+    pub act: DeviceActMut<'a>,
+    /// `f32 [len, H]`: GEMM2's output.
+    pub y: DeviceRowsMut<'a, f32>,
+}
+
+/// The experts of an MoE layer on the GPU: the twin of
+/// [`medley_core::moe::layer::moe_layer`] after gating and planning.
+/// Runs on `stream`: [`crate::routing::permute`] of `x` into `scratch.xp`
+/// when GEMM1 is a wgmma configuration, [`gemm1`], [`gemm2`], then
+/// [`crate::routing::combine_prescaled`] into `out` (`f32 [T, H]`).
+///
+/// `plan` must come from [`crate::routing::align`] with `block_m =
+/// choice.block_m` for the same `T * k` slots and local experts as the
+/// weights; `inverse` is that call's inverse (`u32 [T * k]`), `weights`
+/// the routing weights (`f32 [T * k]`). Tokens with no placed slot get
+/// zero rows; a zero weight drops its slot; a NaN weight poisons its token
+/// (the CPU layer's rules).
+#[allow(clippy::too_many_arguments)]
+pub fn layer(
+    kernels: &Kernels,
+    choice: &LayerChoice,
+    x: DeviceMatrix<'_>,
+    plan: &DevicePlan<'_>,
+    inverse: DeviceSlice<'_, u32>,
+    weights: DeviceSlice<'_, f32>,
+    w13: DeviceMatrix<'_>,
+    w2: DeviceMatrix<'_>,
+    scratch: LayerScratch<'_>,
+    out: DeviceRowsMut<'_, f32>,
+    stream: Stream<'_>,
+) -> Result<(), CudaError> {
+    need(
+        plan.block_m == choice.block_m,
+        mismatch("plan.block_m", choice.block_m, plan.block_m),
+    )?;
+    let LayerScratch {
+        mut xp,
+        mut act,
+        mut y,
+    } = scratch;
+    if GEMMS.get(choice.gemm1).map(|g| g.generation) == Some(Generation::Wgmma) {
+        crate::routing::permute(
+            kernels,
+            x,
+            plan.k,
+            plan.sorted_ids,
+            plan.total,
+            xp.reborrow(),
+            stream,
+        )?;
+
+        gemm1(
+            kernels,
+            choice.gemm1,
+            xp.as_matrix(),
+            true,
+            plan,
+            w13,
+            act.reborrow(),
+            stream,
+        )?;
+    } else {
+        gemm1(kernels, choice.gemm1, x, false, plan, w13, act.reborrow(), stream)?;
+    }
+    gemm2(
+        kernels,
+        choice.gemm2,
+        act.as_matrix(),
+        plan,
+        w2,
+        weights,
+        y.reborrow(),
+        stream,
+    )?;
+    crate::routing::combine_prescaled(
+        kernels,
+        DeviceMatrix::F32(y.as_rows()),
+        plan.k,
+        inverse,
+        weights,
+        out,
+        stream,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_split_rows_per_expert_by_powers_of_four() {
+        assert_eq!(bucket(2, 8), 0); // Mixtral T = 1
+        assert_eq!(bucket(8, 8), 0);
+        assert_eq!(bucket(9, 8), 1);
+        assert_eq!(bucket(32, 8), 1); // Mixtral T = 16
+        assert_eq!(bucket(256, 8), 3); // Mixtral T = 128
+        assert_eq!(bucket(2048, 8), 4); // Mixtral T = 1024
+        assert_eq!(bucket(8192, 8), 5); // Mixtral T = 4096
+        assert_eq!(bucket(1 << 30, 1), 6);
+        assert_eq!(bucket(5, 0), 2); // no local expert: counted as one
+    }
+
+    #[test]
+    fn the_builtin_table_parses_and_names_known_kernels() {
+        let t = Tuning::builtin();
+        assert!(!t.entries.is_empty());
+        assert!(t.device.contains("H100"), "{}", t.device);
+        for &(epi, dt, b, id, cost) in &t.entries {
+            assert_eq!(GEMMS[id].epilogue, epi);
+            assert_eq!(GEMMS[id].dtype, dt);
+            assert!((b as usize) < BUCKETS && cost > 0.0);
+        }
+    }
+
+    #[test]
+    fn bad_tables_are_errors_not_ignored() {
+        assert!(Tuning::parse("swiglu bf16 0 no_such_kernel 1.0").is_err());
+        assert!(Tuning::parse("swiglu bf16 0").is_err());
+        let name = GEMMS
+            .iter()
+            .find(|g| g.epilogue == Epilogue::Down)
+            .unwrap()
+            .name();
+        // An entry filed under the wrong epilogue.
+        assert!(Tuning::parse(&format!("swiglu bf16 0 {name} 1.0")).is_err());
+        assert!(Tuning::parse(&format!("down bf16 9 {name} 1.0")).is_err());
+        let ok = Tuning::parse(&format!(
+            "# device: X\n\ndown {} 2 {name} 1.5\n",
+            match GEMMS[find(name).unwrap()].dtype {
+                GemmDtype::BF16 => "bf16",
+                GemmDtype::F16 => "f16",
+            }
+        ))
+        .unwrap();
+        assert_eq!(ok.device, "X");
+        assert_eq!(ok.entries.len(), 1);
+    }
+}
