@@ -2,10 +2,12 @@
 """Expert-GEMM benchmark results beside the PyTorch baselines and the
 issue's targets, as markdown.
 
-Usage: python3 benches/tools/experts_report.py [CRITERION_DIR] [BASELINES_JSON]
+Usage: python3 benches/tools/experts_report.py [CRITERION_DIR] [BASELINES_JSON] [BENCH_LOG]
 (defaults: target/criterion, ../shared/reference/pytorch-baselines-h100.json).
-Reads the criterion estimates of `cuda/experts/*` and the problem facts
-benches/benches/gpu_experts.rs writes to CRITERION_DIR/cuda-experts-meta.json.
+Reads the criterion estimates of `cuda/experts/*` (or, given BENCH_LOG,
+the median of each "time: [lo median hi]" line of criterion's console
+output) and the problem facts benches/benches/gpu_experts.rs writes to
+CRITERION_DIR/cuda-experts-meta.json.
 Weight GB/s counts the weight bytes of the experts the routing touched;
 copy bandwidth is the baselines' measured device copy (read + write).
 """
@@ -22,6 +24,16 @@ times = {}
 for est in root.glob("cuda_experts_*/*/*/new/estimates.json"):
     bench = json.loads((est.parent / "benchmark.json").read_text())
     times[bench["full_id"]] = json.loads(est.read_text())["median"]["point_estimate"] / 1e3  # us
+if len(sys.argv) > 3:
+    unit = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3, "s": 1e6}
+    last = None
+    for line in pathlib.Path(sys.argv[3]).read_text().splitlines():
+        if line.startswith("cuda/experts/") and " " not in line.strip():
+            last = line.strip()
+        elif last and line.strip().startswith("time:"):
+            v = line.split("[")[1].split("]")[0].split()
+            times[last] = float(v[2]) * unit[v[3]]
+            last = None
 
 VARIANTS = ["gemm1_mma", "gemm1_wgmma", "gemm2_mma", "gemm2_wgmma"]
 print("| shape | T | " + " | ".join(f"{v} us (TFLOP/s, weight GB/s)" for v in VARIANTS)
