@@ -314,6 +314,12 @@ fn prepare(
             what: "this expert GEMM generation (wgmma needs compute capability 9.0)",
         },
     )?;
+    need(
+        a_in_plan_order || cfg.generation == Generation::Mma,
+        CudaError::Unsupported {
+            what: "gathering rows in a wgmma GEMM (permute x into plan order first)",
+        },
+    )?;
     let (ap, arows, k, lda, _, _) = a.parts();
     let (wp, wrows, wk, ldw, _, _) = w.parts();
     let (op, orows, on, ldo) = out;
@@ -366,12 +372,6 @@ fn prepare(
     if a_in_plan_order {
         need(arows == len, mismatch("x.rows", len, arows))?;
     } else {
-        need(
-            cfg.generation == Generation::Mma,
-            CudaError::Unsupported {
-                what: "gathering rows in a wgmma GEMM (permute x into plan order first)",
-            },
-        )?;
         need(
             plan.slots == arows * plan.k,
             mismatch("plan.slots", arows * plan.k, plan.slots),

@@ -20,8 +20,10 @@ use medley_core::moe::layer::{Experts, Plan, Routing, layer_scratch_len, moe_lay
 use medley_core::moe::plan::{block_padded_len, sort_by_expert};
 use medley_core::moe::{ExpertRange, NO_EXPERT};
 use medley_core::{Rows, RowsMut, bf16, f16};
+use medley_cuda::CudaError;
 use medley_cuda::experts::{
-    DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation, LayerChoice, LayerScratch, layer,
+    DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation, LayerChoice, LayerScratch, gemm1,
+    gemm2, layer,
 };
 use medley_cuda::mem::{DeviceMatrix, DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
@@ -185,6 +187,13 @@ impl Case {
         if g.chance(0.2) && !c.weights.is_empty() {
             let s = g.below(c.weights.len());
             c.weights[s] = f32::NAN;
+        }
+        if g.chance(0.2) && c.t > 1 {
+            // One token's activations hold a NaN or an infinity: only that
+            // token's output may change.
+            let tok = g.below(c.t);
+            let v = if g.chance(0.5) { f32::NAN } else { f32::INFINITY };
+            c.x[tok * c.h + g.below(c.h)] = bits(c.dtype, v);
         }
         c
     }
@@ -579,4 +588,248 @@ fn every_gemm_entry_has_a_consistent_table_row() {
         assert_eq!(c.threads, want, "{}", c.name());
         assert_eq!(medley_cuda::experts::find(c.name()), Some(id));
     }
+}
+
+/// GEMM1 of the mma generation reads token rows either gathered through the
+/// plan or already in plan order (`routing::permute`): the two paths run
+/// the same arithmetic, so their outputs must agree bit for bit.
+#[test]
+fn gemm1_gathered_and_in_plan_order_agree_bitwise() {
+    let Some(g) = gpu() else { return };
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in 0..4u64 {
+        let c = Case::random(0xB17_0000 + case);
+        let (t, h, i, k, l) = (c.t, c.h, c.i, c.k, c.range.len());
+        let n = t * k;
+        for id in 0..GEMMS.len() {
+            let cfg = &GEMMS[id];
+            if cfg.generation != Generation::Mma || cfg.epilogue != Epilogue::SwiGlu || cfg.dtype != c.dtype {
+                continue;
+            }
+            runs += 1;
+            let bm = cfg.bm as usize;
+            let r = (|| -> Result<bool, String> {
+                let e = |e: CudaError| format!("{e:?}");
+                let (len, blocks) = block_padded_len(n, l, bm).map_err(|e| format!("{e:?}"))?;
+                let d_ids = Buffer::from_slice(&c.ids)?;
+                let (ds, dbe, dtot) = (
+                    Buffer::filled(len, POISON)?,
+                    Buffer::filled(blocks, POISON)?,
+                    Buffer::filled(1, POISON)?,
+                );
+                align(
+                    g.kernels(),
+                    d_ids.view(n),
+                    c.e,
+                    c.range,
+                    bm,
+                    AlignOutput {
+                        sorted_ids: ds.view_mut(len),
+                        block_experts: dbe.view_mut(blocks),
+                        total: dtot.view_mut(1),
+                        offsets: None,
+                        inverse: None,
+                    },
+                    g.stream(),
+                )
+                .map_err(e)?;
+                let plan = DevicePlan {
+                    sorted_ids: ds.view(len),
+                    block_experts: dbe.view(blocks),
+                    total: dtot.view(1),
+                    block_m: bm,
+                    slots: n,
+                    k,
+                };
+                let dx = Buffer::from_slice(&c.x)?;
+                let dw13 = Buffer::from_slice(&c.w13)?;
+                let dxp = Buffer::filled(len * h, 0u16)?;
+                let (a1, a2) = (Buffer::filled(len * i, 0u16)?, Buffer::filled(len * i, 0u16)?);
+                macro_rules! go {
+                    ($T:ty, $M:ident) => {{
+                        let x = DeviceMatrix::$M(DeviceRows::dense(dx.view::<$T>(t * h), t, h).map_err(e)?);
+                        let w = || -> Result<DeviceMatrix<'_>, String> {
+                            Ok(DeviceMatrix::$M(
+                                DeviceRows::dense(dw13.view::<$T>(l * 2 * i * h), l * 2 * i, h).map_err(e)?,
+                            ))
+                        };
+
+                        gemm1(
+                            g.kernels(),
+                            id,
+                            x,
+                            false,
+                            &plan,
+                            w()?,
+                            DeviceActMut::$M(
+                                DeviceRowsMut::dense(a1.view_mut::<$T>(len * i), len, i).map_err(e)?,
+                            ),
+                            g.stream(),
+                        )
+                        .map_err(e)?;
+                        medley_cuda::routing::permute(
+                            g.kernels(),
+                            x,
+                            k,
+                            ds.view(len),
+                            dtot.view(1),
+                            DeviceMatrixMut::$M(
+                                DeviceRowsMut::dense(dxp.view_mut::<$T>(len * h), len, h).map_err(e)?,
+                            ),
+                            g.stream(),
+                        )
+                        .map_err(e)?;
+                        let xp =
+                            DeviceMatrix::$M(DeviceRows::dense(dxp.view::<$T>(len * h), len, h).map_err(e)?);
+                        gemm1(
+                            g.kernels(),
+                            id,
+                            xp,
+                            true,
+                            &plan,
+                            w()?,
+                            DeviceActMut::$M(
+                                DeviceRowsMut::dense(a2.view_mut::<$T>(len * i), len, i).map_err(e)?,
+                            ),
+                            g.stream(),
+                        )
+                        .map_err(e)?;
+                    }};
+                }
+                match c.dtype {
+                    GemmDtype::BF16 => go!(bf16, BF16),
+                    GemmDtype::F16 => go!(f16, F16),
+                }
+                g.synchronize().map_err(|e| format!("{e:?}"))?;
+                Ok(a1.to_vec::<u16>(len * i)? == a2.to_vec::<u16>(len * i)?)
+            })();
+            match r {
+                Ok(true) => {}
+                Ok(false) => failures.push(format!("{}: {}: outputs differ", c.name, cfg.name())),
+                Err(why) => failures.push(format!("{}: {}: {why}", c.name, cfg.name())),
+            }
+        }
+    }
+    eprintln!("gather vs plan order: {runs} runs, {} failed", failures.len());
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Bad calls fail before anything is launched, with the error that names
+/// the problem; a call with no tokens launches nothing and succeeds.
+#[test]
+fn bad_expert_gemm_calls_are_refused() {
+    let Some(g) = gpu() else { return };
+    let kn = g.kernels();
+    let (t, h, i, l, k) = (4usize, 64usize, 32usize, 2usize, 2usize);
+    let n = t * k;
+    let bm = 16usize;
+    let (len, blocks) = block_padded_len(n, l, bm).unwrap();
+    let zeros = Buffer::zeroed(1 << 20).unwrap();
+    let plan = DevicePlan {
+        sorted_ids: zeros.view(len),
+        block_experts: zeros.view(blocks),
+        total: zeros.view(1),
+        block_m: bm,
+        slots: n,
+        k,
+    };
+    let mma1 = GEMMS
+        .iter()
+        .position(|c| {
+            c.generation == Generation::Mma
+                && c.epilogue == Epilogue::SwiGlu
+                && c.dtype == GemmDtype::BF16
+                && c.bm == 16
+        })
+        .unwrap();
+    let mma2 = GEMMS
+        .iter()
+        .position(|c| {
+            c.generation == Generation::Mma
+                && c.epilogue == Epilogue::Down
+                && c.dtype == GemmDtype::BF16
+                && c.bm == 16
+        })
+        .unwrap();
+    let x = |rows: usize, cols: usize| {
+        DeviceMatrix::BF16(DeviceRows::dense(zeros.view::<bf16>(rows * cols), rows, cols).unwrap())
+    };
+    let act = |rows: usize, cols: usize| {
+        DeviceActMut::BF16(DeviceRowsMut::dense(zeros.view_mut::<bf16>(rows * cols), rows, cols).unwrap())
+    };
+    let call1 =
+        |id: usize,
+         xm: DeviceMatrix<'_>,
+         in_order: bool,
+         w: DeviceMatrix<'_>,
+         out: DeviceActMut<'_>,
+         plan: &DevicePlan<'_>| { gemm1(kn, id, xm, in_order, plan, w, out, g.stream()) };
+    // f32 activations.
+    let xf = DeviceMatrix::F32(DeviceRows::dense(zeros.view::<f32>(t * h), t, h).unwrap());
+    assert!(matches!(
+        call1(mma1, xf, false, x(l * 2 * i, h), act(len, i), &plan),
+        Err(CudaError::Unsupported { .. })
+    ));
+    // A down-projection configuration passed to gemm1.
+    assert!(matches!(
+        call1(mma2, x(t, h), false, x(l * 2 * i, h), act(len, i), &plan),
+        Err(CudaError::Unsupported { .. })
+    ));
+    // H not a multiple of 8.
+    assert!(call1(mma1, x(t, 60), false, x(l * 2 * i, 60), act(len, i), &plan).is_err());
+    // Weights of the wrong shape (rows not a multiple of 2I).
+    assert!(call1(mma1, x(t, h), false, x(l * 2 * i + 8, h), act(len, i), &plan).is_err());
+    // Output rows that are not the plan's length.
+    assert!(call1(mma1, x(t, h), false, x(l * 2 * i, h), act(len - 16, i), &plan).is_err());
+    // A plan whose block size the configuration does not divide.
+    let odd = DevicePlan { block_m: 24, ..plan };
+    assert!(call1(mma1, x(t, h), false, x(l * 2 * i, h), act(len, i), &odd).is_err());
+    // Gathering with a wgmma configuration.
+    let wg = GEMMS.iter().position(|c| {
+        c.generation == Generation::Wgmma && c.epilogue == Epilogue::SwiGlu && c.dtype == GemmDtype::BF16
+    });
+    if let Some(wg) = wg.filter(|&wg| kn.gemm_info(wg).is_some()) {
+        let plan64 = DevicePlan { block_m: 64, ..plan };
+        assert!(matches!(
+            call1(wg, x(t, h), false, x(l * 2 * i, h), act(len, i), &plan64),
+            Err(CudaError::Unsupported { .. })
+        ));
+    }
+    // gemm2: routing weights of the wrong length.
+    let y = DeviceRowsMut::dense(zeros.view_mut::<f32>(len * h), len, h).unwrap();
+    assert!(
+        gemm2(
+            kn,
+            mma2,
+            x(len, i),
+            &plan,
+            x(l * h, i),
+            zeros.view(n - 1),
+            y,
+            g.stream()
+        )
+        .is_err()
+    );
+    // No tokens: nothing to launch, success.
+    let empty = DevicePlan {
+        sorted_ids: zeros.view(0),
+        block_experts: zeros.view(0),
+        total: zeros.view(1),
+        block_m: bm,
+        slots: 0,
+        k,
+    };
+    let r = gemm1(
+        kn,
+        mma1,
+        x(0, h),
+        false,
+        &empty,
+        x(l * 2 * i, h),
+        act(0, i),
+        g.stream(),
+    );
+    assert!(r.is_ok(), "{r:?}");
+    g.synchronize().unwrap();
 }
