@@ -92,11 +92,12 @@ fn experts(c: &mut Criterion) {
             group.finish();
         }
     }
-    let _ = std::fs::create_dir_all("target/criterion");
-    let _ = std::fs::write(
-        "target/criterion/cuda-experts-meta.json",
-        format!("[\n{}\n]\n", meta.join(",\n")),
-    );
+    let meta_text = format!("[\n{}\n]\n", meta.join(",\n"));
+    if let Err(e) = std::fs::create_dir_all("target/criterion")
+        .and_then(|()| std::fs::write("target/criterion/cuda-experts-meta.json", meta_text))
+    {
+        eprintln!("cuda/experts: could not write target/criterion/cuda-experts-meta.json: {e}");
+    }
 }
 
 criterion_group!(benches, experts);

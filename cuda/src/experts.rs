@@ -39,7 +39,7 @@
 
 use crate::driver::{self, DriverError, TensorMap};
 use crate::error::CudaError;
-use crate::mem::{DeviceMatrix, DeviceRowsMut, DeviceSlice, Stream};
+use crate::mem::{DeviceMatrix, DeviceRowsMut, DeviceSlice, Stream, check_ptr, need_len};
 use crate::registry::Kernels;
 use core::ffi::{CStr, c_void};
 use cust::memory::DeviceCopy;
@@ -234,16 +234,6 @@ fn need(cond: bool, e: CudaError) -> Result<(), CudaError> {
     if cond { Ok(()) } else { Err(e) }
 }
 
-fn aligned(ptr: u64, align: u64, arg: &'static str) -> Result<(), CudaError> {
-    need(
-        ptr.is_multiple_of(align),
-        CudaError::Misaligned {
-            arg,
-            align: align as usize,
-        },
-    )
-}
-
 fn fits(v: usize, arg: &'static str) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| invalid(Error::SizeOverflow { arg }))
 }
@@ -326,9 +316,9 @@ fn prepare(
     mult8(k, "K")?;
     mult8(n, "N")?;
     mult8(lda, "x.stride")?;
-    need(wk == k, mismatch("w.len", k, wk))?;
-    need(ldw == wk, mismatch("w.stride", wk, ldw))?;
-    need(on == n, mismatch("out.len", n, on))?;
+    need_len("w.len", k, wk)?;
+    need_len("w.stride", wk, ldw)?;
+    need_len("out.len", n, on)?;
     need(
         ldo.is_multiple_of(2),
         invalid(Error::OutOfRange {
@@ -356,11 +346,8 @@ fn prepare(
         len.is_multiple_of(bm),
         mismatch("plan.sorted_ids", len.div_ceil(bm) * bm, len),
     )?;
-    need(
-        plan.block_experts.len() == len / bm,
-        mismatch("plan.block_experts", len / bm, plan.block_experts.len()),
-    )?;
-    need(plan.total.len() == 1, mismatch("plan.total", 1, plan.total.len()))?;
+    need_len("plan.block_experts", len / bm, plan.block_experts.len())?;
+    need_len("plan.total", 1, plan.total.len())?;
     need(
         plan.k > 0,
         invalid(Error::OutOfRange {
@@ -368,9 +355,9 @@ fn prepare(
             index: 0,
         }),
     )?;
-    need(orows == len, mismatch("out.rows", len, orows))?;
+    need_len("out.rows", len, orows)?;
     if a_in_plan_order {
-        need(arows == len, mismatch("x.rows", len, arows))?;
+        need_len("x.rows", len, arows)?;
     } else {
         need(
             plan.slots == arows * plan.k,
@@ -378,12 +365,11 @@ fn prepare(
         )?;
     }
     for (p, arg) in [(ap, "x"), (wp, "w"), (op, "out")] {
-        need(p != 0, CudaError::Null { arg })?;
-        aligned(p, 16, arg)?;
+        check_ptr(p, 1, 16, arg)?;
     }
-    aligned(plan.sorted_ids.as_raw(), 4, "plan.sorted_ids")?;
-    aligned(plan.block_experts.as_raw(), 4, "plan.block_experts")?;
-    aligned(plan.total.as_raw(), 4, "plan.total")?;
+    check_ptr(plan.sorted_ids.as_raw(), len, 4, "plan.sorted_ids")?;
+    check_ptr(plan.block_experts.as_raw(), len / bm, 4, "plan.block_experts")?;
+    check_ptr(plan.total.as_raw(), 1, 4, "plan.total")?;
     let ntiles = n.div_ceil(cfg.bn as usize);
     let blocks = (len / cfg.bm as usize)
         .checked_mul(ntiles)
@@ -543,15 +529,8 @@ pub fn gemm2(
     out: DeviceRowsMut<'_, f32>,
     stream: Stream<'_>,
 ) -> Result<(), CudaError> {
-    need(
-        weights.len() == plan.slots,
-        mismatch("weights", plan.slots, weights.len()),
-    )?;
-    need(
-        weights.as_raw() != 0 || plan.slots == 0,
-        CudaError::Null { arg: "weights" },
-    )?;
-    aligned(weights.as_raw(), 4, "weights")?;
+    need_len("weights", plan.slots, weights.len())?;
+    check_ptr(weights.as_raw(), plan.slots, 4, "weights")?;
     let l = prepare(
         kernels,
         gemm,
@@ -690,12 +669,13 @@ impl Tuning {
                 3 => 64,
                 _ => 128,
             };
-            GEMMS.iter().position(|g| {
+            (0..GEMMS.len()).find(|&id| {
+                let g = &GEMMS[id];
                 g.generation == Generation::Mma
                     && g.epilogue == epi
                     && g.dtype == dt
                     && g.bm == want_bm
-                    && kernels.gemm(find(g.name()).unwrap_or(0)).is_some()
+                    && kernels.gemm(id).is_some()
                     && allow(g)
             })
         })
@@ -776,10 +756,7 @@ pub fn layer(
     out: DeviceRowsMut<'_, f32>,
     stream: Stream<'_>,
 ) -> Result<(), CudaError> {
-    need(
-        plan.block_m == choice.block_m,
-        mismatch("plan.block_m", choice.block_m, plan.block_m),
-    )?;
+    need_len("plan.block_m", choice.block_m, plan.block_m)?;
     let LayerScratch {
         mut xp,
         mut act,

@@ -10,7 +10,7 @@
 
 use crate::driver::DriverError;
 use crate::error::CudaError;
-use crate::mem::{DeviceSlice, DeviceSliceMut, Stream};
+use crate::mem::{DeviceSlice, DeviceSliceMut, Stream, check_ptr};
 use crate::registry::{BLOCK, Kernel, Kernels};
 use cust::memory::DeviceCopy;
 use medley_core::Error;
@@ -180,9 +180,9 @@ pub fn gate_with(
         .into());
     }
     let stride32 = u32::try_from(stride).map_err(|_| Error::SizeOverflow { arg: "logits.stride" })?;
-    check(ptr, t * e, size, "logits")?;
-    check(ids.as_raw(), n, 4, "ids")?;
-    check(weights.as_raw(), n, 4, "weights")?;
+    check_ptr(ptr, t * e, size, "logits")?;
+    check_ptr(ids.as_raw(), n, 4, "ids")?;
+    check_ptr(weights.as_raw(), n, 4, "weights")?;
     let mut p = GateParams {
         logits: ptr,
         ids: ids.as_raw(),
@@ -227,7 +227,7 @@ pub fn gate_with(
                     }
                     .into());
                 }
-                check(b.as_raw(), e, 4, "bias")?;
+                check_ptr(b.as_raw(), e, 4, "bias")?;
                 p.bias = b.as_raw();
             }
             p.mode = 2;
@@ -275,14 +275,4 @@ pub fn gate_with(
     // to the kernels' context, current via `enter`.
     let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, smem, stream>>>(p)) };
     r.map_err(CudaError::from)
-}
-
-fn check(ptr: u64, len: usize, align: usize, arg: &'static str) -> Result<(), CudaError> {
-    if len > 0 && ptr == 0 {
-        return Err(CudaError::Null { arg });
-    }
-    if !ptr.is_multiple_of(align as u64) {
-        return Err(CudaError::Misaligned { arg, align });
-    }
-    Ok(())
 }

@@ -335,3 +335,29 @@ fn check_span(have: usize, rows: usize, len: usize, stride: usize) -> Result<(),
     }
     Ok(())
 }
+
+/// A device pointer a kernel will access for `len` elements: not null when
+/// `len > 0`, and `align`-byte aligned (shared by every launcher).
+pub(crate) fn check_ptr(ptr: u64, len: usize, align: usize, arg: &'static str) -> Result<(), CudaError> {
+    if len > 0 && ptr == 0 {
+        return Err(CudaError::Null { arg });
+    }
+    if !ptr.is_multiple_of(align as u64) {
+        return Err(CudaError::Misaligned { arg, align });
+    }
+    Ok(())
+}
+
+/// `Error::LengthMismatch` unless `expected == got`.
+pub(crate) fn need_len(arg: &'static str, expected: usize, got: usize) -> Result<(), CudaError> {
+    if expected != got {
+        return Err(Error::LengthMismatch {
+            arg,
+            index: 0,
+            expected,
+            got,
+        }
+        .into());
+    }
+    Ok(())
+}

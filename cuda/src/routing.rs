@@ -12,7 +12,7 @@
 
 use crate::driver::DriverError;
 use crate::error::CudaError;
-use crate::mem::{DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
+use crate::mem::{DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream, check_ptr, need_len};
 use crate::registry::{BLOCK, Kernel, Kernels};
 use cust::memory::DeviceCopy;
 use half::{bf16, f16};
@@ -27,29 +27,6 @@ pub const MAX_ALIGN_EXPERTS: usize = 1024;
 /// Dynamic shared memory `moe_align` uses for `l` local experts.
 pub(crate) const fn align_smem(l: usize) -> u32 {
     (4 * (32 * l + l + 1)) as u32
-}
-
-fn check(ptr: u64, len: usize, align: usize, arg: &'static str) -> Result<(), CudaError> {
-    if len > 0 && ptr == 0 {
-        return Err(CudaError::Null { arg });
-    }
-    if !ptr.is_multiple_of(align as u64) {
-        return Err(CudaError::Misaligned { arg, align });
-    }
-    Ok(())
-}
-
-fn need_len(arg: &'static str, expected: usize, got: usize) -> Result<(), CudaError> {
-    if expected != got {
-        return Err(Error::LengthMismatch {
-            arg,
-            index: 0,
-            expected,
-            got,
-        }
-        .into());
-    }
-    Ok(())
 }
 
 #[repr(C, align(8))]
@@ -125,10 +102,10 @@ pub fn align(
     need_len("sorted_ids", len, out.sorted_ids.len())?;
     need_len("block_experts", blocks, out.block_experts.len())?;
     need_len("total", 1, out.total.len())?;
-    check(ids.as_raw(), n, 4, "ids")?;
-    check(out.sorted_ids.as_raw(), len, 4, "sorted_ids")?;
-    check(out.block_experts.as_raw(), blocks, 4, "block_experts")?;
-    check(out.total.as_raw(), 1, 4, "total")?;
+    check_ptr(ids.as_raw(), n, 4, "ids")?;
+    check_ptr(out.sorted_ids.as_raw(), len, 4, "sorted_ids")?;
+    check_ptr(out.block_experts.as_raw(), blocks, 4, "block_experts")?;
+    check_ptr(out.total.as_raw(), 1, 4, "total")?;
     let mut p = AlignParams {
         ids: ids.as_raw(),
         sorted: out.sorted_ids.as_raw(),
@@ -145,12 +122,12 @@ pub fn align(
     };
     if let Some(o) = &out.offsets {
         need_len("offsets", l + 1, o.len())?;
-        check(o.as_raw(), l + 1, 8, "offsets")?;
+        check_ptr(o.as_raw(), l + 1, 8, "offsets")?;
         p.offsets = o.as_raw();
     }
     if let Some(i) = &out.inverse {
         need_len("inverse", n, i.len())?;
-        check(i.as_raw(), n, 4, "inverse")?;
+        check_ptr(i.as_raw(), n, 4, "inverse")?;
         p.inverse = i.as_raw();
     }
     let smem = align_smem(l);
@@ -267,10 +244,10 @@ pub fn permute(
     need_len("out.rows", sorted_ids.len(), rows)?;
     need_len("out.len", h, oh)?;
     need_len("total", 1, total.len())?;
-    check(xp, t * h, esize, "x")?;
-    check(op, rows * h, esize, "out")?;
-    check(sorted_ids.as_raw(), rows, 4, "sorted_ids")?;
-    check(total.as_raw(), 1, 4, "total")?;
+    check_ptr(xp, t * h, esize, "x")?;
+    check_ptr(op, rows * h, esize, "out")?;
+    check_ptr(sorted_ids.as_raw(), rows, 4, "sorted_ids")?;
+    check_ptr(total.as_raw(), 1, 4, "total")?;
     let fits = |v: usize, arg| u32::try_from(v).map_err(|_| CudaError::from(Error::SizeOverflow { arg }));
     let vec = (h * esize).is_multiple_of(16)
         && (xs * esize).is_multiple_of(16)
@@ -394,10 +371,10 @@ fn combine_impl(
     need_len("inverse", n, inverse.len())?;
     need_len("weights", n, weights.len())?;
     need_len("out.len", h, out.len())?;
-    check(yp, yrows * h, esize, "y")?;
-    check(inverse.as_raw(), n, 4, "inverse")?;
-    check(weights.as_raw(), n, 4, "weights")?;
-    check(out.as_raw(), t * h, 4, "out")?;
+    check_ptr(yp, yrows * h, esize, "y")?;
+    check_ptr(inverse.as_raw(), n, 4, "inverse")?;
+    check_ptr(weights.as_raw(), n, 4, "weights")?;
+    check_ptr(out.as_raw(), t * h, 4, "out")?;
     let fits = |v: usize, arg| u32::try_from(v).map_err(|_| CudaError::from(Error::SizeOverflow { arg }));
     let p = CombineParams {
         y: yp,
