@@ -617,14 +617,21 @@ impl Gta {
         } else {
             0
         };
-        let rows = if !self.row_local {
+        stats.max(self.apply_scratch_len())
+    }
+
+    /// Length of the `u32` scratch [`GtaApply::apply`] alone needs (at most
+    /// [`scratch_len`](Self::scratch_len)): the row-wise part, 0 for
+    /// tensor-wide selections. Chunks applied in parallel each need this
+    /// much, not the statistics' share.
+    pub fn apply_scratch_len(&self) -> usize {
+        if !self.row_local {
             0
         } else if self.opts.sparsify == Sparsify::Della {
             HIST_LEN + self.unit * (4 + self.m)
         } else {
             HIST_LEN
-        };
-        stats.max(rows)
+        }
     }
 
     /// Starts the statistics passes, borrowing `scratch` (at least
@@ -1013,7 +1020,9 @@ impl GtaApply {
 
     /// Merges one chunk: `models[i]` and `base` hold elements
     /// `offset..offset + len` of model `i` and of the base; `out` receives
-    /// the merged elements. `scratch` as in [`Gta::scratch_len`].
+    /// the merged elements. `scratch` holds at least
+    /// [`Gta::apply_scratch_len`] words (any longer buffer, such as the one
+    /// of [`Gta::scratch_len`], serves).
     ///
     /// Errors (nothing is written on error): [`Error::LengthMismatch`]
     /// (`models.count`, `models`, `out`), [`Error::TooLarge`] (`offset`: the
@@ -1042,7 +1051,7 @@ impl GtaApply {
                 },
             )?;
         }
-        let need = p.scratch_len();
+        let need = p.apply_scratch_len();
         ensure(
             scratch.len() >= need,
             Error::BufferTooShort {
