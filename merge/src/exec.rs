@@ -78,6 +78,7 @@ impl<'a> In<'a> {
     fn chunk<T: Element>(&self, lo: usize, hi: usize) -> Cow<'a, [T]> {
         let es = self.dtype.size();
         let raw = &self.bytes[lo * es..hi * es];
+        self.shard.populate(raw);
         if self.dtype == dtype_of::<T>() {
             if let Ok(s) = bytemuck::try_cast_slice::<u8, T>(raw) {
                 return Cow::Borrowed(s);
@@ -241,6 +242,7 @@ fn copy_task(t: &TensorTask, inputs: &[In<'_>], w: &Writer<'_>, chunk: usize) ->
     let n = t.merged;
     chunks(n, chunk, 1).into_par_iter().try_for_each(|(lo, hi)| {
         let a = &inputs[0].bytes[lo * es..hi * es];
+        inputs[0].shard.populate(a);
         for (k, other) in inputs.iter().enumerate().skip(1) {
             if other.bytes[lo * es..hi * es] != *a {
                 return Err(MergeError::Plan {

@@ -485,6 +485,20 @@ fn number(v: Option<(Scalar, String)>, tensor: &str, name: &str, default: Option
     }
 }
 
+/// A model's required `weight`, with an error naming the model entry.
+fn weight_of(ctx: &Ctx<'_>, p: &Part<'_>, tensor: &str) -> Result<f64> {
+    match ctx.model_param(p, "weight") {
+        None => Err(plan_err(
+            tensor,
+            format!(
+                "missing required parameter `weight` for `{}` (give it in its `parameters` or under the top-level `parameters`)",
+                p.at
+            ),
+        )),
+        v => number(v, tensor, "weight", None),
+    }
+}
+
 fn flag(v: Option<(Scalar, String)>, tensor: &str, default: bool) -> Result<bool> {
     match v {
         None => Ok(default),
@@ -1026,7 +1040,7 @@ fn plan_tensor(
         Method::Linear => {
             let mut w = Vec::new();
             for p in parts {
-                w.push(number(ctx.model_param(p, "weight"), name, "weight", None).map_err(|e| {
+                w.push(weight_of(ctx, p, name).map_err(|e| {
                     if p.at == "base_model" {
                         plan_err(
                             name,
@@ -1084,7 +1098,7 @@ fn plan_tensor(
             flag(ctx.global_param("int8_mask"), name, false)?;
             let mut params = Vec::new();
             for p in &others {
-                let w = number(ctx.model_param(p, "weight"), name, "weight", None)? as f32;
+                let w = weight_of(ctx, p, name)? as f32;
                 let mut tp = TaskParams::new(w);
                 let d = ctx.model_param(p, "density");
                 let at = d.as_ref().map(|d| d.1.clone()).unwrap_or_default();
@@ -1147,8 +1161,8 @@ fn plan_tensor(
                     ),
                 ));
             }
-            let w0 = number(ctx.model_param(others[0], "weight"), name, "weight", None)? as f32;
-            let w1 = number(ctx.model_param(others[1], "weight"), name, "weight", None)? as f32;
+            let w0 = weight_of(ctx, others[0], name)? as f32;
+            let w1 = weight_of(ctx, others[1], name)? as f32;
             let flatten = flag(ctx.global_param("nuslerp_flatten"), name, true)?;
             let row_wise = flag(ctx.global_param("nuslerp_row_wise"), name, false)?;
             let layout = if flatten || shape.len() < 2 {
@@ -1174,7 +1188,7 @@ fn plan_tensor(
         Method::Multislerp => {
             let mut w = Vec::new();
             for p in &others {
-                w.push(number(ctx.model_param(p, "weight"), name, "weight", None)? as f32);
+                w.push(weight_of(ctx, p, name)? as f32);
             }
             let o = MultislerpOptions {
                 normalize_weights: flag(ctx.global_param("normalize_weights"), name, true)?,

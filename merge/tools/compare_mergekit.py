@@ -289,7 +289,7 @@ def rel_err(a, b):
     return diff / ref, max_abs
 
 
-def boundary_ties(check, cfg, ref_names, inputs):
+def boundary_ties(check, ref_names, inputs):
     """Tensor names where a magnitude / variance selection has a tie at its cut-off.
 
     inputs: {"base": {name: t}, "ft1": ..., ...}. Ties at a cut-off make the kept set
@@ -518,6 +518,8 @@ def compare(row, spec, s, out_mk, out_md, args, inputs_of):
         mk_cfg = json.load(f)
     row["mergekit"]["config_dtype"] = mk_cfg.get("dtype", mk_cfg.get("torch_dtype"))
     row["mergekit"]["num_hidden_layers"] = mk_cfg.get("num_hidden_layers")
+    if spec.get("check"):
+        row["boundary_ties"] = boundary_ties(spec["check"], list(ref), inputs_of(s))
     if args.mergekit_only:
         row["verdict"] = "mergekit ok"
         row["summary"] = f"{len(ref)} tensors, {row['mergekit']['dtypes']}"
@@ -551,7 +553,6 @@ def compare(row, spec, s, out_mk, out_md, args, inputs_of):
             for n in small_norm_tensors(ref, spec["check"][2]):
                 known[n] = ("gamma*numel < 1 (n_top == 0): older mergekit zeroed such task vectors, "
                             "medley keeps the density largest")
-        row["boundary_ties"] = boundary_ties(spec["check"], row["config"], list(ref), inputs_of(s))
 
     errs = []
     for name in ref:
