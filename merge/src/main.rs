@@ -105,12 +105,15 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 fn install_signals() {
-    // SAFETY: `on_sigint` only stores to an atomic (async-signal-safe).
+    // SAFETY: `on_sigint` only stores to an atomic (async-signal-safe);
+    // SIGINT, SIGTERM and SIGHUP (terminal closed) all cancel the merge,
+    // which then removes its temporary folder.
     // Ignoring SIGXFSZ turns "file size limit exceeded" into an EFBIG
     // error on the write, which is reported and cleaned up like a full disk.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_sigint as *const () as libc::sighandler_t);
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }

@@ -769,4 +769,31 @@ fn dtypes_tied_heads_and_vocabulary_policy() {
     )
     .unwrap();
     assert_eq!(bf16s(&got[n].2), want);
+    // The base has the larger vocabulary: its extra rows are copied.
+    let cfg = format!(
+        "merge_method: ties\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0, density: 0.5}}\n",
+        big.display(),
+        base.display()
+    );
+    let o = merge_with(
+        &root,
+        &cfg,
+        "vocab_tail",
+        &MergeOptions {
+            plan: PlanOptions {
+                vocab: medley_merge::VocabPolicy::Base,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let got = read_all(&o);
+    for n in ["model.embed_tokens.weight", "lm_head.weight"] {
+        assert_eq!(got[n].1, vec![60, 24]);
+        let mut want = out_of(shared);
+        gta::merge(&[&bf16s(&tb[n].2)[..]], &bf16s(&tg[n].2)[..shared], &ps, &GtaOptions::ties(), &mut scratch, &mut want).unwrap();
+        let g = bf16s(&got[n].2);
+        assert_eq!(&g[..shared], &want[..], "{n}: shared rows");
+        assert_eq!(&got[n].2[shared * 2..], &tg[n].2[shared * 2..], "{n}: rows 53..60 are the base's");
+    }
 }
