@@ -79,10 +79,10 @@ impl<'a> In<'a> {
         let es = self.dtype.size();
         let raw = &self.bytes[lo * es..hi * es];
         self.shard.populate(raw);
-        if self.dtype == dtype_of::<T>() {
-            if let Ok(s) = bytemuck::try_cast_slice::<u8, T>(raw) {
-                return Cow::Borrowed(s);
-            }
+        if self.dtype == dtype_of::<T>()
+            && let Ok(s) = bytemuck::try_cast_slice::<u8, T>(raw)
+        {
+            return Cow::Borrowed(s);
         }
         let mut v = Vec::with_capacity(hi - lo);
         match self.dtype {
@@ -277,6 +277,13 @@ fn tail_copy<O: Element>(t: &TensorTask, tail: &In<'_>, w: &Writer<'_>, chunk: u
 }
 
 /// The merged part of a float tensor, inputs read as `T`, output `O`.
+/// One chunk of every input, borrowed or converted, and of the base.
+type Views<'a, T> = (Vec<Cow<'a, [T]>>, Option<Cow<'a, [T]>>);
+/// A statistics step over one chunk: `(models, base)`.
+type FeedFn<'f, T> = dyn FnMut(&[&[T]], Option<&[T]>) -> Result<()> + 'f;
+/// An apply step over one chunk: `(models, base, offset, out)`.
+type ApplyFn<'f, T, O> = dyn Fn(&[&[T]], Option<&[T]>, usize, &mut [O]) -> Result<()> + Sync + 'f;
+
 fn numeric<T: Element, O: Element>(
     t: &TensorTask,
     inputs: &[In<'_>],
@@ -287,7 +294,7 @@ fn numeric<T: Element, O: Element>(
     let n = t.merged;
     let e = core(t);
     // Views of one chunk.
-    let views = |lo: usize, hi: usize| -> (Vec<Cow<'_, [T]>>, Option<Cow<'_, [T]>>) {
+    let views = |lo: usize, hi: usize| -> Views<'_, T> {
         (
             inputs.iter().map(|i| i.chunk::<T>(lo, hi)).collect(),
             base.map(|b| b.chunk::<T>(lo, hi)),
@@ -299,7 +306,7 @@ fn numeric<T: Element, O: Element>(
         }
     };
     // Runs `f` over chunks in order (a statistics pass).
-    let pass = |unit: usize, f: &mut dyn FnMut(&[&[T]], Option<&[T]>) -> Result<()>| -> Result<()> {
+    let pass = |unit: usize, f: &mut FeedFn<'_, T>| -> Result<()> {
         for (lo, hi) in chunks(n, chunk, unit) {
             let (xs, b) = views(lo, hi);
             let refs: Vec<&[T]> = xs.iter().map(|c| &**c).collect();
@@ -309,9 +316,7 @@ fn numeric<T: Element, O: Element>(
         Ok(())
     };
     // Merges chunks in parallel with `f(models, base, offset, out)`.
-    let apply = |unit: usize,
-                 f: &(dyn Fn(&[&[T]], Option<&[T]>, usize, &mut [O]) -> Result<()> + Sync)|
-     -> Result<()> {
+    let apply = |unit: usize, f: &ApplyFn<'_, T, O>| -> Result<()> {
         chunks(n, chunk, unit).into_par_iter().try_for_each(|(lo, hi)| {
             let (xs, b) = views(lo, hi);
             let refs: Vec<&[T]> = xs.iter().map(|c| &**c).collect();

@@ -305,15 +305,14 @@ fn write_side_files(
         if let Some(t) = template {
             staging.write("chat_template.jinja", t.as_bytes())?;
             let tc = staging.dir.join("tokenizer_config.json");
-            if let Ok(b) = std::fs::read(&tc) {
-                if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&b) {
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("chat_template".into(), t.into());
-                        let mut b = serde_json::to_vec_pretty(&v).expect("JSON");
-                        b.push(b'\n');
-                        staging.write("tokenizer_config.json", &b)?;
-                    }
-                }
+            if let Ok(b) = std::fs::read(&tc)
+                && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&b)
+                && let Some(o) = v.as_object_mut()
+            {
+                o.insert("chat_template".into(), t.into());
+                let mut b = serde_json::to_vec_pretty(&v).expect("JSON");
+                b.push(b'\n');
+                staging.write("tokenizer_config.json", &b)?;
             }
         }
     }

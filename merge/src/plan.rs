@@ -218,10 +218,13 @@ pub fn layer_of(name: &str) -> Option<(usize, usize, usize)> {
             while de < b.len() && b[de].is_ascii_digit() {
                 de += 1;
             }
-            if ok_before && de > ds && de < b.len() && b[de] == b'.' {
-                if let Ok(v) = name[ds..de].parse() {
-                    return Some((ds, de, v));
-                }
+            if ok_before
+                && de > ds
+                && de < b.len()
+                && b[de] == b'.'
+                && let Ok(v) = name[ds..de].parse()
+            {
+                return Some((ds, de, v));
             }
             from = at + 1;
         }
@@ -437,10 +440,10 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// A per-model parameter: model, slice, global.
     fn model_param(&self, p: &Part<'_>, name: &str) -> Option<(Scalar, String)> {
-        if let Some((s, at)) = p.params.get_at(name) {
-            if let Some(v) = evaluate(s, &p.tensor, self.t) {
-                return Some((v, at));
-            }
+        if let Some((s, at)) = p.params.get_at(name)
+            && let Some(v) = evaluate(s, &p.tensor, self.t)
+        {
+            return Some((v, at));
         }
         self.global_param(name)
     }
@@ -448,10 +451,10 @@ impl Ctx<'_> {
     /// A merge-wide parameter: slice, global.
     fn global_param(&self, name: &str) -> Option<(Scalar, String)> {
         for params in self.slice_params.into_iter().chain([self.global]) {
-            if let Some((s, at)) = params.get_at(name) {
-                if let Some(v) = evaluate(s, &self.name, self.t) {
-                    return Some((v, at));
-                }
+            if let Some((s, at)) = params.get_at(name)
+                && let Some(v) = evaluate(s, &self.name, self.t)
+            {
+                return Some((v, at));
             }
         }
         None
@@ -553,15 +556,14 @@ impl Models {
         }
         let path = resolve_path(r, opts);
         let canon = std::fs::canonicalize(&path).ok();
-        if let Some(c) = &canon {
-            if let Some(i) = self
+        if let Some(c) = &canon
+            && let Some(i) = self
                 .list
                 .iter()
                 .position(|m| std::fs::canonicalize(&m.path).ok().as_ref() == Some(c))
-            {
-                self.by_ref.insert(r.path.clone(), i);
-                return Ok(i);
-            }
+        {
+            self.by_ref.insert(r.path.clone(), i);
+            return Ok(i);
         }
         let m = Model::open(&r.path, &path)?;
         self.list.push(m);
@@ -628,11 +630,11 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                 }
                 sources.push((i, &e.parameters, e.at.as_str(), 0));
             }
-            if let Some(b) = base {
-                if !sources.iter().any(|s| s.0 == b) {
-                    // mergekit merges a base that is not listed as one more input.
-                    sources.push((b, &empty, "base_model", 0));
-                }
+            if let Some(b) = base
+                && !sources.iter().any(|s| s.0 == b)
+            {
+                // mergekit merges a base that is not listed as one more input.
+                sources.push((b, &empty, "base_model", 0));
             }
             reference = base.unwrap_or(sources[0].0);
             let layers = layer_count(&models.list[reference])?;
@@ -699,16 +701,17 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                     Some(r) => Some(models.open(r, opts)?),
                     None => base,
                 };
-                if let Some(b) = sbase {
-                    if method.needs_base() && !sources.iter().any(|x| x.0 == b) {
-                        return Err(plan_err(
-                            "",
-                            format!(
-                                "`{}`: the base model `{}` is not one of the slice's sources; list it with the layer range to use",
-                                s.at, models.list[b].name
-                            ),
-                        ));
-                    }
+                if let Some(b) = sbase
+                    && method.needs_base()
+                    && !sources.iter().any(|x| x.0 == b)
+                {
+                    return Err(plan_err(
+                        "",
+                        format!(
+                            "`{}`: the base model `{}` is not one of the slice's sources; list it with the layer range to use",
+                            s.at, models.list[b].name
+                        ),
+                    ));
                 }
                 if reference == usize::MAX {
                     reference = sbase
@@ -742,15 +745,15 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
         let ra = arch(&models_list[reference]);
         for m in &models_list {
             let a = arch(m);
-            if ra.is_some() && a.is_some() && a != ra {
+            if let (Some(a), Some(ra)) = (&a, &ra)
+                && a != ra
+            {
                 return Err(MergeError::Model {
                     model: m.name.clone(),
                     path: m.path.clone(),
                     message: format!(
-                        "its config.json names architectures {} but `{}` has {}; pass --allow-crimes to merge them anyway",
-                        a.unwrap(),
+                        "its config.json names architectures {a} but `{}` has {ra}; pass --allow-crimes to merge them anyway",
                         models_list[reference].name,
-                        ra.unwrap()
                     ),
                 });
             }
@@ -801,16 +804,15 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                     (Some((a, b, _)), Some(j)) => with_layer(name, (a, b), first + j),
                     _ => name.clone(),
                 };
-                if !m.has(&in_name) {
-                    if is_head(&in_name) {
-                        if let Some(e) = embed_of(m) {
-                            notes.push(format!(
-                                "model `{}` has no `{in_name}` (tied embeddings): its `{e}` is used for `{out_name}`",
-                                m.name
-                            ));
-                            in_name = e;
-                        }
-                    }
+                if !m.has(&in_name)
+                    && is_head(&in_name)
+                    && let Some(e) = embed_of(m)
+                {
+                    notes.push(format!(
+                        "model `{}` has no `{in_name}` (tied embeddings): its `{e}` is used for `{out_name}`",
+                        m.name
+                    ));
+                    in_name = e;
                 }
                 if !m.has(&in_name) {
                     return Err(MergeError::Model {

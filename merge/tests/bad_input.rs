@@ -465,3 +465,58 @@ fn output_folder_rules_and_a_full_disk() {
         listing(&root)
     );
 }
+
+#[test]
+fn an_interrupted_merge_leaves_all_or_nothing() {
+    let root = scratch("interrupt");
+    let spec = Spec {
+        hidden: 256,
+        inter: 512,
+        layers: 4,
+        vocab: 4000,
+        ..Spec::tiny()
+    };
+    let [b, a, bb, _] = family(&root, &spec);
+    let cfg = root.join("ties.yml");
+    std::fs::write(&cfg, ties(&b, &[&a, &bb])).unwrap();
+    let mut interrupted = 0;
+    for (k, delay_ms) in [5u64, 20, 60, 150].into_iter().enumerate() {
+        let out = root.join(format!("out{k}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_medley"))
+            .args([
+                "merge",
+                cfg.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "-j",
+                "1",
+                "--chunk-elements",
+                "2048",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: signalling our own child process by its id.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            assert_eq!(
+                read_all(&out).len(),
+                spec.tensors().len(),
+                "a finished merge is complete"
+            );
+        } else {
+            interrupted += 1;
+            assert_eq!(o.status.code(), Some(130), "{stderr}");
+            assert!(stderr.contains("interrupted"), "{stderr}");
+            assert!(!out.exists(), "an interrupted merge left {}", out.display());
+        }
+        assert!(
+            listing(&root).iter().all(|n| !n.contains("medley-tmp")),
+            "{:?}",
+            listing(&root)
+        );
+    }
+    assert!(interrupted > 0, "no run was caught before it finished");
+}

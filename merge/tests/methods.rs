@@ -791,9 +791,21 @@ fn dtypes_tied_heads_and_vocabulary_policy() {
     for n in ["model.embed_tokens.weight", "lm_head.weight"] {
         assert_eq!(got[n].1, vec![60, 24]);
         let mut want = out_of(shared);
-        gta::merge(&[&bf16s(&tb[n].2)[..]], &bf16s(&tg[n].2)[..shared], &ps, &GtaOptions::ties(), &mut scratch, &mut want).unwrap();
+        gta::merge(
+            &[&bf16s(&tb[n].2)[..]],
+            &bf16s(&tg[n].2)[..shared],
+            &ps,
+            &GtaOptions::ties(),
+            &mut scratch,
+            &mut want,
+        )
+        .unwrap();
         let g = bf16s(&got[n].2);
         assert_eq!(&g[..shared], &want[..], "{n}: shared rows");
-        assert_eq!(&got[n].2[shared * 2..], &tg[n].2[shared * 2..], "{n}: rows 53..60 are the base's");
+        assert_eq!(
+            &got[n].2[shared * 2..],
+            &tg[n].2[shared * 2..],
+            "{n}: rows 53..60 are the base's"
+        );
     }
 }
