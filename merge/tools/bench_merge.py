@@ -158,7 +158,7 @@ def shape_for(args, target):
     if target:
         preset, s = gen.shape_for_target(target, args.preset)
     else:
-        preset = args.preset or "tinyllama"
+        preset = args.preset
         s = dict(gen.PRESETS[preset])
     return preset, s
 
@@ -211,7 +211,17 @@ def last_progress(text):
 
 
 def measured_run(cmd, log_path, timeout):
-    """Run cmd; return wall, cpu (user+sys), peak RSS (KiB), rc, killed, via os.wait4."""
+    """Run cmd; return wall, cpu (user+sys), peak RSS (KiB), rc, killed, via os.wait4.
+
+    Peak RSS comes from /usr/bin/time (GNU time, %M) wrapped around the command: a child
+    forked from this Python process inherits its high-water RSS across exec (Linux keeps
+    ru_maxrss through execve), so wait4's ru_maxrss of a direct child is at least this
+    script's own RSS (about 0.5 GiB once torch is imported). GNU time is small when it
+    forks the measured command, so its %M is the command's own peak.
+    """
+    rss_file = str(log_path) + ".rss"
+    if os.path.exists("/usr/bin/time"):
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file] + list(cmd)
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -230,8 +240,14 @@ def measured_run(cmd, log_path, timeout):
         proc.returncode = os.waitstatus_to_exitcode(status)
     with open(log_path, errors="replace") as f:
         output = f.read()
+    maxrss = ru.ru_maxrss
+    try:
+        with open(rss_file) as f:
+            maxrss = int(f.read().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        pass  # killed before time wrote it: keep wait4's (an upper bound)
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-            "maxrss_kib": ru.ru_maxrss, "rc": proc.returncode, "killed": killed,
+            "maxrss_kib": maxrss, "rc": proc.returncode, "killed": killed,
             "progress": last_progress(output) if killed else None,
             "output_tail": "\n".join(l for l in output.replace("\r", "\n").splitlines()[-15:] if l.strip())}
 
@@ -256,7 +272,7 @@ def run_tool(tool, cfg_path, out, paths_used, args, log):
         r["out_bytes"] = folder_bytes(out)
         r["out_tensors"] = folder_tensor_count(out)
     shutil.rmtree(out, ignore_errors=True)
-    status = "ok" if r["rc"] == 0 else (f"killed after {timeout} s" if r["killed"] else f"rc {r['rc']}")
+    status = "ok" if r["rc"] == 0 else (f"killed after {timeout:g} s" if r["killed"] else f"rc {r['rc']}")
     log(f"    {status}: wall {r['wall_s']:.1f} s, cpu {r['cpu_s']:.1f} s, peak RSS {human_bytes(r['maxrss_kib'] * 1024)}")
     if r["rc"] != 0 and not r["killed"]:
         log("    " + r["output_tail"].replace("\n", "\n    "))
@@ -278,7 +294,7 @@ def cell_status(runs, timeout):
     r = bad[0]
     if r["killed"]:
         prog = f", progress {r['progress']}" if r.get("progress") else ""
-        return f"killed after {timeout} s (did not finish{prog})"
+        return f"killed after {timeout:g} s (did not finish{prog})"
     return f"failed (rc {r['rc']})"
 
 
@@ -295,9 +311,10 @@ def fmt_rss(kib):
 def main():
     ap = argparse.ArgumentParser(description="Benchmark medley merge vs mergekit",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--target-params", type=float, default=1e9, help="model size (default 1e9)")
+    ap.add_argument("--target-params", "--params", type=gen.parse_count,
+                    help="model size (default 1e9, or the preset's own size when --preset is given)")
     ap.add_argument("--preset", choices=sorted(gen.PRESETS),
-                    help="shape family (default: chosen from the size); with --target-params 0 its exact shape")
+                    help="shape: alone, the preset's exact shape; with --target-params, its layer count scaled")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     ap.add_argument("--shard-size", default="5GB", help="input shard size (default 5GB)")
     ap.add_argument("--work", default="/work/bench-data")
@@ -350,7 +367,9 @@ def main():
     meta["git"] = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
                                  capture_output=True, text=True).stdout.strip() or None
 
-    sizes = [float(x) for x in args.sizes.split(",")] if args.sizes else [args.target_params]
+    if args.target_params is None and not args.preset:
+        args.target_params = 1e9
+    sizes = [gen.parse_count(x) for x in args.sizes.split(",")] if args.sizes else [args.target_params]
     results = []
     roots = []
     for size in sizes:
@@ -406,7 +425,7 @@ def write_record(args, meta, results):
              f"`python -m mergekit.scripts.run_yaml CONFIG OUT --no-copy-tokenizer --no-write-model-card` "
              f"on CPU, default threads, killed after {meta['mergekit_timeout']:.0f} s")
     L.append(f"- dtype: {meta['dtype']} inputs, no `dtype`/`out_dtype` in the configs (each tool's default)")
-    L.append("- wall: elapsed time; CPU: user + sys of the process; RSS: peak resident set (ru_maxrss from wait4)\n")
+    L.append("- wall: elapsed time; CPU: user + sys of the process; RSS: peak resident set of the command (GNU time's %M)\n")
 
     by_model = {}
     for e in results:

@@ -105,9 +105,9 @@ def _karcher(p):
     return {"merge_method": "karcher", "models": [{"model": p[k]} for k in ("ft1", "ft2", "ft3")]}
 
 
-def _model_stock(p):
+def _model_stock(p, keys=("ft1", "ft2", "ft3")):
     return {"merge_method": "model_stock", "base_model": p["base"],
-            "models": [{"model": p[k]} for k in ("ft1", "ft2", "ft3")]}
+            "models": [{"model": p[k]} for k in keys]}
 
 
 def _sce(p):
@@ -164,7 +164,11 @@ METHODS = {
     "multislerp_base": dict(config=_weighted("multislerp", (0.2, 0.3, 0.5), base=True),
                             note="with base (task vectors)"),
     "karcher": dict(config=_karcher),
-    "model_stock": dict(config=_model_stock),
+    "model_stock": dict(config=_model_stock, check=("stock", ("ft1", "ft2", "ft3")),
+                        note="independent noise: mean cosines near 0, about half negative"),
+    "model_stock_shared": dict(config=lambda p: _model_stock(p, ("sh1", "sh2", "sh3")),
+                               check=("stock", ("sh1", "sh2", "sh3")),
+                               note="fine-tunes sharing a direction: mean cosines near 0.5"),
     "sce": dict(config=_sce, check=("sce", 0.5), note="select_topk 0.5"),
     "passthrough_slices": dict(config=_passthrough,
                                note="frankenmerge: ft1 layers [0,3) + ft2 layers [2,5) -> 6 layers"),
@@ -209,10 +213,10 @@ def generate_inputs(work, sets, log):
     paths = {}
     for s in sets:
         root = os.path.join(work, "models", s)
-        p = {k: os.path.join(root, k) for k in ("base", "ft1", "ft2", "ft3")}
+        p = {k: os.path.join(root, k) for k in ("base", "ft1", "ft2", "ft3", "mid", "sh1", "sh2", "sh3")}
         paths[s] = p
         stamp = os.path.join(root, ".done")
-        want = json.dumps({"shape": SHAPE, "noise": NOISE, "set": s})
+        want = json.dumps({"shape": SHAPE, "noise": NOISE, "set": s, "shared": True})
         if os.path.exists(stamp) and open(stamp).read() == want:
             continue
         log(f"generating {s} checkpoints under {root}")
@@ -226,6 +230,13 @@ def generate_inputs(work, sets, log):
         for i, key in enumerate(("ft1", "ft2", "ft3"), start=1):
             subprocess.run([sys.executable, GEN, "--out", p[key], "--like", p["base"], "--noise",
                             str(NOISE), "--seed", str(100 + i), "--overwrite", "--quiet"], check=True)
+        # fine-tunes that share a direction: mid = base + noise, sh_i = mid + noise, so the
+        # task vectors sh_i - base have pairwise cosines near 0.5 (Model Stock's regime)
+        subprocess.run([sys.executable, GEN, "--out", p["mid"], "--like", p["base"], "--noise", str(NOISE),
+                        "--seed", "200", "--overwrite", "--quiet"], check=True)
+        for i, key in enumerate(("sh1", "sh2", "sh3"), start=1):
+            subprocess.run([sys.executable, GEN, "--out", p[key], "--like", p["mid"], "--noise",
+                            str(NOISE), "--seed", str(200 + i), "--overwrite", "--quiet"], check=True)
         with open(stamp, "w") as f:
             f.write(want)
     return paths
@@ -334,6 +345,20 @@ def boundary_ties(check, ref_names, inputs):
         if reasons:
             tied[name] = reasons
     return tied
+
+
+def stock_cosines(keys, ref_names, inputs):
+    """Model Stock's mean pairwise cosine of the (whole-tensor) task vectors, in float64."""
+    res = {}
+    for name in ref_names:
+        base = inputs["base"][name].to(torch.float64).reshape(-1)
+        deltas = [inputs[k][name].to(torch.float64).reshape(-1) - base for k in keys]
+        cs = []
+        for i, a in enumerate(deltas):
+            for b in deltas[i + 1:]:
+                cs.append(float((a @ b) / max(float(a.norm() * b.norm()), 1e-6)))
+        res[name] = sum(cs) / len(cs)
+    return res
 
 
 def small_norm_tensors(ref, gamma):
@@ -549,6 +574,13 @@ def compare(row, spec, s, out_mk, out_md, args, inputs_of):
 
     known = {}  # name -> reason excluded from the verdict
     if spec.get("check"):
+        if spec["check"][0] == "stock":
+            base_in = inputs_of(s)["base"]
+            for n, c in stock_cosines(spec["check"][1], list(ref), inputs_of(s)).items():
+                if c < 0:
+                    same = n in out and torch.equal(out[n].to(torch.float32), base_in[n].to(torch.float32))
+                    known[n] = (f"mean cosine {c:+.4f} < 0: mergekit extrapolates (t < 0), medley uses t = 0 "
+                                f"(the base); medley output equals the base: {'yes' if same else 'NO'}")
         if spec["check"][0] == "outliers":
             for n in small_norm_tensors(ref, spec["check"][2]):
                 known[n] = ("gamma*numel < 1 (n_top == 0): older mergekit zeroed such task vectors, "
@@ -603,8 +635,14 @@ def compare(row, spec, s, out_mk, out_md, args, inputs_of):
         notes.append(f"{len(bad)} tensor(s) over {args.tol:g}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     if known:
         same = [n for n in known if n not in excluded_bad]
-        notes.append(f"excluded {len(known)} tensor(s) with gamma*numel < 1 "
+        what = ("a negative mean cosine (medley t = 0)" if spec["check"][0] == "stock"
+                else "gamma*numel < 1")
+        notes.append(f"excluded {len(known)} tensor(s) with {what} "
                      f"({len(excluded_bad)} differ > tol, {len(same)} agree)")
+        if spec["check"][0] == "stock":
+            not_base = [n for n, r in known.items() if r.endswith("NO")]
+            notes.append("medley gives exactly the base for all of them" if not not_base
+                         else f"medley does NOT give the base for {len(not_base)}: {', '.join(not_base[:3])}")
     if not structure_ok:
         notes.append("; ".join(f"{k}: {v[:3] if isinstance(v, list) else v}" for k, v in acc.items()
                                if v and k not in ("config_num_hidden_layers", "config_dtype")))
@@ -714,13 +752,19 @@ def write_record(path, meta, rows, args):
                  "(an empty slice `[n_bot:-0]`); medley keeps the `density` largest. The installed mergekit "
                  "computes `n_bot = max(0, n - target - n_top)` and keeps `indices[n_bot:n_bot+target]`, "
                  "so it may agree; the rel err is listed either way.\n")
-        L.append("| method | inputs | tensor | numel | rel err |")
-        L.append("|---|---|---|---|---|")
+        L.append("Model Stock: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the task "
+                 "vectors. mergekit does not guard a negative mean cosine (t < 0 extrapolates away from the "
+                 "average, t is infinite at cos = -1/(N-1)); medley uses t = 0 there, i.e. the base "
+                 "(documented in core/src/merge/stock.rs). Task vectors of independent noise have cosines "
+                 "near 0, about half of them negative; `model_stock_shared` uses fine-tunes with cosines "
+                 "near 0.5.\n")
+        L.append("| method | inputs | tensor | numel | rel err | reason |")
+        L.append("|---|---|---|---|---|---|")
         for meth, s, n, t in excluded:
             numel = 1
             for d in t["shape"]:
                 numel *= d
-            L.append(f"| {meth} | {s} | {n} | {numel} | {fmt(t.get('rel_err'))} |")
+            L.append(f"| {meth} | {s} | {n} | {numel} | {fmt(t.get('rel_err'))} | {t['excluded']} |")
         L.append("")
 
     ties = [(r["method"], r["set"], r["boundary_ties"]) for r in rows if r.get("boundary_ties")]
@@ -758,6 +802,8 @@ def write_record(path, meta, rows, args):
     L.append("- medley always computes in f32 (these configs set `dtype: float32` so mergekit does too).")
     L.append("- breadcrumbs / breadcrumbs_ties: tensors with gamma*numel < 1 (see above) are excluded "
              "from the verdict.")
+    L.append("- model_stock: tensors whose mean task-vector cosine is negative are excluded (medley: t = 0, "
+             "the base; mergekit: t < 0); the record checks that medley returns exactly the base there.")
     L.append("- TIES-family / SCE: ties in |delta| at the top-k cut-off can be broken differently "
              "(`pass*`); the f32 set has continuous deltas and should have none.")
     L.append("- DARE / DELLA at density < 1: different random generators; compared at density 1.0.")

@@ -25,7 +25,7 @@ to different folders differ even without --seed.
 
 Usage:
     python gen_checkpoints.py --out DIR [--preset tiny|mini|small|tinyllama|llama3b|llama8b]
-        [--target-params 0.5e9] [--hidden H] [--intermediate I] [--layers L] [--heads N]
+        [--target-params 0.5e9 | --params 3.6B] [--hidden H] [--intermediate I] [--layers L] [--heads N]
         [--kv-heads K] [--vocab V] [--dtype bf16|f16|f32] [--shard-size 5GB] [--seed S]
         [--overwrite]
     python gen_checkpoints.py --out DIR --like BASE_DIR --noise 0.01 [--seed S] [--dtype ...]
@@ -41,15 +41,17 @@ Examples:
     # about 1e9 parameters: picks a preset by size and scales its layer count
     python gen_checkpoints.py --out /work/b/base --target-params 1e9
 
---target-params without --preset picks the largest preset among mini, small, tinyllama,
-llama3b, llama8b whose embeddings plus 4 layers fit in the target, then sets the layer
-count (at least 1) to get as close to the target as possible. With --preset it scales that
+--target-params without --preset picks, among mini (50M), small (201M), tinyllama (1.10B),
+llama3b (3.61B) and llama8b (8.03B), the preset whose own size is nearest the target
+(by ratio; its embeddings plus 2 layers must fit), then sets the layer count (at least 1)
+to get as close to the target as possible. With --preset it scales that
 preset's layer count. --hidden/--layers/... override single fields afterwards.
 """
 
 import argparse
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -93,6 +95,16 @@ def parse_size(text):
     return int(num * mult)
 
 
+def parse_count(text):
+    """'3.6B' -> 3.6e9, '500M', '50k', '1e9' -> a float parameter count."""
+    t = str(text).strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], None)
+    try:
+        return float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad parameter count {text!r} (use e.g. 3.6B, 500M, 1e9)")
+
+
 def layer_params(s):
     h, i = s["hidden"], s["intermediate"]
     hd = h // s["heads"]
@@ -110,11 +122,11 @@ def param_count(s):
 
 def shape_for_target(target, preset=None):
     if preset is None:
-        preset = SIZE_LADDER[0]
-        for name in SIZE_LADDER:
-            p = PRESETS[name]
-            if fixed_params(p) + 4 * layer_params(p) <= target:
-                preset = name
+        # the preset whose own size is nearest the target (by ratio), among those whose
+        # embeddings plus 2 layers fit in it
+        fits = [n for n in SIZE_LADDER
+                if fixed_params(PRESETS[n]) + 2 * layer_params(PRESETS[n]) <= target] or SIZE_LADDER[:1]
+        preset = min(fits, key=lambda n: abs(math.log(param_count(PRESETS[n]) / target)))
     s = dict(PRESETS[preset])
     s["layers"] = max(1, round((target - fixed_params(s)) / layer_params(s)))
     return preset, s
@@ -309,8 +321,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default tiny)")
-    ap.add_argument("--target-params", type=float,
-                    help="total parameter count to aim for (scales the layer count)")
+    ap.add_argument("--target-params", "--params", type=parse_count,
+                    help="total parameter count to aim for, e.g. 0.5e9, 500M, 3.6B (scales the layer count)")
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--intermediate", type=int)
     ap.add_argument("--layers", type=int)
