@@ -268,10 +268,10 @@ fn write_side_files(
                 _ => "bfloat16",
             };
             if let Some(o) = c.as_object_mut() {
+                // transformers 5 reads `dtype` (and warns on `torch_dtype`),
+                // older versions `torch_dtype`: write both.
                 o.insert("torch_dtype".into(), name.into());
-                if o.contains_key("dtype") {
-                    o.insert("dtype".into(), name.into());
-                }
+                o.insert("dtype".into(), name.into());
             }
         }
         if let (Some(l), Some(o)) = (plan.layers, c.as_object_mut()) {

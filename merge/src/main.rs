@@ -39,7 +39,7 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
         /// Largest output shard: bytes, or with a suffix K, M, G (10^3,
-        /// 10^6, 10^9; also KB/MB/GB, and B as in mergekit's "5B").
+        /// 10^6, 10^9; also KB, MB, GB, and B = 10^9 as in mergekit's "5B").
         #[arg(long, default_value = "5G", value_parser = parse_size)]
         out_shard_size: u64,
         /// Seed of DARE's and DELLA's random masks (overrides the
@@ -75,19 +75,22 @@ enum Vocab {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = if let Some(n) = t
-        .strip_suffix("GB")
-        .or_else(|| t.strip_suffix('G'))
-        .or_else(|| t.strip_suffix('B'))
-    {
-        (n, 1e9)
-    } else if let Some(n) = t.strip_suffix("MB").or_else(|| t.strip_suffix('M')) {
-        (n, 1e6)
-    } else if let Some(n) = t.strip_suffix("KB").or_else(|| t.strip_suffix('K')) {
-        (n, 1e3)
-    } else {
-        (t.as_str(), 1.0)
-    };
+    let mut num = t.as_str();
+    let mut mult = 1.0;
+    for (suffix, m) in [
+        ("GB", 1e9),
+        ("MB", 1e6),
+        ("KB", 1e3),
+        ("G", 1e9),
+        ("M", 1e6),
+        ("K", 1e3),
+        ("B", 1e9),
+    ] {
+        if let Some(n) = t.strip_suffix(suffix) {
+            (num, mult) = (n, m);
+            break;
+        }
+    }
     let v: f64 = num
         .trim()
         .parse()
@@ -140,6 +143,21 @@ impl Progress for Bar {
         let d = self.done.fetch_add(1, Ordering::Relaxed) + 1;
         self.bar
             .set_message(format!("{d}/{} tensors", self.total.load(Ordering::Relaxed)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("5G"), Ok(5_000_000_000));
+        assert_eq!(super::parse_size("5B"), Ok(5_000_000_000));
+        assert_eq!(super::parse_size("30MB"), Ok(30_000_000));
+        assert_eq!(super::parse_size("1.5gb"), Ok(1_500_000_000));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("500k"), Ok(500_000));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("lots").is_err());
     }
 }
 

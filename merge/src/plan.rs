@@ -13,8 +13,10 @@
 //! - **Layers** are recognised by a `layers.N.` (or `h.N.`, `blocks.N.`)
 //!   component in the name. `slices:` renumber them: output layer
 //!   `offset + j` of a slice with sources `[a_k, b_k)` merges source layers
-//!   `a_k + j`. Tensors outside the layers are merged from the first
-//!   slice's sources (embeddings, and every other non-layer tensor).
+//!   `a_k + j`. Embeddings are merged from the first slice's sources, the
+//!   other tensors outside the layers (final norm, output head) from the
+//!   last slice's, with that slice's parameters (as mergekit's pre- and
+//!   post-weights).
 //! - **Parameters** resolve with mergekit's precedence: the model's (or
 //!   slice source's) `parameters`, then the slice's, then the top-level
 //!   ones, then the method's default. A list of numbers is a gradient read
@@ -584,6 +586,27 @@ struct Group<'a> {
     /// tensors.
     out_first: Option<usize>,
     layers: usize,
+    /// Which non-layer tensors the group takes.
+    part: NonLayer,
+}
+
+/// The non-layer tensors of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NonLayer {
+    /// Layer groups take none.
+    None,
+    /// Every non-layer tensor (`models:`).
+    All,
+    /// Those before the layers: the embeddings (`slices:`, from the first
+    /// slice).
+    Pre,
+    /// Those after: final norm, output head (`slices:`, from the last slice).
+    Post,
+}
+
+/// Tensors mergekit's architectures put before the layers: embeddings.
+fn is_pre(name: &str) -> bool {
+    !is_head(name) && (name.contains("embed") || name.ends_with("wte.weight") || name.ends_with("wpe.weight"))
 }
 
 /// Plans a merge (see the module documentation). Opens every model and
@@ -657,6 +680,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                 slice_params: None,
                 out_first: Some(0),
                 layers,
+                part: NonLayer::None,
             });
             groups.push(Group {
                 sources,
@@ -664,6 +688,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                 slice_params: None,
                 out_first: None,
                 layers: 0,
+                part: NonLayer::All,
             });
         }
         Inputs::Slices(slices) => {
@@ -724,18 +749,24 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                     slice_params: Some(&s.parameters),
                     out_first: Some(out_layer),
                     layers: len,
+                    part: NonLayer::None,
                 });
                 out_layer += len;
             }
-            let first = &groups[0];
-            let tail = Group {
-                sources: first.sources.iter().map(|s| (s.0, s.1, s.2, 0)).collect(),
-                base: first.base,
-                slice_params: first.slice_params,
-                out_first: None,
-                layers: 0,
-            };
-            groups.push(tail);
+            // mergekit: embeddings from the first slice's sources, the final
+            // norm and head from the last slice's (with its parameters).
+            for (g, part) in [(0, NonLayer::Pre), (groups.len() - 1, NonLayer::Post)] {
+                let from = &groups[g];
+                let tail = Group {
+                    sources: from.sources.iter().map(|s| (s.0, s.1, s.2, 0)).collect(),
+                    base: from.base,
+                    slice_params: from.slice_params,
+                    out_first: None,
+                    layers: 0,
+                    part,
+                };
+                groups.push(tail);
+            }
         }
     }
     let models_list = models.list;
@@ -764,13 +795,10 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
     let mut used: Vec<std::collections::HashSet<String>> = vec![Default::default(); models_list.len()];
     let tied_out = !models_list[reference].order.iter().any(|n| is_head(n));
     for g in &groups {
-        let refm = match g.out_first {
-            Some(_) => g
-                .base
-                .filter(|b| g.sources.iter().any(|s| s.0 == *b))
-                .unwrap_or(g.sources[0].0),
-            None => reference,
-        };
+        let refm = g
+            .base
+            .filter(|b| g.sources.iter().any(|s| s.0 == *b))
+            .unwrap_or(g.sources[0].0);
         let ref_first = g.sources.iter().find(|s| s.0 == refm).map_or(0, |s| s.3);
         let rm = &models_list[refm];
         for name in &rm.order {
@@ -782,7 +810,18 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan> {
                     }
                     (with_layer(name, (a, b), of + l - ref_first), Some(l - ref_first))
                 }
-                (None, None) => (name.clone(), None),
+                (None, None) => {
+                    let take = match g.part {
+                        NonLayer::None => false,
+                        NonLayer::All => true,
+                        NonLayer::Pre => is_pre(name),
+                        NonLayer::Post => !is_pre(name),
+                    };
+                    if !take {
+                        continue;
+                    }
+                    (name.clone(), None)
+                }
                 _ => continue,
             };
             let t = match j {

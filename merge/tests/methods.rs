@@ -461,12 +461,14 @@ fn slices_stack_layers_and_passthrough_copies_bytes() {
         }
     }
     assert!(!got.contains_key("model.layers.6.mlp.up_proj.weight"));
-    // Non-layer tensors come from the first slice's model.
+    // As mergekit: embeddings from the first slice's model, the final norm
+    // and the head from the last slice's.
+    assert_eq!(got["model.norm.weight"].2, f.t[2]["model.norm.weight"].2);
     assert_eq!(
         got["model.embed_tokens.weight"].2,
         f.t[1]["model.embed_tokens.weight"].2
     );
-    assert_eq!(got["lm_head.weight"].2, f.t[1]["lm_head.weight"].2);
+    assert_eq!(got["lm_head.weight"].2, f.t[2]["lm_head.weight"].2);
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(o.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["num_hidden_layers"], 6);
@@ -483,8 +485,10 @@ fn slices_stack_layers_and_passthrough_copies_bytes() {
         &MergeOptions::default(),
     );
     check(&o, &f, &|n, _| {
+        // Layers 2.. and the tensors after the layers take the last slice's t.
         let t = match medley_merge::plan::layer_of(n) {
             Some((_, _, l)) if l >= 2 => 0.9,
+            None if n != "model.embed_tokens.weight" => 0.9,
             _ => 0.2,
         };
         let mut out = out_of(f.v(0, n).len());

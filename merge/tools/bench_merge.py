@@ -32,8 +32,9 @@ Usage:
         [--configs linear,task_arithmetic,ties,dare_ties,slerp] [--repeat 1]
         [--mergekit-timeout 1800] [--medley-timeout 3600] [--threads N] [--dtype bf16]
         [--shard-size 5GB] [--skip-mergekit] [--skip-medley] [--clean-inputs]
-    python bench_merge.py --sizes 2e8,1e9 [--configs linear,ties] ...
-        medley alone at each size (peak RSS should not grow with the model)
+    python bench_merge.py --sizes 2e8,1e9 --preset tinyllama [--configs linear,ties] ...
+        medley alone at each size (peak RSS vs model size); with --preset only the layer
+        count changes between sizes, without it the shape family may change too
 
 Examples:
     # smoke test (about 50M parameters, a minute or two)
@@ -219,6 +220,9 @@ def measured_run(cmd, log_path, timeout):
     script's own RSS (about 0.5 GiB once torch is imported). GNU time is small when it
     forks the measured command, so its %M is the command's own peak.
     """
+    # Write back what earlier runs left dirty, so one run's writeback does not land in the next.
+    os.sync()
+    time.sleep(1)
     rss_file = str(log_path) + ".rss"
     if os.path.exists("/usr/bin/time"):
         cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file] + list(cmd)
@@ -369,6 +373,12 @@ def main():
 
     if args.target_params is None and not args.preset:
         args.target_params = 1e9
+    if not args.skip_mergekit:
+        # mergekit's fixed cost (Python, torch, transformers imports): matters for small models
+        r = measured_run([args.mergekit_python, "-m", "mergekit.scripts.run_yaml", "--help"],
+                         os.path.join(work, "mergekit-help.log"), 300)
+        meta["mergekit_startup_s"] = r["wall_s"]
+        meta["mergekit_startup_rss_kib"] = r["maxrss_kib"]
     sizes = [gen.parse_count(x) for x in args.sizes.split(",")] if args.sizes else [args.target_params]
     results = []
     roots = []
@@ -424,6 +434,10 @@ def write_record(args, meta, results):
              f"`cat > /dev/null` before each run), outputs deleted after each run; mergekit: "
              f"`python -m mergekit.scripts.run_yaml CONFIG OUT --no-copy-tokenizer --no-write-model-card` "
              f"on CPU, default threads, killed after {meta['mergekit_timeout']:.0f} s")
+    if meta.get("mergekit_startup_s") is not None:
+        L.append(f"- mergekit's fixed startup cost (`run_yaml --help`: imports of torch, transformers, mergekit): "
+                 f"{meta['mergekit_startup_s']:.1f} s wall, {fmt_rss(meta['mergekit_startup_rss_kib'])} RSS; "
+                 f"included in its times below")
     L.append(f"- dtype: {meta['dtype']} inputs, no `dtype`/`out_dtype` in the configs (each tool's default)")
     L.append("- wall: elapsed time; CPU: user + sys of the process; RSS: peak resident set of the command (GNU time's %M)\n")
 
