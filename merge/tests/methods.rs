@@ -813,3 +813,48 @@ fn dtypes_tied_heads_and_vocabulary_policy() {
         );
     }
 }
+
+#[test]
+fn side_files_tokenizer_source_and_chat_template() {
+    let f = fam("side", &Spec::tiny());
+    let (b, a, bb) = (f.p(0), f.p(1), f.p(2));
+    let cfg = format!(
+        "merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {bb}\n    parameters: {{weight: 0.5, density: 0.5}}\ntokenizer_source: {bb}\nchat_template: chatml\ndtype: float32\n"
+    );
+    let o = merge_with(&f.root, &cfg, "side", &MergeOptions::default());
+    // The tokenizer is b's (the generator writes each model's seed into it).
+    assert_eq!(
+        std::fs::read(o.join("tokenizer.json")).unwrap(),
+        std::fs::read(f.paths[2].join("tokenizer.json")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(o.join("chat_template.jinja")).unwrap(),
+        medley_merge::CHATML
+    );
+    let tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(o.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tc["chat_template"], medley_merge::CHATML);
+    assert_eq!(tc["model_max_length"], 2048);
+    // The configuration that produced it, verbatim; config.json from the base with the dtype.
+    assert_eq!(
+        std::fs::read_to_string(o.join("mergekit_config.yml")).unwrap(),
+        cfg
+    );
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(o.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["torch_dtype"], "float32");
+    assert_eq!(c["dtype"], "float32");
+    assert_eq!(c["num_hidden_layers"], 3);
+    assert!(read_all(&o).values().all(|t| t.0 == Dtype::F32));
+    // `auto` takes the models' most common template.
+    let o = merge_with(
+        &f.root,
+        &cfg.replace("chatml", "auto"),
+        "side_auto",
+        &MergeOptions::default(),
+    );
+    assert_eq!(
+        std::fs::read_to_string(o.join("chat_template.jinja")).unwrap(),
+        "{{ messages }}"
+    );
+}
