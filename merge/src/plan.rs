@@ -986,7 +986,7 @@ fn plan_tensor(
     let ref_info = info(&parts[ref_part]);
     let mergeable = ref_info.dtype.is_mergeable();
     // Shapes and dtypes.
-    let mut shape = ref_info.shape.clone();
+    let shape = ref_info.shape.clone();
     let mut merged = ref_info.numel();
     let mut tail = None;
     let mut min_rows = shape.first().copied().unwrap_or(0);
@@ -1304,7 +1304,6 @@ fn plan_tensor(
             (Op::Passthrough { scale }, vec![src(&parts[0])], None)
         }
     };
-    let _ = &mut shape;
     Ok(TensorTask {
         name: name.clone(),
         shape,
