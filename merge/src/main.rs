@@ -146,21 +146,6 @@ impl Progress for Bar {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::parse_size("5G"), Ok(5_000_000_000));
-        assert_eq!(super::parse_size("5B"), Ok(5_000_000_000));
-        assert_eq!(super::parse_size("30MB"), Ok(30_000_000));
-        assert_eq!(super::parse_size("1.5gb"), Ok(1_500_000_000));
-        assert_eq!(super::parse_size("4096"), Ok(4096));
-        assert_eq!(super::parse_size("500k"), Ok(500_000));
-        assert!(super::parse_size("0").is_err());
-        assert!(super::parse_size("lots").is_err());
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_signals();
@@ -250,5 +235,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("5G"), Ok(5_000_000_000));
+        assert_eq!(super::parse_size("5B"), Ok(5_000_000_000));
+        assert_eq!(super::parse_size("30MB"), Ok(30_000_000));
+        assert_eq!(super::parse_size("1.5gb"), Ok(1_500_000_000));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("500k"), Ok(500_000));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("lots").is_err());
     }
 }
