@@ -231,6 +231,7 @@ fn ln_f64(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     #[test]
+    #[allow(clippy::needless_range_loop)] // `l` is both the lane and the counter offset
     fn the_batched_block_function_equals_the_scalar_one() {
         for (q0, stream, key) in [
             (0u64, [0u32, 0u32], [0u32, 0u32]),
