@@ -104,6 +104,15 @@ fn out_of(n: usize) -> Vec<bf16> {
     vec![bf16::from_f32(f32::NAN); n]
 }
 
+/// medley-core's one-shot task-vector merge of `models` over `base`.
+fn gta_expected(models: &[&[bf16]], base: &[bf16], ps: &[TaskParams], opts: &GtaOptions) -> Vec<bf16> {
+    let mut out = out_of(base.len());
+    let plan = gta::Gta::new(base.len(), ps, opts).unwrap();
+    let mut scratch = vec![0u32; plan.scratch_len()];
+    gta::merge(models, base, ps, opts, &mut scratch, &mut out).unwrap();
+    out
+}
+
 #[test]
 fn every_method_matches_the_core_bit_for_bit() {
     let f = fam("methods", &Spec::tiny());
@@ -185,21 +194,12 @@ fn every_method_matches_the_core_bit_for_bit() {
             &opts_seed(seed),
         );
         check(&o, &f, &|n, s| {
-            let mut out = out_of(f.v(0, n).len());
-            let opts = preset(n, s);
-            let ps = [tp; 3];
-            let plan = gta::Gta::new(out.len(), &ps, &opts).unwrap();
-            let mut scratch = vec![0u32; plan.scratch_len()];
-            gta::merge(
+            gta_expected(
                 &[&f.v(1, n)[..], &f.v(2, n)[..], &f.v(3, n)[..]],
                 &f.v(0, n),
-                &ps,
-                &opts,
-                &mut scratch,
-                &mut out,
+                &[tp; 3],
+                &preset(n, s),
             )
-            .unwrap();
-            out
         });
     }
     // SLERP: v0 is the base.
@@ -411,20 +411,12 @@ fn gradients_and_filters_follow_mergekit() {
             TaskParams::new(w).with_density(d),
             TaskParams::new(0.5).with_density(0.5),
         ];
-        let opts = GtaOptions::ties();
-        let mut out = out_of(f.v(0, n).len());
-        let plan = gta::Gta::new(out.len(), &ps, &opts).unwrap();
-        let mut scratch = vec![0u32; plan.scratch_len()];
-        gta::merge(
+        gta_expected(
             &[&f.v(1, n)[..], &f.v(2, n)[..]],
             &f.v(0, n),
             &ps,
-            &opts,
-            &mut scratch,
-            &mut out,
+            &GtaOptions::ties(),
         )
-        .unwrap();
-        out
     });
 }
 
@@ -760,18 +752,12 @@ fn dtypes_tied_heads_and_vocabulary_policy() {
     // Rows 0..53 are all shared here (the base is the smaller one).
     let shared = 53 * 24;
     let ps = [TaskParams::new(1.0).with_density(0.5)];
-    let mut want = out_of(shared);
-    let plan = gta::Gta::new(shared, &ps, &GtaOptions::ties()).unwrap();
-    let mut scratch = vec![0u32; plan.scratch_len()];
-    gta::merge(
+    let want = gta_expected(
         &[&bf16s(&tg[n].2)[..shared]],
         &bf16s(&tb[n].2),
         &ps,
         &GtaOptions::ties(),
-        &mut scratch,
-        &mut want,
-    )
-    .unwrap();
+    );
     assert_eq!(bf16s(&got[n].2), want);
     // The base has the larger vocabulary: its extra rows are copied.
     let cfg = format!(
@@ -794,16 +780,12 @@ fn dtypes_tied_heads_and_vocabulary_policy() {
     let got = read_all(&o);
     for n in ["model.embed_tokens.weight", "lm_head.weight"] {
         assert_eq!(got[n].1, vec![60, 24]);
-        let mut want = out_of(shared);
-        gta::merge(
+        let want = gta_expected(
             &[&bf16s(&tb[n].2)[..]],
             &bf16s(&tg[n].2)[..shared],
             &ps,
             &GtaOptions::ties(),
-            &mut scratch,
-            &mut want,
-        )
-        .unwrap();
+        );
         let g = bf16s(&got[n].2);
         assert_eq!(&g[..shared], &want[..], "{n}: shared rows");
         assert_eq!(
