@@ -41,9 +41,9 @@ fn real_driver() -> Option<PathBuf> {
 fn embed_ptx(out: &Path) {
     let dir = out.join("ptx");
     fs::create_dir_all(&dir).expect("create OUT_DIR/ptx");
-    println!("cargo:rerun-if-changed=../ptx");
-    let mut names: Vec<_> = fs::read_dir("../ptx")
-        .expect("read ../ptx")
+    println!("cargo:rerun-if-changed=ptx");
+    let mut names: Vec<_> = fs::read_dir("ptx")
+        .expect("read ptx/ (a link to the repository's ptx/ folder)")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "ptx"))
         .collect();

@@ -8,9 +8,10 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
 use medley_core::bf16;
+use medley_cuda::Launch;
 use medley_cuda::driver::Event;
 use medley_cuda::ensemble::{
-    DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Version, combine, workspace_bytes,
+    Combine, DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Version, workspace_bytes,
 };
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
@@ -20,12 +21,8 @@ use std::time::Duration;
 const ROTATE_BYTES: usize = 120 << 20;
 
 fn ensemble(c: &mut Criterion) {
-    let gpu = match Gpu::open() {
-        Ok(g) => g,
-        Err(why) => {
-            eprintln!("cuda/ensemble benchmarks skipped: {why}");
-            return;
-        }
+    let Some(gpu) = Gpu::open_or_skip("cuda/ensemble benchmarks") else {
+        return;
     };
     let shapes: Vec<(usize, usize, usize)> = [32_000usize, 128_256]
         .iter()
@@ -44,7 +41,7 @@ fn ensemble(c: &mut Criterion) {
             .collect();
         let input = Buffer::from_slice(&data).expect("inputs");
         let out = Buffer::zeroed(b * v * 4).expect("outputs");
-        let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2);
+        let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2).expect("workspace size");
         let ws = Buffer::zeroed(ws_len).expect("workspace");
         let bytes = (set * 2 + b * v * 4) as u64;
         let mut group = c.benchmark_group(format!("cuda/ensemble/M{m}_B{b}_V{v}"));
@@ -100,8 +97,9 @@ fn ensemble(c: &mut Criterion) {
                                 ..Default::default()
                             };
                             let w = (version != Version::V1).then(|| ws.view_mut::<u8>(ws.len()));
-                            combine(gpu.kernels(), &models, &cfg, o, w, gpu.stream(), version)
-                                .expect("launch");
+                            let mut call = Combine::new(&models, &cfg, o).with_version(version);
+                            call.workspace = w;
+                            call.launch(gpu.kernels(), gpu.stream()).expect("launch");
                         }
                         // SAFETY: as above.
                         unsafe { end.record(gpu.stream().raw()) }.expect("record");

@@ -16,17 +16,13 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::experts::{Problem, SHAPES, TOKENS};
 use medley_cuda::driver::Event;
-use medley_cuda::experts::{Epilogue, GEMMS, GemmDtype, Generation, Tuning, bucket};
+use medley_cuda::experts::{Epilogue, GemmDtype, Generation, Tuning, bucket};
 use medley_cuda::owned::Gpu;
 use std::time::Duration;
 
 fn experts(c: &mut Criterion) {
-    let gpu = match Gpu::open() {
-        Ok(g) => g,
-        Err(why) => {
-            eprintln!("cuda/experts benchmarks skipped: {why}");
-            return;
-        }
+    let Some(gpu) = Gpu::open_or_skip("cuda/experts benchmarks") else {
+        return;
     };
     let tuning = match Tuning::from_env() {
         Ok(t) => t,
@@ -63,12 +59,12 @@ fn experts(c: &mut Criterion) {
                     else {
                         continue;
                     };
-                    let bm = GEMMS[id].bm as usize;
+                    let bm = id.config().bm as usize;
                     let permute = epi == Epilogue::SwiGlu && genr == Generation::Wgmma;
                     eprintln!(
                         "cuda/experts/{}_T{t} {ename}_{gname}: {}",
                         p.name,
-                        GEMMS[id].name()
+                        id.config().name()
                     );
                     group.bench_function(BenchmarkId::new(format!("{ename}_{gname}"), "bf16"), |bch| {
                         bch.iter_custom(|iters| {
@@ -79,7 +75,7 @@ fn experts(c: &mut Criterion) {
                                 if permute {
                                     p.permute(&gpu, GemmDtype::BF16, bm).expect("permute");
                                 }
-                                p.launch(&gpu, id, bm).expect("launch");
+                                p.launch(&gpu, id.index(), bm).expect("launch");
                             }
                             // SAFETY: as above.
                             unsafe { end.record(gpu.stream().raw()) }.unwrap();

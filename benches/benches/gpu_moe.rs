@@ -10,8 +10,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
 use medley_core::bf16;
 use medley_core::moe::gating::GroupedConfig;
+use medley_cuda::Launch;
 use medley_cuda::driver::Event;
-use medley_cuda::gating::{GateKernel, Gating, RouterLogits, gate_with};
+use medley_cuda::gating::{Gate, GateKernel, Gating, RouterLogits};
 use medley_cuda::mem::DeviceRows;
 use medley_cuda::owned::{Buffer, Gpu};
 use std::time::Duration;
@@ -19,12 +20,8 @@ use std::time::Duration;
 const ROTATE_BYTES: usize = 120 << 20;
 
 fn gating(c: &mut Criterion) {
-    let gpu = match Gpu::open() {
-        Ok(g) => g,
-        Err(why) => {
-            eprintln!("cuda/gating benchmarks skipped: {why}");
-            return;
-        }
+    let Some(gpu) = Gpu::open_or_skip("cuda/gating benchmarks") else {
+        return;
     };
     let host = random_f32(5, 1 << 22, 4.0);
     let bias_h = vec![0.0f32; 256];
@@ -71,17 +68,10 @@ fn gating(c: &mut Criterion) {
                                 medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, set)
                             };
                             let logits = RouterLogits::BF16(DeviceRows::dense(slice, t, e).unwrap());
-                            gate_with(
-                                gpu.kernels(),
-                                logits,
-                                k,
-                                g,
-                                ids.view_mut(t * k),
-                                w.view_mut(t * k),
-                                gpu.stream(),
-                                *kernel,
-                            )
-                            .expect("launch");
+                            Gate::new(logits, k, g, ids.view_mut(t * k), w.view_mut(t * k))
+                                .with_kernel(*kernel)
+                                .launch(gpu.kernels(), gpu.stream())
+                                .expect("launch");
                         }
                         // SAFETY: as above.
                         unsafe { end.record(gpu.stream().raw()) }.unwrap();

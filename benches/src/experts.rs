@@ -11,10 +11,15 @@
 //! experts per token, uniformly at random (as `topk` of random logits).
 
 use medley_core::moe::ExpertRange;
-use medley_cuda::experts::{DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation, gemm1, gemm2};
+// The launch calls spelled as functions of their fields (shared with the
+// medley-cuda test suites).
+#[path = "../../cuda/tests/calls/mod.rs"]
+mod calls;
+use calls::{align, gemm1, gemm2, permute};
+use medley_cuda::experts::{DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation};
 use medley_cuda::mem::{DeviceMatrix, DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
-use medley_cuda::routing::{AlignOutput, DeviceMatrixMut, align, permute};
+use medley_cuda::routing::{AlignOutput, DeviceMatrixMut};
 
 /// `(name, H, F, E, k)` of the baseline shapes.
 pub const SHAPES: [(&str, usize, usize, usize, usize); 2] =

@@ -247,8 +247,16 @@ pub unsafe fn stream_context(stream: CuStream) -> Result<CuContext, DriverError>
 
 /// Makes `ctx` current for the guard's lifetime (`cuCtxPushCurrent` /
 /// `cuCtxPopCurrent`), leaving the thread as it was afterwards.
+///
+/// The context stack is per thread, so the guard is `!Send` and `!Sync`:
+/// it must be dropped on the thread that pushed.
+///
+/// ```compile_fail
+/// fn sendable<T: Send>() {}
+/// sendable::<medley_cuda::driver::CtxGuard>();
+/// ```
 #[derive(Debug)]
-pub struct CtxGuard(());
+pub struct CtxGuard(core::marker::PhantomData<*const ()>);
 
 impl CtxGuard {
     /// Pushes `ctx`.
@@ -258,7 +266,7 @@ impl CtxGuard {
     pub unsafe fn push(ctx: CuContext) -> Result<Self, DriverError> {
         // SAFETY: the caller guarantees ctx is live.
         check(unsafe { cuCtxPushCurrent(ctx) }, "cuCtxPushCurrent")?;
-        Ok(CtxGuard(()))
+        Ok(CtxGuard(core::marker::PhantomData))
     }
 }
 
@@ -271,17 +279,95 @@ impl Drop for CtxGuard {
     }
 }
 
-/// Loads a module from NUL-terminated PTX into the current context.
-pub fn module_load_ptx(ptx: &core::ffi::CStr) -> Result<CuModule, DriverError> {
+/// Bytes of each JIT log buffer (error and info) a module load passes.
+pub const JIT_LOG_BYTES: usize = 4096;
+
+/// The JIT's messages from one module load: what the PTX assembler wrote
+/// to its error and info logs (NUL-terminated text in fixed buffers, so a
+/// failed load can be reported without allocating).
+#[derive(Clone)]
+pub struct JitLog {
+    error: [u8; JIT_LOG_BYTES],
+    info: [u8; JIT_LOG_BYTES],
+}
+
+impl Default for JitLog {
+    fn default() -> Self {
+        JitLog {
+            error: [0; JIT_LOG_BYTES],
+            info: [0; JIT_LOG_BYTES],
+        }
+    }
+}
+
+impl JitLog {
+    fn text(buf: &[u8]) -> &str {
+        let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let t = &buf[..n];
+        match core::str::from_utf8(t) {
+            Ok(s) => s.trim_end(),
+            // A log cut inside a multi-byte character: keep the valid part.
+            Err(e) => core::str::from_utf8(&t[..e.valid_up_to()])
+                .unwrap_or("")
+                .trim_end(),
+        }
+    }
+
+    /// The JIT's error log (empty when it wrote none).
+    pub fn error(&self) -> &str {
+        Self::text(&self.error)
+    }
+
+    /// The JIT's info log (register counts and the like; empty when none).
+    pub fn info(&self) -> &str {
+        Self::text(&self.info)
+    }
+}
+
+impl fmt::Debug for JitLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JitLog")
+            .field("error", &self.error())
+            .field("info", &self.info())
+            .finish()
+    }
+}
+
+/// Loads a module from NUL-terminated PTX into the current context,
+/// passing the JIT's error and info log buffers: on failure the error
+/// carries the raw code and `log` what the assembler said (for example
+/// `ptxas application ptx input, line 12; error : ...`).
+pub fn module_load_ptx(ptx: &core::ffi::CStr, log: &mut JitLog) -> Result<CuModule, DriverError> {
+    const INFO_LOG_BUFFER: c_int = 3;
+    const INFO_LOG_BUFFER_SIZE_BYTES: c_int = 4;
+    const ERROR_LOG_BUFFER: c_int = 5;
+    const ERROR_LOG_BUFFER_SIZE_BYTES: c_int = 6;
     let mut m = core::ptr::null_mut();
-    // SAFETY: ptx is NUL-terminated and outlives the call; no JIT options.
+    let mut options = [
+        ERROR_LOG_BUFFER,
+        ERROR_LOG_BUFFER_SIZE_BYTES,
+        INFO_LOG_BUFFER,
+        INFO_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // The size options take their value in the pointer itself (the
+    // driver's documented convention for scalar JIT options).
+    let mut values: [*mut c_void; 4] = [
+        log.error.as_mut_ptr().cast(),
+        JIT_LOG_BYTES as *mut c_void,
+        log.info.as_mut_ptr().cast(),
+        JIT_LOG_BYTES as *mut c_void,
+    ];
+    // SAFETY: ptx is NUL-terminated and outlives the call; the four options
+    // and values pair up (equal lengths passed as `n`); each log buffer is
+    // JIT_LOG_BYTES long, as its size option says, and outlives the call
+    // (the driver writes NUL-terminated text into it before returning).
     let rc = unsafe {
         cuModuleLoadDataEx(
             &mut m,
             ptx.as_ptr().cast(),
-            0,
-            core::ptr::null_mut(),
-            core::ptr::null_mut(),
+            options.len() as c_uint,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
         )
     };
     check(rc, "cuModuleLoadDataEx")?;

@@ -13,11 +13,10 @@
 //! - all models share one element type, and at most
 //!   [`MAX_DEVICE_MODELS`] models are combined per call.
 
-use crate::driver::DriverError;
 use crate::error::CudaError;
-use crate::mem::{DeviceRows, DeviceRowsMut, DeviceSliceMut, Stream};
+use crate::mem::{DeviceRows, DeviceRowsMut, DeviceSliceMut, Stream, check_ptr};
 use crate::registry::{BLOCK, Kernel, Kernels};
-use cust::memory::DeviceCopy;
+use cust_core::DeviceCopy;
 use medley_core::Error;
 use medley_core::ensemble::{Config, MaskRule, Mode, ModelShape, Plausibility, Weights, resolve};
 
@@ -127,15 +126,16 @@ impl V2Plan {
     /// Workspace bytes this plan needs: the fixed 128 KiB barrier header
     /// plus the partial records.
     pub fn workspace_bytes(&self) -> usize {
-        WORKSPACE_HEADER + self.teams as usize * 512 * self.chunks as usize
+        // At most 2^32 * 512 * 2^32 on 64-bit targets; saturating so a plan
+        // built by hand never wraps.
+        (self.teams as usize)
+            .saturating_mul(512)
+            .saturating_mul(self.chunks as usize)
+            .saturating_add(WORKSPACE_HEADER)
     }
 }
 
-/// Most elements of a row one v2 block handles (its scores stay in
-/// `4 * V2_MAX_CHUNK` bytes of shared memory).
-pub const V2_MAX_CHUNK: usize = 12288;
-/// The dynamic shared memory v2 plans its occupancy with.
-pub(crate) const V2_MAX_SMEM: u32 = (4 * V2_MAX_CHUNK) as u32;
+pub use crate::specs::V2_MAX_CHUNK;
 
 /// Barrier state for up to [`MAX_TEAMS`] teams at the start of every v2
 /// workspace (fixed, so one zeroing serves calls of any shape).
@@ -148,8 +148,49 @@ const MAX_TEAMS: usize = 1024;
 const L2_BUDGET: usize = 16 << 20;
 
 /// The v2 split for `rows x vocab` outputs of `n_models` models with
-/// `elem_bytes`-byte logits, or `None` when v2 cannot run on this device.
+/// `elem_bytes`-byte logits: `Ok(None)` when v2 cannot run on this device
+/// or for this shape (empty, or rows too long for the grid).
+///
+/// Errors (never a panic or a wrapped product): `elem_bytes` not 2 or 4,
+/// more than [`MAX_DEVICE_MODELS`] models, `rows` or `vocab` above the
+/// kernels' 32-bit limits.
 pub fn v2_plan(
+    kernels: &Kernels,
+    rows: usize,
+    vocab: usize,
+    n_models: usize,
+    elem_bytes: usize,
+    log_linear: bool,
+) -> Result<Option<V2Plan>, CudaError> {
+    check_plan_args(rows, vocab, n_models, elem_bytes)?;
+    Ok(plan_v2(kernels, rows, vocab, n_models, elem_bytes, log_linear))
+}
+
+fn check_plan_args(rows: usize, vocab: usize, n_models: usize, elem_bytes: usize) -> Result<(), CudaError> {
+    if elem_bytes != 2 && elem_bytes != 4 {
+        return Err(Error::OutOfRange {
+            arg: "elem_bytes",
+            index: elem_bytes,
+        }
+        .into());
+    }
+    if n_models > MAX_DEVICE_MODELS {
+        return Err(Error::TooLarge {
+            arg: "n_models",
+            index: 0,
+            got: n_models,
+            max: MAX_DEVICE_MODELS,
+        }
+        .into());
+    }
+    fits_u32("rows", 0, rows)?;
+    fits_u32("vocab", 0, vocab)?;
+    Ok(())
+}
+
+/// [`v2_plan`] after its argument checks (every product below stays far
+/// from overflow: at most 2^32 rows or tokens, 16 models, 4-byte elements).
+fn plan_v2(
     kernels: &Kernels,
     rows: usize,
     vocab: usize,
@@ -199,20 +240,21 @@ pub fn v2_plan(
 /// Workspace bytes [`combine`] needs to run `ensemble_v2` for this call
 /// shape (0 when v2 cannot run; v1 needs none): the most either mode's
 /// plan uses. Zero the workspace once before its first use; calls leave it
-/// ready for the next, whatever their shape.
+/// ready for the next, whatever their shape. Errors as [`v2_plan`].
 pub fn workspace_bytes(
     kernels: &Kernels,
     rows: usize,
     vocab: usize,
     n_models: usize,
     elem_bytes: usize,
-) -> usize {
-    [false, true]
+) -> Result<usize, CudaError> {
+    check_plan_args(rows, vocab, n_models, elem_bytes)?;
+    Ok([false, true]
         .iter()
-        .filter_map(|&ll| v2_plan(kernels, rows, vocab, n_models, elem_bytes, ll))
+        .filter_map(|&ll| plan_v2(kernels, rows, vocab, n_models, elem_bytes, ll))
         .map(|p| p.workspace_bytes())
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0))
 }
 
 /// The 488-byte by-value parameter of `ensemble_v1/v2` (layout documented
@@ -277,16 +319,6 @@ fn fits_u32(arg: &'static str, index: usize, v: usize) -> Result<u32, CudaError>
         }
         .into()
     })
-}
-
-fn check_ptr(arg: &'static str, ptr: u64, len: usize, align: usize) -> Result<(), CudaError> {
-    if len > 0 && ptr == 0 {
-        return Err(CudaError::Null { arg });
-    }
-    if !ptr.is_multiple_of(align as u64) {
-        return Err(CudaError::Misaligned { arg, align });
-    }
-    Ok(())
 }
 
 /// Validates a call and builds the kernel parameter (no device access).
@@ -395,12 +427,12 @@ pub(crate) fn build_params(
         .into());
     }
     if let Some(l) = &out.log_probs {
-        check_ptr("log_probs", l.as_raw(), rows * vocab, 4)?;
+        check_ptr(l.as_raw(), rows * vocab, 4, "log_probs")?;
         p.logp = l.as_raw();
         p.logp_stride = fits_u32("log_probs.stride", 0, l.stride())?;
     }
     if let Some(q) = &out.probs {
-        check_ptr("probs", q.as_raw(), rows * vocab, 4)?;
+        check_ptr(q.as_raw(), rows * vocab, 4, "probs")?;
         p.prob = q.as_raw();
         p.prob_stride = fits_u32("probs.stride", 0, q.stride())?;
     }
@@ -414,7 +446,7 @@ pub(crate) fn build_params(
             }
             .into());
         }
-        check_ptr("argmax", a.as_raw(), rows, 4)?;
+        check_ptr(a.as_raw(), rows, 4, "argmax")?;
         p.argmax = a.as_raw();
     }
     if let Some(z) = &out.log_normalizer {
@@ -427,7 +459,7 @@ pub(crate) fn build_params(
             }
             .into());
         }
-        check_ptr("log_normalizer", z.as_raw(), rows, 4)?;
+        check_ptr(z.as_raw(), rows, 4, "log_normalizer")?;
         p.logz = z.as_raw();
     }
     let mut dtype = None;
@@ -443,7 +475,7 @@ pub(crate) fn build_params(
             }
             _ => {}
         }
-        check_ptr("models.logits", ptr, rows * len, size)?;
+        check_ptr(ptr, rows * len, size, "models.logits")?;
         let w = match (cfg.weights, cfg.mode) {
             (DeviceWeights::PerModel(ws), Mode::Linear) => ws[i],
             (DeviceWeights::PerModel(ws), Mode::LogLinear) => ws[i] * r.inv_t[i] * r.inv_t_out,
@@ -477,7 +509,7 @@ pub(crate) fn build_params(
             }
             .into());
         }
-        check_ptr("weights", t.as_raw(), rows * models.len(), 4)?;
+        check_ptr(t.as_raw(), rows * models.len(), 4, "weights")?;
         p.wtab = t.as_raw();
         p.wstride = fits_u32("weights.stride", 0, t.stride())?;
         if cfg.mode == Mode::LogLinear {
@@ -518,18 +550,19 @@ fn v2_aligned(models: &[DeviceModel<'_>], out: &DeviceOutput<'_>) -> bool {
             .is_none_or(|q| rows16(q.as_raw(), q.stride(), 4))
 }
 
-/// Combines `models` into one distribution per row, on the caller's
-/// `stream`, writing `out`. Validates everything before launching (same
-/// errors as the CPU function, plus [`CudaError::Null`],
-/// [`CudaError::Misaligned`] and the GPU limits); never synchronizes,
-/// never allocates: the call can be captured in a CUDA graph.
+/// Combines `models` into one distribution per row (the GPU twin of
+/// [`medley_core::ensemble::combine`]), writing `out`. Validates everything
+/// before launching (same errors as the CPU function, plus
+/// [`CudaError::Null`], [`CudaError::Misaligned`] and the GPU limits);
+/// never synchronizes, never allocates: the call can be captured in a CUDA
+/// graph.
 ///
 /// `workspace` (device memory of at least [`workspace_bytes`], 16-byte
 /// aligned, zeroed once before its first use, not shared with a concurrent
 /// call) lets the fast split-row kernel run; without it `ensemble_v1` runs.
 ///
 /// ```no_run
-/// # use medley_cuda::{Kernels, Stream, ensemble::*, mem::*};
+/// # use medley_cuda::{Kernels, Launch, Stream, ensemble::*, mem::*};
 /// # fn demo(k: &Kernels, stream: Stream<'_>, a: DeviceRows<'_, half::bf16>, b: DeviceRows<'_, half::bf16>,
 /// #         lp: DeviceRowsMut<'_, f32>) -> Result<(), medley_cuda::CudaError> {
 /// let models = [
@@ -537,10 +570,65 @@ fn v2_aligned(models: &[DeviceModel<'_>], out: &DeviceOutput<'_>) -> bool {
 ///     DeviceModel { logits: DeviceLogits::BF16(b), temperature: 1.0 },
 /// ];
 /// let out = DeviceOutput { log_probs: Some(lp), ..Default::default() };
-/// combine(k, &models, &DeviceConfig::log_linear(&[1.0, -0.5]), out, None, stream, Version::Auto)?;
+/// let config = DeviceConfig::log_linear(&[1.0, -0.5]);
+/// Combine::new(&models, &config, out).launch(k, stream)?;
 /// # Ok(()) }
 /// ```
-pub fn combine(
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Combine<'a> {
+    /// The ensemble members' logits.
+    pub models: &'a [DeviceModel<'a>],
+    /// Mode, weights, mask rule, plausibility.
+    pub config: &'a DeviceConfig<'a>,
+    /// What to write.
+    pub out: DeviceOutput<'a>,
+    /// Workspace for the split-row kernel (`None`: `ensemble_v1` runs).
+    pub workspace: Option<DeviceSliceMut<'a, u8>>,
+    /// Which kernel runs (default [`Version::Auto`]).
+    pub version: Version,
+}
+
+impl<'a> Combine<'a> {
+    /// A combination with no workspace and [`Version::Auto`].
+    pub fn new(models: &'a [DeviceModel<'a>], config: &'a DeviceConfig<'a>, out: DeviceOutput<'a>) -> Self {
+        Combine {
+            models,
+            config,
+            out,
+            workspace: None,
+            version: Version::Auto,
+        }
+    }
+
+    /// Gives the split-row kernel its workspace.
+    pub fn with_workspace(mut self, workspace: DeviceSliceMut<'a, u8>) -> Self {
+        self.workspace = Some(workspace);
+        self
+    }
+
+    /// Chooses the kernel.
+    pub fn with_version(mut self, version: Version) -> Self {
+        self.version = version;
+        self
+    }
+}
+
+impl crate::Launch for Combine<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        combine(
+            kernels,
+            self.models,
+            self.config,
+            self.out,
+            self.workspace,
+            stream,
+            self.version,
+        )
+    }
+}
+
+fn combine(
     kernels: &Kernels,
     models: &[DeviceModel<'_>],
     cfg: &DeviceConfig<'_>,
@@ -554,7 +642,7 @@ pub fn combine(
         return Ok(());
     }
     let elem_bytes = if params.dtype == 0 { 4 } else { 2 };
-    let plan = v2_plan(
+    let plan = plan_v2(
         kernels,
         params.rows as usize,
         params.vocab as usize,
@@ -574,7 +662,7 @@ pub fn combine(
                 }
                 .into());
             }
-            check_ptr("workspace", ws.as_raw(), needed, 16)?;
+            check_ptr(ws.as_raw(), needed, 16, "workspace")?;
             Some((p, ws.as_raw()))
         }
         (Version::V2, None, _) => {
@@ -618,6 +706,5 @@ pub fn combine(
     // co-resident (the cooperative launch fails otherwise); the views'
     // lifetimes cover the launch; the stream belongs to the kernels'
     // context (made current by `enter`).
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, smem, stream>>>(params)) };
-    r.map_err(CudaError::from)
+    unsafe { kernels.launch(f, grid, BLOCK, smem, stream, &params) }
 }

@@ -37,87 +37,21 @@
 //! rounding, not bitwise. Limits: `H` and `I` multiples of 8, row strides
 //! multiples of 8 elements, base addresses 16-byte aligned.
 
-use crate::driver::{self, DriverError, TensorMap};
+use crate::driver::{self, TensorMap};
 use crate::error::CudaError;
 use crate::mem::{DeviceMatrix, DeviceRowsMut, DeviceSlice, Stream, check_ptr, need_len};
 use crate::registry::Kernels;
-use core::ffi::{CStr, c_void};
-use cust::memory::DeviceCopy;
+use cust_core::DeviceCopy;
 use medley_core::Error;
 
 pub use crate::gemm_table::GEMMS;
 
-/// The kernel generation of an expert GEMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Generation {
-    /// `mma.sync` + `ldmatrix` + `cp.async` (sm_80 and later).
-    Mma,
-    /// `wgmma` + TMA (sm_90a: H100/H200 only).
-    Wgmma,
-}
-
-/// What an expert GEMM does with its accumulators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Epilogue {
-    /// GEMM1: `silu(gate) * up`, rounded to the activation dtype.
-    SwiGlu,
-    /// GEMM2: `routing weight * acc` as `f32`.
-    Down,
-}
-
-/// Element type of an expert GEMM's activations and weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GemmDtype {
-    /// bfloat16.
-    BF16,
-    /// IEEE half.
-    F16,
-}
-
-/// One expert-GEMM entry point: a fixed launch configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct GemmConfig {
-    /// Kernel generation.
-    pub generation: Generation,
-    /// Epilogue.
-    pub epilogue: Epilogue,
-    /// Element type.
-    pub dtype: GemmDtype,
-    /// Plan rows per block (the plan's `block_m` must be a multiple).
-    pub bm: u32,
-    /// Output columns per block.
-    pub bn: u32,
-    /// Warps along M (mma) or consumer warpgroups (wgmma).
-    pub warps_m: u32,
-    /// Warps along N (mma; 1 for wgmma).
-    pub warps_n: u32,
-    /// Pipeline stages.
-    pub stages: u32,
-    /// Threads per block.
-    pub threads: u32,
-    /// Dynamic shared memory per block, bytes.
-    pub smem: u32,
-    /// Launched as one wave of resident blocks that walk the tiles
-    /// (wgmma only; the same entry otherwise gets one block per tile).
-    pub persistent: bool,
-    /// PTX entry name.
-    pub entry: &'static CStr,
-    /// The configuration's unique name (the entry name, plus
-    /// `_persistent` for the persistent launch).
-    pub label: &'static str,
-}
-
-impl GemmConfig {
-    /// The configuration's unique name (as tuning tables spell it).
-    pub fn name(&self) -> &'static str {
-        self.label
-    }
-}
+pub use crate::specs::{Epilogue, GemmConfig, GemmDtype, GemmId, Generation};
 
 /// Index of the configuration named `name` in [`GEMMS`] (for configuration
 /// files; never used on the launch path).
-pub fn find(name: &str) -> Option<usize> {
-    GEMMS.iter().position(|g| g.name() == name)
+pub fn find(name: &str) -> Option<GemmId> {
+    GemmId::find(name)
 }
 
 /// Raster group: M blocks that sweep the N tiles together (weights reused
@@ -260,7 +194,7 @@ fn dtype_of(m: &DeviceMatrix<'_>, arg: &'static str) -> Result<GemmDtype, CudaEr
 
 /// Everything one launch needs, checked.
 struct Launch {
-    id: usize,
+    id: GemmId,
     p: GemmParams,
     a_rows: usize,
     w_rows: usize,
@@ -270,7 +204,7 @@ struct Launch {
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     kernels: &Kernels,
-    id: usize,
+    id: GemmId,
     epi: Epilogue,
     a: &DeviceMatrix<'_>,
     a_in_plan_order: bool,
@@ -280,10 +214,7 @@ fn prepare(
     out: (u64, usize, usize, usize),
     weights: u64,
 ) -> Result<Launch, CudaError> {
-    let cfg = GEMMS.get(id).ok_or(invalid(Error::OutOfRange {
-        arg: "gemm",
-        index: id,
-    }))?;
+    let cfg = id.config();
     need(
         cfg.epilogue == epi,
         CudaError::Unsupported {
@@ -413,35 +344,25 @@ fn run(kernels: &Kernels, l: Launch, stream: Stream<'_>) -> Result<(), CudaError
     if l.grid == 0 {
         return Ok(());
     }
-    let cfg = &GEMMS[l.id];
+    let cfg = l.id.config();
     let _ctx = kernels.enter()?;
     let (f, info) = *kernels.gemm(l.id).expect("checked in prepare");
     match cfg.generation {
         Generation::Mma => {
-            let mut p = l.p;
-            // SAFETY: `p` is the entry's 104-byte parameter (size asserted);
+            // SAFETY: `l.p` is the entry's 104-byte parameter (size asserted);
             // prepare checked every buffer against the plan and shapes: the
             // kernel reads `len` plan entries, `len / plan_bm` block experts
             // (experts >= nexp exit), A rows below `a_rows` (gathered rows
             // are `slot / k < T` for real slots, row 0 for padding),
             // `nexp * NW` weight rows of K, and writes `len x N` outputs.
-            let r: Result<(), DriverError> = unsafe {
-                stream.launch(
-                    &f,
-                    l.grid,
-                    cfg.threads,
-                    cfg.smem,
-                    &[(&raw mut p).cast::<c_void>()],
-                )
-            };
-            r.map_err(CudaError::from)
+            unsafe { kernels.launch(f, l.grid, cfg.threads, cfg.smem, stream, &l.p) }
         }
         Generation::Wgmma => {
             let k = l.p.k as u64;
             let box_w = cfg.bn.min(128);
             let map_a = driver::tensor_map_2d_u16(l.p.a, l.a_rows as u64, k, l.p.lda as u64, 64, cfg.bm)?;
             let map_w = driver::tensor_map_2d_u16(l.p.w, l.w_rows as u64, k, k, 64, box_w)?;
-            let mut p = WgParams { map_a, map_w, g: l.p };
+            let p = WgParams { map_a, map_w, g: l.p };
             // Persistent: one wave of resident blocks walks all the tiles;
             // otherwise one block per tile (the kernel handles both).
             let grid = if cfg.persistent {
@@ -453,9 +374,7 @@ fn run(kernels: &Kernels, l: Launch, stream: Stream<'_>) -> Result<(), CudaError
             // the tensor maps cover exactly the A rows and weight rows
             // prepare checked (TMA never reads outside them), and the
             // other pointers are as for the mma generation.
-            let r: Result<(), DriverError> =
-                unsafe { stream.launch(&f, grid, cfg.threads, cfg.smem, &[(&raw mut p).cast::<c_void>()]) };
-            r.map_err(CudaError::from)
+            unsafe { kernels.launch(f, grid, cfg.threads, cfg.smem, stream, &p) }
         }
     }
 }
@@ -478,9 +397,9 @@ fn run(kernels: &Kernels, l: Launch, stream: Stream<'_>) -> Result<(), CudaError
 /// plan lengths) and [`CudaError::Null`] / [`CudaError::Misaligned`]
 /// (16-byte alignment).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm1(
+fn gemm1(
     kernels: &Kernels,
-    gemm: usize,
+    gemm: GemmId,
     x: DeviceMatrix<'_>,
     x_in_plan_order: bool,
     plan: &DevicePlan<'_>,
@@ -519,9 +438,9 @@ pub fn gemm1(
 /// H, I]` dense, the same dtype; `weights`: `f32 [T * k]`; `out`: `f32
 /// [len, H]`. Errors as [`gemm1`].
 #[allow(clippy::too_many_arguments)]
-pub fn gemm2(
+fn gemm2(
     kernels: &Kernels,
-    gemm: usize,
+    gemm: GemmId,
     act: DeviceMatrix<'_>,
     plan: &DevicePlan<'_>,
     w2: DeviceMatrix<'_>,
@@ -563,14 +482,86 @@ pub fn bucket(slots: usize, local_experts: usize) -> u8 {
 /// Number of [`bucket`] values.
 pub const BUCKETS: usize = 7;
 
+/// One row of a [`Tuning`] table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct TuningEntry {
+    /// The GEMM's epilogue.
+    pub epilogue: Epilogue,
+    /// Its element type.
+    pub dtype: GemmDtype,
+    /// The [`bucket`] of rows per expert the time was measured for.
+    pub bucket: u8,
+    /// The configuration.
+    pub gemm: GemmId,
+    /// Microseconds measured.
+    pub micros: f64,
+}
+
+/// Why a tuning table was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TuningError {
+    /// A line is not `epilogue dtype bucket entry microseconds` (or its
+    /// bucket or time is out of range).
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// A line names no known kernel (a table from another medley version).
+    UnknownKernel {
+        /// 1-based line number.
+        line: usize,
+        /// The name given.
+        name: String,
+    },
+    /// A line files a kernel under another epilogue or dtype than its own.
+    Mismatch {
+        /// 1-based line number.
+        line: usize,
+        /// The kernel.
+        name: String,
+    },
+    /// The file `MEDLEY_GEMM_TUNING` names could not be read.
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        message: String,
+    },
+}
+
+impl core::fmt::Display for TuningError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TuningError::Syntax { line, text } => {
+                write!(
+                    f,
+                    "line {line}: expected `epilogue dtype bucket entry us`: {text}"
+                )
+            }
+            TuningError::UnknownKernel { line, name } => write!(
+                f,
+                "line {line}: unknown kernel {name} (a table from another medley version? re-run tune_experts)"
+            ),
+            TuningError::Mismatch { line, name } => {
+                write!(f, "line {line}: {name} is filed under another epilogue or dtype")
+            }
+            TuningError::Read { path, message } => write!(f, "MEDLEY_GEMM_TUNING={path}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for TuningError {}
+
 /// Which GEMM configuration runs per (epilogue, dtype, bucket): the best
 /// a tuning run measured, per generation.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// `(epilogue, dtype, bucket, gemm index, microseconds measured)`.
-    pub entries: Vec<(Epilogue, GemmDtype, u8, usize, f64)>,
-    /// The device the table was measured on (the file's `# device:` line).
-    pub device: String,
+    entries: Vec<TuningEntry>,
+    device: String,
 }
 
 /// The built-in table: the tuning harness's output on an H100.
@@ -581,7 +572,7 @@ impl Tuning {
     /// (`# device: NAME` names the GPU) and lines `epilogue dtype bucket
     /// entry microseconds` (`swiglu|down bf16|f16 0..6 moe_... 12.5`).
     /// Entries naming no known kernel are an error (a stale file).
-    pub fn parse(text: &str) -> Result<Tuning, String> {
+    pub fn parse(text: &str) -> Result<Tuning, TuningError> {
         let mut t = Tuning {
             entries: Vec::new(),
             device: String::new(),
@@ -596,11 +587,9 @@ impl Tuning {
                 continue;
             }
             let f: Vec<&str> = line.split_whitespace().collect();
-            let bad = || {
-                format!(
-                    "line {}: expected `epilogue dtype bucket entry us`: {line}",
-                    i + 1
-                )
+            let bad = || TuningError::Syntax {
+                line: i + 1,
+                text: line.to_string(),
             };
             if f.len() != 5 {
                 return Err(bad());
@@ -616,14 +605,39 @@ impl Tuning {
                 _ => return Err(bad()),
             };
             let b: u8 = f[2].parse().map_err(|_| bad())?;
-            let id = find(f[3]).ok_or_else(|| format!("line {}: unknown kernel {}", i + 1, f[3]))?;
+            let id = GemmId::find(f[3]).ok_or_else(|| TuningError::UnknownKernel {
+                line: i + 1,
+                name: f[3].to_string(),
+            })?;
             let us: f64 = f[4].parse().map_err(|_| bad())?;
-            if b as usize >= BUCKETS || GEMMS[id].epilogue != epi || GEMMS[id].dtype != dt {
+            if b as usize >= BUCKETS || !(us.is_finite() && us > 0.0) {
                 return Err(bad());
             }
-            t.entries.push((epi, dt, b, id, us));
+            if id.config().epilogue != epi || id.config().dtype != dt {
+                return Err(TuningError::Mismatch {
+                    line: i + 1,
+                    name: f[3].to_string(),
+                });
+            }
+            t.entries.push(TuningEntry {
+                epilogue: epi,
+                dtype: dt,
+                bucket: b,
+                gemm: id,
+                micros: us,
+            });
         }
         Ok(t)
+    }
+
+    /// The table's rows.
+    pub fn entries(&self) -> &[TuningEntry] {
+        &self.entries
+    }
+
+    /// The device the table was measured on (the file's `# device:` line).
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// The built-in table (the harness's H100 output, compiled in).
@@ -634,11 +648,13 @@ impl Tuning {
     /// The table in the file `MEDLEY_GEMM_TUNING` names, else the built-in
     /// one. A file that cannot be read or parsed is an error (never
     /// silently ignored).
-    pub fn from_env() -> Result<Tuning, String> {
+    pub fn from_env() -> Result<Tuning, TuningError> {
         match std::env::var_os("MEDLEY_GEMM_TUNING") {
             Some(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("MEDLEY_GEMM_TUNING={}: {e}", path.to_string_lossy()))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| TuningError::Read {
+                    path: path.to_string_lossy().into_owned(),
+                    message: e.to_string(),
+                })?;
                 Tuning::parse(&text)
             }
             None => Ok(Tuning::builtin()),
@@ -655,22 +671,22 @@ impl Tuning {
         dt: GemmDtype,
         bucket: u8,
         allow: impl Fn(&GemmConfig) -> bool,
-    ) -> Option<usize> {
+    ) -> Option<GemmId> {
         let best = self
             .entries
             .iter()
-            .filter(|e| e.0 == epi && e.1 == dt && e.2 == bucket)
-            .filter(|e| kernels.gemm(e.3).is_some() && allow(&GEMMS[e.3]))
-            .min_by(|a, b| a.4.total_cmp(&b.4))
-            .map(|e| e.3);
+            .filter(|e| e.epilogue == epi && e.dtype == dt && e.bucket == bucket)
+            .filter(|e| kernels.gemm(e.gemm).is_some() && allow(e.gemm.config()))
+            .min_by(|a, b| a.micros.total_cmp(&b.micros))
+            .map(|e| e.gemm);
         best.or_else(|| {
             let want_bm = match bucket {
                 0..=2 => 16,
                 3 => 64,
                 _ => 128,
             };
-            (0..GEMMS.len()).find(|&id| {
-                let g = &GEMMS[id];
+            GemmId::all().find(|&id| {
+                let g = id.config();
                 g.generation == Generation::Mma
                     && g.epilogue == epi
                     && g.dtype == dt
@@ -685,10 +701,10 @@ impl Tuning {
 /// The kernels one layer call runs and the plan block size they need.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerChoice {
-    /// GEMM1 (an index into [`GEMMS`]).
-    pub gemm1: usize,
+    /// GEMM1.
+    pub gemm1: GemmId,
     /// GEMM2.
-    pub gemm2: usize,
+    pub gemm2: GemmId,
     /// The plan's `block_m` (a multiple of both configurations' `bm`).
     pub block_m: usize,
 }
@@ -709,7 +725,7 @@ impl LayerChoice {
         let ok = |g: &GemmConfig| generation.is_none_or(|want| g.generation == want);
         let g1 = tuning.pick(kernels, Epilogue::SwiGlu, dt, b, ok)?;
         let g2 = tuning.pick(kernels, Epilogue::Down, dt, b, ok)?;
-        let block_m = GEMMS[g1].bm.max(GEMMS[g2].bm) as usize;
+        let block_m = g1.config().bm.max(g2.config().bm) as usize;
         Some(LayerChoice {
             gemm1: g1,
             gemm2: g2,
@@ -743,7 +759,7 @@ pub struct LayerScratch<'a> {
 /// zero rows; a zero weight drops its slot; a NaN weight poisons its token
 /// (the CPU layer's rules).
 #[allow(clippy::too_many_arguments)]
-pub fn layer(
+fn layer(
     kernels: &Kernels,
     choice: &LayerChoice,
     x: DeviceMatrix<'_>,
@@ -762,7 +778,7 @@ pub fn layer(
         mut act,
         mut y,
     } = scratch;
-    if GEMMS.get(choice.gemm1).map(|g| g.generation) == Some(Generation::Wgmma) {
+    if choice.gemm1.config().generation == Generation::Wgmma {
         crate::routing::permute(
             kernels,
             x,
@@ -807,6 +823,192 @@ pub fn layer(
     )
 }
 
+/// GEMM1 of the experts with the fused SwiGLU (see [`gemm1`] for the
+/// operation, shapes and errors).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Gemm1<'a> {
+    /// The configuration (a [`Epilogue::SwiGlu`] entry of the data's dtype
+    /// whose `bm` divides `plan.block_m`).
+    pub gemm: GemmId,
+    /// Token rows `[T, H]`, or `[len, H]` in plan order.
+    pub x: DeviceMatrix<'a>,
+    /// `x` is already in plan order (required by the wgmma generation).
+    pub x_in_plan_order: bool,
+    /// The block-padded plan.
+    pub plan: &'a DevicePlan<'a>,
+    /// `[L * 2I, H]` gate and up weights.
+    pub w13: DeviceMatrix<'a>,
+    /// `[len, I]`, written.
+    pub out: DeviceActMut<'a>,
+}
+
+impl<'a> Gemm1<'a> {
+    /// GEMM1 gathering token rows of `x` by the plan.
+    pub fn new(
+        gemm: GemmId,
+        x: DeviceMatrix<'a>,
+        plan: &'a DevicePlan<'a>,
+        w13: DeviceMatrix<'a>,
+        out: DeviceActMut<'a>,
+    ) -> Self {
+        Gemm1 {
+            gemm,
+            x,
+            x_in_plan_order: false,
+            plan,
+            w13,
+            out,
+        }
+    }
+
+    /// Marks `x` as already permuted into plan order.
+    pub fn in_plan_order(mut self) -> Self {
+        self.x_in_plan_order = true;
+        self
+    }
+}
+
+impl crate::Launch for Gemm1<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        gemm1(
+            kernels,
+            self.gemm,
+            self.x,
+            self.x_in_plan_order,
+            self.plan,
+            self.w13,
+            self.out,
+            stream,
+        )
+    }
+}
+
+/// GEMM2 of the experts with the routing weight (see [`gemm2`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Gemm2<'a> {
+    /// The configuration (a [`Epilogue::Down`] entry).
+    pub gemm: GemmId,
+    /// `[len, I]` activations in plan order.
+    pub act: DeviceMatrix<'a>,
+    /// The block-padded plan.
+    pub plan: &'a DevicePlan<'a>,
+    /// `[L * H, I]` down weights.
+    pub w2: DeviceMatrix<'a>,
+    /// `f32 [T * k]` routing weights.
+    pub weights: DeviceSlice<'a, f32>,
+    /// `f32 [len, H]`, written.
+    pub out: DeviceRowsMut<'a, f32>,
+}
+
+impl<'a> Gemm2<'a> {
+    /// GEMM2 of `act` by `w2`, scaled by `weights`.
+    pub fn new(
+        gemm: GemmId,
+        act: DeviceMatrix<'a>,
+        plan: &'a DevicePlan<'a>,
+        w2: DeviceMatrix<'a>,
+        weights: DeviceSlice<'a, f32>,
+        out: DeviceRowsMut<'a, f32>,
+    ) -> Self {
+        Gemm2 {
+            gemm,
+            act,
+            plan,
+            w2,
+            weights,
+            out,
+        }
+    }
+}
+
+impl crate::Launch for Gemm2<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        gemm2(
+            kernels,
+            self.gemm,
+            self.act,
+            self.plan,
+            self.w2,
+            self.weights,
+            self.out,
+            stream,
+        )
+    }
+}
+
+/// The experts of an MoE layer on the GPU (see [`layer`]): permute when
+/// GEMM1 is a wgmma configuration, GEMM1, GEMM2, the prescaled combine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Layer<'a> {
+    /// The two GEMMs and the plan block size.
+    pub choice: &'a LayerChoice,
+    /// Token rows `[T, H]`.
+    pub x: DeviceMatrix<'a>,
+    /// The block-padded plan (`block_m = choice.block_m`).
+    pub plan: &'a DevicePlan<'a>,
+    /// `u32 [T * k]`: the plan's inverse.
+    pub inverse: DeviceSlice<'a, u32>,
+    /// `f32 [T * k]`: routing weights.
+    pub weights: DeviceSlice<'a, f32>,
+    /// `[L * 2I, H]` gate and up weights.
+    pub w13: DeviceMatrix<'a>,
+    /// `[L * H, I]` down weights.
+    pub w2: DeviceMatrix<'a>,
+    /// Intermediate buffers.
+    pub scratch: LayerScratch<'a>,
+    /// `f32 [T, H]`, written.
+    pub out: DeviceRowsMut<'a, f32>,
+}
+
+impl<'a> Layer<'a> {
+    /// The layer call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        choice: &'a LayerChoice,
+        x: DeviceMatrix<'a>,
+        plan: &'a DevicePlan<'a>,
+        inverse: DeviceSlice<'a, u32>,
+        weights: DeviceSlice<'a, f32>,
+        w13: DeviceMatrix<'a>,
+        w2: DeviceMatrix<'a>,
+        scratch: LayerScratch<'a>,
+        out: DeviceRowsMut<'a, f32>,
+    ) -> Self {
+        Layer {
+            choice,
+            x,
+            plan,
+            inverse,
+            weights,
+            w13,
+            w2,
+            scratch,
+            out,
+        }
+    }
+}
+
+impl crate::Launch for Layer<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        layer(
+            kernels,
+            self.choice,
+            self.x,
+            self.plan,
+            self.inverse,
+            self.weights,
+            self.w13,
+            self.w2,
+            self.scratch,
+            self.out,
+            stream,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,17 +1030,20 @@ mod tests {
     fn the_builtin_table_parses_and_names_known_kernels() {
         let t = Tuning::builtin();
         assert!(!t.entries.is_empty());
-        assert!(t.device.contains("H100"), "{}", t.device);
-        for &(epi, dt, b, id, cost) in &t.entries {
-            assert_eq!(GEMMS[id].epilogue, epi);
-            assert_eq!(GEMMS[id].dtype, dt);
-            assert!((b as usize) < BUCKETS && cost > 0.0);
+        assert!(t.device().contains("H100"), "{}", t.device());
+        for e in t.entries() {
+            assert_eq!(e.gemm.config().epilogue, e.epilogue);
+            assert_eq!(e.gemm.config().dtype, e.dtype);
+            assert!((e.bucket as usize) < BUCKETS && e.micros > 0.0);
         }
     }
 
     #[test]
     fn bad_tables_are_errors_not_ignored() {
-        assert!(Tuning::parse("swiglu bf16 0 no_such_kernel 1.0").is_err());
+        assert!(matches!(
+            Tuning::parse("swiglu bf16 0 no_such_kernel 1.0"),
+            Err(TuningError::UnknownKernel { line: 1, .. })
+        ));
         assert!(Tuning::parse("swiglu bf16 0").is_err());
         let name = GEMMS
             .iter()
@@ -850,13 +1055,13 @@ mod tests {
         assert!(Tuning::parse(&format!("down bf16 9 {name} 1.0")).is_err());
         let ok = Tuning::parse(&format!(
             "# device: X\n\ndown {} 2 {name} 1.5\n",
-            match GEMMS[find(name).unwrap()].dtype {
+            match find(name).unwrap().config().dtype {
                 GemmDtype::BF16 => "bf16",
                 GemmDtype::F16 => "f16",
             }
         ))
         .unwrap();
-        assert_eq!(ok.device, "X");
-        assert_eq!(ok.entries.len(), 1);
+        assert_eq!(ok.device(), "X");
+        assert_eq!(ok.entries().len(), 1);
     }
 }

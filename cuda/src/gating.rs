@@ -8,21 +8,16 @@
 //! device memory, so a non-finite bias value makes that row a NaN row
 //! instead of an error; at most [`MAX_DEVICE_EXPERTS`] experts.
 
-use crate::driver::DriverError;
 use crate::error::CudaError;
 use crate::mem::{DeviceSlice, DeviceSliceMut, Stream, check_ptr};
 use crate::registry::{BLOCK, Kernel, Kernels};
-use cust::memory::DeviceCopy;
+use cust_core::DeviceCopy;
 use medley_core::Error;
 use medley_core::moe::MAX_K;
 use medley_core::moe::gating::{GroupScore, GroupedConfig, Scoring};
 
-/// Most experts (router row length) the GPU gating kernels take.
-pub const MAX_DEVICE_EXPERTS: usize = 1024;
-
-/// Most experts the tuned kernel `gate_topk_v2` takes (its keys live in
-/// 16 registers per lane); [`GateKernel::Auto`] runs `gate_topk` above.
-pub const V2_MAX_EXPERTS: usize = 512;
+use crate::specs::{GATE_WARPS as WARPS, gate_smem};
+pub use crate::specs::{MAX_DEVICE_EXPERTS, V2_MAX_EXPERTS};
 
 /// Which gating kernel runs. Both give the same bits (the core's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,11 +88,68 @@ const _: () = assert!(core::mem::size_of::<GateParams>() == 80);
 unsafe impl DeviceCopy for GateParams {}
 
 /// Warps (tokens) per block of `gate_topk`.
-const WARPS: u32 = BLOCK / 32;
 
-/// Dynamic shared memory `gate_topk` uses for `e` experts.
-pub(crate) const fn gate_smem(e: usize) -> u32 {
-    (WARPS as usize * (e + 256) * 4) as u32
+/// Top-k gating on the GPU: routes every token of `logits` to `k`
+/// experts, bit-exact with [`medley_core::moe::gating`]. See [`gate_with`]'s
+/// rules; `kernel` picks the kernel (default [`GateKernel::Auto`]; the
+/// others are for conformance tests and benchmarks).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Gate<'a> {
+    /// Router logits `[T, E]`.
+    pub logits: RouterLogits<'a>,
+    /// Experts per token.
+    pub k: usize,
+    /// The gating rule.
+    pub gating: &'a Gating<'a>,
+    /// `u32 [T * k]`: chosen experts, written.
+    pub ids: DeviceSliceMut<'a, u32>,
+    /// `f32 [T * k]`: their weights, written.
+    pub weights: DeviceSliceMut<'a, f32>,
+    /// Which kernel runs.
+    pub kernel: GateKernel,
+}
+
+impl<'a> Gate<'a> {
+    /// Gating with [`GateKernel::Auto`].
+    pub fn new(
+        logits: RouterLogits<'a>,
+        k: usize,
+        gating: &'a Gating<'a>,
+        ids: DeviceSliceMut<'a, u32>,
+        weights: DeviceSliceMut<'a, f32>,
+    ) -> Self {
+        Gate {
+            logits,
+            k,
+            gating,
+            ids,
+            weights,
+            kernel: GateKernel::Auto,
+        }
+    }
+
+    /// Chooses the kernel ([`GateKernel::V2`] with more than
+    /// [`V2_MAX_EXPERTS`] experts is [`CudaError::Unsupported`]).
+    pub fn with_kernel(mut self, kernel: GateKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+}
+
+impl crate::Launch for Gate<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        gate_with(
+            kernels,
+            self.logits,
+            self.k,
+            self.gating,
+            self.ids,
+            self.weights,
+            stream,
+            self.kernel,
+        )
+    }
 }
 
 /// Routes every token of `logits` to `k` experts: `ids` (`T * k` u32) and
@@ -105,23 +157,7 @@ pub(crate) const fn gate_smem(e: usize) -> u32 {
 /// synchronizing. Errors (before launching): those of the CPU function for
 /// the same arguments, [`Error::TooLarge`] for `E` above
 /// [`MAX_DEVICE_EXPERTS`], and null / misaligned pointers.
-pub fn gate(
-    kernels: &Kernels,
-    logits: RouterLogits<'_>,
-    k: usize,
-    gating: &Gating<'_>,
-    ids: DeviceSliceMut<'_, u32>,
-    weights: DeviceSliceMut<'_, f32>,
-    stream: Stream<'_>,
-) -> Result<(), CudaError> {
-    gate_with(kernels, logits, k, gating, ids, weights, stream, GateKernel::Auto)
-}
-
-/// [`gate`] with the kernel chosen: for conformance tests and benchmarks.
-/// [`GateKernel::V2`] with more than [`V2_MAX_EXPERTS`] experts is
-/// [`CudaError::Unsupported`].
-#[allow(clippy::too_many_arguments)]
-pub fn gate_with(
+pub(crate) fn gate_with(
     kernels: &Kernels,
     logits: RouterLogits<'_>,
     k: usize,
@@ -273,6 +309,5 @@ pub fn gate_with(
     // bias values) and is non-null and aligned; the dynamic shared memory
     // is the 8 * (E + 256) * 4 bytes the kernel indexes; the stream belongs
     // to the kernels' context, current via `enter`.
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, smem, stream>>>(p)) };
-    r.map_err(CudaError::from)
+    unsafe { kernels.launch(f, grid, BLOCK, smem, stream, &p) }
 }

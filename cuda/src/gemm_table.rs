@@ -2,7 +2,7 @@
 //! expert-GEMM launch configuration of ptx/moe_mma.ptx and ptx/moe_wgmma.ptx
 //! (each wgmma entry twice: one block per tile, and persistent).
 
-use crate::experts::{Epilogue, GemmConfig, GemmDtype, Generation};
+use crate::specs::{Epilogue, GemmConfig, GemmDtype, Generation};
 
 /// Every expert-GEMM launch configuration, in registry order.
 #[rustfmt::skip]

@@ -41,13 +41,29 @@ pub mod experts;
 pub mod gating;
 mod gemm_table;
 pub mod mem;
+#[cfg(feature = "testing")]
 pub mod owned;
 pub mod registry;
 pub mod routing;
+pub mod specs;
 
 pub use error::CudaError;
 pub use mem::Stream;
-pub use registry::{Kernel, Kernels};
+pub use registry::{Kernel, Kernels, LoadError, Modules};
+
+/// One GPU operation, described by a call struct (its inputs, outputs and
+/// options: [`ensemble::Combine`], [`gating::Gate`], [`routing::Align`],
+/// [`routing::Permute`], [`routing::Combine`], [`experts::Gemm1`],
+/// [`experts::Gemm2`], [`experts::Layer`]) and enqueued by its one method.
+///
+/// `launch` validates every argument before anything is enqueued (a failed
+/// call leaves its outputs untouched), checks that `stream` belongs to the
+/// context `kernels` were loaded in ([`CudaError::WrongContext`]), never
+/// allocates and never synchronizes.
+pub trait Launch {
+    /// Enqueues the operation on `stream`.
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError>;
+}
 
 /// Whether a usable CUDA device is present: `Ok(())`, or the reason it is
 /// not (`cuInit`'s raw code: 34 = the stub driver, 100 = no device).

@@ -40,8 +40,9 @@ impl Stream<'_> {
         self.raw
     }
 
-    /// The entry point cust's `launch!` macro calls: launches `f` on this
-    /// stream. Returns the raw driver code on failure.
+    /// Launches `f` on this stream (called only by `Kernels::launch`, which
+    /// checks the stream's context first). Returns the raw driver code on
+    /// failure.
     ///
     /// # Safety
     /// `args` must match `f`'s parameter list exactly (one pointer per

@@ -14,31 +14,86 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 #[derive(Debug)]
 pub struct Gpu {
     kernels: Kernels,
+    load_ms: f64,
     stream: cust::stream::Stream,
     _ctx: cust::context::Context,
 }
 
+/// Why [`Gpu::open`] gave no GPU.
+#[derive(Debug)]
+pub enum OpenError {
+    /// There is no GPU to test on: `cuInit` returned 34
+    /// (`CUDA_ERROR_STUB_LIBRARY`, the stub driver of a CPU-only build) or
+    /// 100 (`CUDA_ERROR_NO_DEVICE`). The only reason a test may skip.
+    NoGpu(DriverError),
+    /// A driver and a device are there but something failed (context or
+    /// stream creation, a kernel load or JIT error): a test failure.
+    Failed(String),
+}
+
+impl core::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            OpenError::NoGpu(e) => write!(f, "no usable CUDA driver or device ({e})"),
+            OpenError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Whether `MEDLEY_REQUIRE_GPU=1` is set: every GPU skip becomes a failure
+/// (the GPU machine's scripts set it).
+pub fn gpu_required() -> bool {
+    std::env::var_os("MEDLEY_REQUIRE_GPU").is_some_and(|v| v == "1")
+}
+
 impl Gpu {
     /// Opens device 0: primary context, a stream, every kernel loaded.
-    /// `Err` carries the reason there is no usable GPU (the stub driver, no
-    /// device, a load failure), for tests to print when they skip.
-    pub fn open() -> Result<Gpu, String> {
+    pub fn open() -> Result<Gpu, OpenError> {
         if let Err(e) = driver::init() {
-            return Err(format!(
-                "no usable CUDA driver (cuInit returned {}: {:?})",
-                e.code,
-                e.name()
-            ));
+            return Err(
+                if e.code == driver::ERROR_STUB_LIBRARY || e.code == driver::ERROR_NO_DEVICE {
+                    OpenError::NoGpu(e)
+                } else {
+                    OpenError::Failed(format!("cuInit failed: {e}"))
+                },
+            );
         }
-        let ctx = cust::quick_init().map_err(|e| format!("no CUDA device ({e:?})"))?;
-        let kernels = Kernels::load().map_err(|e| format!("loading kernels failed: {e:?}"))?;
+        let ctx = cust::quick_init()
+            .map_err(|e| OpenError::Failed(format!("creating a CUDA context failed ({e:?})")))?;
+        let t0 = std::time::Instant::now();
+        let kernels = Kernels::load().map_err(|e| OpenError::Failed(e.to_string()))?;
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let stream = cust::stream::Stream::new(cust::stream::StreamFlags::DEFAULT, None)
-            .map_err(|e| format!("stream creation failed ({e:?})"))?;
+            .map_err(|e| OpenError::Failed(format!("stream creation failed ({e:?})")))?;
         Ok(Gpu {
             kernels,
+            load_ms,
             stream,
             _ctx: ctx,
         })
+    }
+
+    /// For tests: the GPU, or `None` (after printing why) when there is no
+    /// driver or no device and [`gpu_required`] is false. Panics on every
+    /// other failure (a kernel that does not load, a JIT error, any other
+    /// driver error) and on a skip when `MEDLEY_REQUIRE_GPU=1`.
+    pub fn open_or_skip(what: &str) -> Option<Gpu> {
+        match Gpu::open() {
+            Ok(g) => Some(g),
+            Err(OpenError::NoGpu(e)) if !gpu_required() => {
+                eprintln!("{what}: GPU half skipped: no usable CUDA driver or device ({e})");
+                None
+            }
+            Err(OpenError::NoGpu(e)) => {
+                panic!("{what}: MEDLEY_REQUIRE_GPU=1 but there is no usable CUDA driver or device ({e})")
+            }
+            Err(OpenError::Failed(why)) => panic!("{what}: {why}"),
+        }
+    }
+
+    /// Milliseconds [`Kernels::load`] took in [`Gpu::open`].
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
     }
 
     /// The loaded kernels.

@@ -6,7 +6,10 @@
 use crate::driver::{self, CtxGuard, CuContext, CuModule, DriverError};
 use crate::error::CudaError;
 use crate::gemm_table::GEMMS;
-use crate::mem::Func;
+use crate::mem::{Func, Stream};
+use crate::specs::GemmId;
+use crate::specs::module;
+pub use crate::specs::{BLOCK, Kernel, KernelSpec};
 use core::ffi::CStr;
 use core::mem::ManuallyDrop;
 
@@ -29,94 +32,6 @@ pub(crate) const MODULES: [(&str, &[u8]); 6] = [
     ("moe_mma.ptx", ptx!("moe_mma.ptx")),
     ("moe_wgmma.ptx", ptx!("moe_wgmma.ptx")),
 ];
-const MODULE_MMA: usize = 4;
-const MODULE_WGMMA: usize = 5;
-
-/// Every kernel entry point medley-cuda launches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Kernel {
-    /// `util.ptx: fill_u32`.
-    FillU32,
-    /// `ensemble.ptx: ensemble_v1` (one block per row, the on-device
-    /// reference).
-    EnsembleV1,
-    /// `ensemble.ptx: ensemble_v2` (rows split over co-resident blocks,
-    /// launched cooperatively).
-    EnsembleV2,
-    /// `gating.ptx: gate_topk` (one warp per token; the on-device
-    /// reference).
-    GateTopk,
-    /// `gating.ptx: gate_topk_v2` (one warp per token, keys in registers;
-    /// `E <= 512`; top-k softmax variants).
-    GateTopkV2,
-    /// `gating.ptx: gate_grouped_v2` (as `gate_topk_v2`, grouped routing).
-    GateGroupedV2,
-    /// `routing.ptx: moe_align` (the block-padded plan, one block).
-    MoeAlign,
-    /// `routing.ptx: moe_permute` (gather rows into plan order).
-    MoePermute,
-    /// `routing.ptx: moe_combine` (weighted k-way combine).
-    MoeCombine,
-}
-
-/// (module index, entry name, launched cooperatively, most dynamic shared
-/// memory per block in bytes: the occupancy the launchers plan with)
-type Spec = (usize, &'static CStr, bool, u32);
-
-impl Kernel {
-    /// All kernels, in registry order.
-    pub const ALL: [Kernel; 9] = [
-        Kernel::FillU32,
-        Kernel::EnsembleV1,
-        Kernel::EnsembleV2,
-        Kernel::GateTopk,
-        Kernel::GateTopkV2,
-        Kernel::GateGroupedV2,
-        Kernel::MoeAlign,
-        Kernel::MoePermute,
-        Kernel::MoeCombine,
-    ];
-
-    const fn spec(self) -> Spec {
-        match self {
-            Kernel::FillU32 => (0, c"fill_u32", false, 0),
-            Kernel::EnsembleV1 => (1, c"ensemble_v1", false, 0),
-            Kernel::EnsembleV2 => (1, c"ensemble_v2", true, crate::ensemble::V2_MAX_SMEM),
-            Kernel::GateTopk => (
-                2,
-                c"gate_topk",
-                false,
-                crate::gating::gate_smem(crate::gating::MAX_DEVICE_EXPERTS),
-            ),
-            Kernel::GateTopkV2 => (
-                2,
-                c"gate_topk_v2",
-                false,
-                crate::gating::gate_smem(crate::gating::V2_MAX_EXPERTS),
-            ),
-            Kernel::GateGroupedV2 => (
-                2,
-                c"gate_grouped_v2",
-                false,
-                crate::gating::gate_smem(crate::gating::V2_MAX_EXPERTS),
-            ),
-            Kernel::MoeAlign => (
-                3,
-                c"moe_align",
-                false,
-                crate::routing::align_smem(crate::routing::MAX_ALIGN_EXPERTS),
-            ),
-            Kernel::MoePermute => (3, c"moe_permute", false, 0),
-            Kernel::MoeCombine => (3, c"moe_combine", false, 0),
-        }
-    }
-
-    /// The PTX entry name.
-    pub const fn entry(self) -> &'static CStr {
-        self.spec().1
-    }
-}
 
 /// Static facts about one loaded entry point.
 #[derive(Debug, Clone, Copy, Default)]
@@ -131,8 +46,94 @@ pub struct KernelInfo {
     pub max_dynamic_smem: u32,
 }
 
-/// Block size every medley kernel is written for.
-pub const BLOCK: u32 = 256;
+/// A set of kernel families to load ([`Kernels::load_modules`]); combine
+/// with `|`. The small utility module is always loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Modules(u8);
+
+impl Modules {
+    /// The fused ensemble softmax (`ensemble.ptx`).
+    pub const ENSEMBLE: Modules = Modules(1 << module::ENSEMBLE);
+    /// Top-k gating (`gating.ptx`).
+    pub const GATING: Modules = Modules(1 << module::GATING);
+    /// Routing: plan, permute, combine (`routing.ptx`).
+    pub const ROUTING: Modules = Modules(1 << module::ROUTING);
+    /// The expert GEMMs of both generations (`moe_mma.ptx`, and
+    /// `moe_wgmma.ptx` on compute capability 9.0): most of the PTX.
+    pub const EXPERTS: Modules = Modules(1 << module::MOE_MMA | 1 << module::MOE_WGMMA);
+    /// Everything a full MoE layer runs: gating, routing, experts.
+    pub const MOE: Modules = Modules(Self::GATING.0 | Self::ROUTING.0 | Self::EXPERTS.0);
+    /// Every kernel.
+    pub const ALL: Modules = Modules(u8::MAX);
+
+    /// Whether every family of `other` is in `self`.
+    pub const fn contains(self, other: Modules) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    fn has_module(self, i: usize) -> bool {
+        i == module::UTIL || self.0 & (1 << i) != 0
+    }
+}
+
+impl core::ops::BitOr for Modules {
+    type Output = Modules;
+    fn bitor(self, rhs: Modules) -> Modules {
+        Modules(self.0 | rhs.0)
+    }
+}
+
+/// Why [`Kernels::load`] failed: the error, the module being loaded when
+/// it happened, and the JIT's error log for that module (the PTX
+/// assembler's message when the driver rejected the PTX).
+#[derive(Debug, Clone)]
+pub struct LoadError {
+    /// What failed (a driver code, or an unsupported device).
+    pub error: CudaError,
+    /// The PTX module (`"gating.ptx"`) whose load failed, if it was one.
+    pub module: Option<&'static str>,
+    jit_log: String,
+}
+
+impl LoadError {
+    /// The JIT's error log for [`LoadError::module`] (empty when the failure
+    /// was not the JIT's).
+    pub fn jit_log(&self) -> &str {
+        &self.jit_log
+    }
+}
+
+impl core::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "loading medley's kernels failed: {}", self.error)?;
+        if let Some(m) = self.module {
+            write!(f, " (module {m})")?;
+        }
+        if !self.jit_log.is_empty() {
+            write!(f, "; JIT log: {}", self.jit_log)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl From<LoadError> for CudaError {
+    fn from(e: LoadError) -> Self {
+        e.error
+    }
+}
+
+enum Inner {
+    Load(LoadError),
+    Other(CudaError),
+}
+
+impl<E: Into<CudaError>> From<E> for Inner {
+    fn from(e: E) -> Self {
+        Inner::Other(e.into())
+    }
+}
 
 /// The kernels of one CUDA context, loaded and resolved.
 #[derive(Debug)]
@@ -157,13 +158,39 @@ unsafe impl Sync for Kernels {}
 impl Kernels {
     /// Loads every module into the calling thread's current context (which
     /// must exist: medley never creates one).
-    pub fn load() -> Result<Self, CudaError> {
+    ///
+    /// The driver JIT-compiles the embedded PTX for the device; a module the
+    /// JIT rejects fails the load with the assembler's message
+    /// ([`LoadError::jit_log`]). The driver caches JIT output on disk
+    /// (`~/.nv/ComputeCache`, `CUDA_CACHE_*`), so the first load on a
+    /// machine costs much more than later ones (BENCHMARKS.md has both).
+    pub fn load() -> Result<Self, LoadError> {
+        Self::load_modules(Modules::ALL)
+    }
+
+    /// [`Kernels::load`] of only the kernel families in `modules`: the JIT
+    /// compiles only their PTX, so an application that needs, say, only the
+    /// ensemble kernels does not pay for the expert GEMMs (most of the PTX;
+    /// BENCHMARKS.md has the load times). A launch of a kernel outside the
+    /// set is [`CudaError::Unsupported`].
+    pub fn load_modules(modules: Modules) -> Result<Self, LoadError> {
+        Self::load_inner(modules).map_err(|e| match e {
+            Inner::Load(l) => l,
+            Inner::Other(error) => LoadError {
+                error,
+                module: None,
+                jit_log: String::new(),
+            },
+        })
+    }
+
+    fn load_inner(wanted: Modules) -> Result<Self, Inner> {
         driver::init()?;
         let ctx = driver::current_context()?;
         if ctx.is_null() {
-            return Err(CudaError::Unsupported {
+            return Err(Inner::Other(CudaError::Unsupported {
                 what: "no current CUDA context",
-            });
+            }));
         }
         let dev = driver::current_device()?;
         let sm_count = driver::device_attribute(dev, driver::ATTR_SM_COUNT)? as u32;
@@ -172,27 +199,32 @@ impl Kernels {
             driver::device_attribute(dev, driver::ATTR_CC_MINOR)?,
         );
         if cc.0 < 8 {
-            return Err(CudaError::Unsupported {
+            return Err(Inner::Other(CudaError::Unsupported {
                 what: "compute capability 8.0 or newer",
-            });
+            }));
         }
         let cooperative = driver::device_attribute(dev, driver::ATTR_COOPERATIVE_LAUNCH)? != 0;
         let smem_optin = driver::device_attribute(dev, driver::ATTR_SMEM_OPTIN)? as u32;
         let mut modules = [core::ptr::null_mut(); MODULES.len()];
+        let mut log = Box::new(driver::JitLog::default());
         for (i, (_, ptx)) in MODULES.iter().enumerate() {
-            if i == MODULE_WGMMA && cc != (9, 0) {
+            if !wanted.has_module(i) || (i == module::MOE_WGMMA && cc != (9, 0)) {
                 continue;
             }
             let loaded = CStr::from_bytes_with_nul(ptx)
                 .map_err(|_| CudaError::Unsupported {
                     what: "an embedded PTX module without its single trailing NUL",
                 })
-                .and_then(|c| driver::module_load_ptx(c).map_err(CudaError::from));
+                .and_then(|c| driver::module_load_ptx(c, &mut log).map_err(CudaError::from));
             match loaded {
                 Ok(m) => modules[i] = m,
-                Err(e) => {
+                Err(error) => {
                     unload_all(&modules[..i]);
-                    return Err(e);
+                    return Err(Inner::Load(LoadError {
+                        error,
+                        module: Some(MODULES[i].0),
+                        jit_log: log.error().to_string(),
+                    }));
                 }
             }
         }
@@ -202,7 +234,16 @@ impl Kernels {
         }; Kernel::ALL.len()];
         let mut info = [KernelInfo::default(); Kernel::ALL.len()];
         for k in Kernel::ALL {
-            let (m, name, coop, smem) = k.spec();
+            let KernelSpec {
+                module: m,
+                entry: name,
+                cooperative: coop,
+                smem,
+                block,
+            } = *k.spec();
+            if modules[m].is_null() {
+                continue;
+            }
             let resolved = (|| -> Result<(Func, KernelInfo), DriverError> {
                 // SAFETY: modules[m] was loaded above in the current context.
                 let raw = unsafe { driver::module_function(modules[m], name) }?;
@@ -224,7 +265,7 @@ impl Kernels {
                 let registers =
                     unsafe { driver::function_attribute(raw, driver::FUNC_ATTR_NUM_REGS) }? as u32;
                 // SAFETY: as above.
-                let blocks_per_sm = unsafe { driver::occupancy(raw, BLOCK, smem as usize) }?;
+                let blocks_per_sm = unsafe { driver::occupancy(raw, block, smem as usize) }?;
                 Ok((
                     Func {
                         raw,
@@ -244,15 +285,15 @@ impl Kernels {
                 }
                 Err(e) => {
                     unload_all(&modules);
-                    return Err(e.into());
+                    return Err(Inner::Other(e.into()));
                 }
             }
         }
         let mut gemms = [None; GEMMS.len()];
         for (slot, g) in gemms.iter_mut().zip(GEMMS.iter()) {
             let m = match g.generation {
-                crate::experts::Generation::Mma => modules[MODULE_MMA],
-                crate::experts::Generation::Wgmma => modules[MODULE_WGMMA],
+                crate::specs::Generation::Mma => modules[module::MOE_MMA],
+                crate::specs::Generation::Wgmma => modules[module::MOE_WGMMA],
             };
             if m.is_null() {
                 continue;
@@ -288,7 +329,7 @@ impl Kernels {
                 Ok(f) => *slot = f,
                 Err(e) => {
                     unload_all(&modules);
-                    return Err(e.into());
+                    return Err(Inner::Other(e.into()));
                 }
             }
         }
@@ -310,13 +351,33 @@ impl Kernels {
     /// # Safety
     /// `stream` must be a valid stream handle (0 and 2 need a current
     /// context).
-    pub unsafe fn load_for_stream(stream: driver::CuStream) -> Result<Self, CudaError> {
-        driver::init()?;
-        // SAFETY: the caller guarantees the stream handle.
-        let ctx = unsafe { driver::stream_context(stream) }?;
-        // SAFETY: the driver returned ctx as the live context of the stream.
-        let _g = unsafe { CtxGuard::push(ctx) }?;
-        Self::load()
+    pub unsafe fn load_for_stream(stream: driver::CuStream) -> Result<Self, LoadError> {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { Self::load_modules_for_stream(stream, Modules::ALL) }
+    }
+
+    /// [`Kernels::load_modules`] into the context of `stream`.
+    ///
+    /// # Safety
+    /// As [`Kernels::load_for_stream`].
+    pub unsafe fn load_modules_for_stream(
+        stream: driver::CuStream,
+        modules: Modules,
+    ) -> Result<Self, LoadError> {
+        let ctx = (|| {
+            driver::init()?;
+            // SAFETY: the caller guarantees the stream handle.
+            let ctx = unsafe { driver::stream_context(stream) }?;
+            // SAFETY: the driver returned ctx as the live context of the
+            // stream.
+            unsafe { CtxGuard::push(ctx) }
+        })();
+        let _g = ctx.map_err(|e| LoadError {
+            error: e.into(),
+            module: None,
+            jit_log: String::new(),
+        })?;
+        Self::load_modules(modules)
     }
 
     /// Makes the kernels' context current for the guard's lifetime if it
@@ -330,19 +391,68 @@ impl Kernels {
         Ok(Some(unsafe { CtxGuard::push(self.ctx) }?))
     }
 
+    /// The one launch path of every medley kernel: checks that `stream`
+    /// belongs to the context the kernels were loaded in
+    /// ([`CudaError::WrongContext`] otherwise), makes that context current
+    /// for the call if it is not, and launches `f` with `p`, the kernel's
+    /// single by-value parameter.
+    ///
+    /// # Safety
+    /// `p` must have exactly the layout of `f`'s parameter, and every device
+    /// pointer in it must be valid for everything the kernel reads and
+    /// writes at this grid; `smem` must cover the dynamic shared memory the
+    /// kernel indexes; `f` must come from this registry.
+    pub(crate) unsafe fn launch<P: cust_core::DeviceCopy>(
+        &self,
+        f: Func,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        stream: Stream<'_>,
+        p: &P,
+    ) -> Result<(), CudaError> {
+        // SAFETY: `Stream::from_raw`'s contract makes the handle valid for
+        // the view's lifetime (0 and 2 resolve to the current context).
+        let ctx = unsafe { driver::stream_context(stream.raw()) }?;
+        if ctx != self.ctx {
+            return Err(CudaError::WrongContext);
+        }
+        let _g = self.enter()?;
+        if f.raw.is_null() {
+            return Err(CudaError::Unsupported {
+                what: "a kernel of a family this registry did not load (Kernels::load_modules)",
+            });
+        }
+        let mut value = *p;
+        // SAFETY: the caller guarantees the parameter layout and the device
+        // pointers; `value` outlives the call (the driver copies parameters
+        // at launch); the stream's context is the kernels' (checked above)
+        // and is current (`enter`).
+        unsafe {
+            stream.launch(
+                &f,
+                grid,
+                block,
+                smem,
+                &[(&raw mut value).cast::<core::ffi::c_void>()],
+            )
+        }
+        .map_err(CudaError::from)
+    }
+
     pub(crate) fn func(&self, k: Kernel) -> &Func {
         &self.funcs[k as usize]
     }
 
     /// The expert GEMM `id` (an index into [`GEMMS`]), if this device
     /// loaded it (the wgmma generation needs compute capability 9.0).
-    pub(crate) fn gemm(&self, id: usize) -> Option<&(Func, KernelInfo)> {
-        self.gemms.get(id).and_then(|g| g.as_ref())
+    pub(crate) fn gemm(&self, id: GemmId) -> Option<&(Func, KernelInfo)> {
+        self.gemms[id.index()].as_ref()
     }
 
     /// Static facts about expert GEMM `id` (an index into
     /// [`crate::experts::GEMMS`]), or `None` where it is not loaded.
-    pub fn gemm_info(&self, id: usize) -> Option<KernelInfo> {
+    pub fn gemm_info(&self, id: GemmId) -> Option<KernelInfo> {
         self.gemm(id).map(|g| g.1)
     }
 

@@ -10,24 +10,17 @@
 //! memory cannot be checked before the launch; an id outside `[first,
 //! last)` (including one `>= E`) is simply not placed, as `NO_EXPERT` is.
 
-use crate::driver::DriverError;
 use crate::error::CudaError;
 use crate::mem::{DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream, check_ptr, need_len};
 use crate::registry::{BLOCK, Kernel, Kernels};
-use cust::memory::DeviceCopy;
+use cust_core::DeviceCopy;
 use half::{bf16, f16};
 use medley_core::Error;
 use medley_core::moe::ExpertRange;
 use medley_core::moe::plan::block_padded_len;
 
-/// Most local experts [`align`] takes (its per-warp counts live in shared
-/// memory).
-pub const MAX_ALIGN_EXPERTS: usize = 1024;
-
-/// Dynamic shared memory `moe_align` uses for `l` local experts.
-pub(crate) const fn align_smem(l: usize) -> u32 {
-    (4 * (32 * l + l + 1)) as u32
-}
+pub use crate::specs::MAX_ALIGN_EXPERTS;
+use crate::specs::align_smem;
 
 #[repr(C, align(8))]
 #[derive(Debug, Clone, Copy)]
@@ -66,9 +59,178 @@ pub struct AlignOutput<'o> {
     pub inverse: Option<DeviceSliceMut<'o, u32>>,
 }
 
+/// The block-padded routing plan on the GPU (the twin of
+/// [`medley_core::moe::plan::align_block_size`]): see [`align`]'s rules.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Align<'a> {
+    /// `u32 [T * k]`: every slot's expert.
+    pub ids: DeviceSlice<'a, u32>,
+    /// Experts in all.
+    pub experts: usize,
+    /// The local experts this plan covers.
+    pub range: ExpertRange,
+    /// The plan's block size.
+    pub block_m: usize,
+    /// The plan, written.
+    pub out: AlignOutput<'a>,
+}
+
+impl<'a> Align<'a> {
+    /// A plan of `ids` over `range` of `experts` in blocks of `block_m`.
+    pub fn new(
+        ids: DeviceSlice<'a, u32>,
+        experts: usize,
+        range: ExpertRange,
+        block_m: usize,
+        out: AlignOutput<'a>,
+    ) -> Self {
+        Align {
+            ids,
+            experts,
+            range,
+            block_m,
+            out,
+        }
+    }
+}
+
+impl crate::Launch for Align<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        align(
+            kernels,
+            self.ids,
+            self.experts,
+            self.range,
+            self.block_m,
+            self.out,
+            stream,
+        )
+    }
+}
+
+/// Gathers token rows into plan order: see [`permute`]'s rules.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Permute<'a> {
+    /// Token rows `[T, H]`.
+    pub x: DeviceMatrix<'a>,
+    /// Experts per token.
+    pub k: usize,
+    /// The plan's `sorted_ids`.
+    pub sorted_ids: DeviceSlice<'a, u32>,
+    /// The plan's `total`.
+    pub total: DeviceSlice<'a, u32>,
+    /// `[len, H]` rows in plan order, written.
+    pub out: DeviceMatrixMut<'a>,
+}
+
+impl<'a> Permute<'a> {
+    /// Gathers `x` by the plan into `out`.
+    pub fn new(
+        x: DeviceMatrix<'a>,
+        k: usize,
+        sorted_ids: DeviceSlice<'a, u32>,
+        total: DeviceSlice<'a, u32>,
+        out: DeviceMatrixMut<'a>,
+    ) -> Self {
+        Permute {
+            x,
+            k,
+            sorted_ids,
+            total,
+            out,
+        }
+    }
+}
+
+impl crate::Launch for Permute<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        permute(
+            kernels,
+            self.x,
+            self.k,
+            self.sorted_ids,
+            self.total,
+            self.out,
+            stream,
+        )
+    }
+}
+
+/// The weighted k-way combine: `out[t, h] = sum_j w[t, j] * y[inverse[t *
+/// k + j], h]` in `j` order (f32), skipping unplaced slots (`NO_POSITION`)
+/// and zero weights. `y` holds one row per plan position; a position at or
+/// past `y.rows()` (a plan that does not belong to this `y`) makes that
+/// token's output NaN instead of reading out of bounds.
+///
+/// `prescaled`: the rows already hold `w[t, j] * y` (as
+/// [`crate::experts::Gemm2`] writes them): `out[t, h] = sum_j y[inverse[t
+/// * k + j], h]` with the same skips and poisoning, bit for bit what the
+/// unscaled combine gives when the scaling was `w * y` rounded to `f32`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Combine<'a> {
+    /// One row per plan position.
+    pub y: DeviceMatrix<'a>,
+    /// Experts per token.
+    pub k: usize,
+    /// `u32 [T * k]`: the plan's inverse.
+    pub inverse: DeviceSlice<'a, u32>,
+    /// `f32 [T * k]`: routing weights.
+    pub weights: DeviceSlice<'a, f32>,
+    /// `f32 [T, H]`, written.
+    pub out: DeviceRowsMut<'a, f32>,
+    /// Rows are already weighted (the weight only decides which slots
+    /// count).
+    pub prescaled: bool,
+}
+
+impl<'a> Combine<'a> {
+    /// A weighted combine (not prescaled).
+    pub fn new(
+        y: DeviceMatrix<'a>,
+        k: usize,
+        inverse: DeviceSlice<'a, u32>,
+        weights: DeviceSlice<'a, f32>,
+        out: DeviceRowsMut<'a, f32>,
+    ) -> Self {
+        Combine {
+            y,
+            k,
+            inverse,
+            weights,
+            out,
+            prescaled: false,
+        }
+    }
+
+    /// Marks the rows as already weighted.
+    pub fn prescaled(mut self) -> Self {
+        self.prescaled = true;
+        self
+    }
+}
+
+impl crate::Launch for Combine<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        let flags = u32::from(self.prescaled);
+        combine_impl(
+            kernels,
+            self.y,
+            self.k,
+            self.inverse,
+            self.weights,
+            self.out,
+            stream,
+            flags,
+        )
+    }
+}
+
 /// The block-padded plan of the slots' expert `ids` (`T * k` u32) for the
 /// local experts `range` of `experts`, in blocks of `block_m`.
-pub fn align(
+pub(crate) fn align(
     kernels: &Kernels,
     ids: DeviceSlice<'_, u32>,
     experts: usize,
@@ -147,8 +309,7 @@ pub fn align(
     // indexes (L <= 1024, within the opt-in limit the registry set); one
     // block of 1024 threads as the kernel requires; the stream belongs to
     // the kernels' context.
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, block, smem, stream>>>(p)) };
-    r.map_err(CudaError::from)
+    unsafe { kernels.launch(f, grid, block, smem, stream, &p) }
 }
 
 /// Token rows or expert outputs in device memory (any element type).
@@ -217,7 +378,7 @@ unsafe impl DeviceCopy for PermuteParams {}
 /// Gathers token rows `x` (`T x H`) into plan order: `out` row `p` (of
 /// `sorted_ids.len()` rows) is token `sorted_ids[p] / k` for `p <
 /// total[0]`, zero for padding rows and rows past `total`.
-pub fn permute(
+pub(crate) fn permute(
     kernels: &Kernels,
     x: DeviceMatrix<'_>,
     k: usize,
@@ -280,8 +441,7 @@ pub fn permute(
     // elements, sorted_ids `rows` values and total one; 16-byte copies only
     // when every row start and length is a 16-byte multiple; the stream
     // belongs to the kernels' context.
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, 0, stream>>>(p)) };
-    r.map_err(CudaError::from)
+    unsafe { kernels.launch(f, grid, BLOCK, 0, stream, &p) }
 }
 
 #[repr(C, align(8))]
@@ -305,29 +465,8 @@ const _: () = assert!(core::mem::size_of::<CombineParams>() == 64);
 // parameter (ptx/routing.ptx), size asserted.
 unsafe impl DeviceCopy for CombineParams {}
 
-/// The weighted k-way combine: `out[t, h] = sum_j w[t, j] * y[inverse[t *
-/// k + j], h]` in `j` order (f32), skipping unplaced slots (`NO_POSITION`)
-/// and zero weights. `y` holds one row per plan position; a position at or
-/// past `y.rows()` (a plan that does not belong to this `y`) makes that
-/// token's output NaN instead of reading out of bounds.
-pub fn combine(
-    kernels: &Kernels,
-    y: DeviceMatrix<'_>,
-    k: usize,
-    inverse: DeviceSlice<'_, u32>,
-    weights: DeviceSlice<'_, f32>,
-    out: DeviceRowsMut<'_, f32>,
-    stream: Stream<'_>,
-) -> Result<(), CudaError> {
-    combine_impl(kernels, y, k, inverse, weights, out, stream, 0)
-}
-
-/// As [`combine`] for rows `y` that already hold `w[t, j] * y` (the output
-/// of [`crate::experts::gemm2`]): `out[t, h] = sum_j y[inverse[t * k + j],
-/// h]` in `j` order, with the same skips (unplaced slots, weight exactly 0)
-/// and the same poisoning. Bit for bit what [`combine`] gives on the
-/// unscaled rows when the scaling was `w * y` rounded to `f32`.
-pub fn combine_prescaled(
+/// [`Combine`] with `prescaled` set (called by the expert layer).
+pub(crate) fn combine_prescaled(
     kernels: &Kernels,
     y: DeviceMatrix<'_>,
     k: usize,
@@ -401,6 +540,5 @@ fn combine_impl(
     // kernel, others poison the token), T * k inverse entries and weights,
     // and writes T rows of `out`; k <= 32 fits its shared arrays; the
     // stream belongs to the kernels' context.
-    let r: Result<(), DriverError> = unsafe { cust::launch!(f<<<grid, BLOCK, 0, stream>>>(p)) };
-    r.map_err(CudaError::from)
+    unsafe { kernels.launch(f, grid, BLOCK, 0, stream, &p) }
 }

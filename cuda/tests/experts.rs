@@ -21,13 +21,14 @@ use medley_core::moe::plan::{block_padded_len, sort_by_expert};
 use medley_core::moe::{ExpertRange, NO_EXPERT};
 use medley_core::{Rows, RowsMut, bf16, f16};
 use medley_cuda::CudaError;
+mod calls;
+use calls::{align, gemm1, gemm2, gid, layer};
 use medley_cuda::experts::{
-    DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation, LayerChoice, LayerScratch, gemm1,
-    gemm2, layer,
+    DeviceActMut, DevicePlan, Epilogue, GEMMS, GemmDtype, Generation, LayerChoice, LayerScratch,
 };
 use medley_cuda::mem::{DeviceMatrix, DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
-use medley_cuda::routing::{AlignOutput, DeviceMatrixMut, align};
+use medley_cuda::routing::{AlignOutput, DeviceMatrixMut};
 
 const POISON: u32 = 0x7FA5_A5A5;
 
@@ -39,13 +40,7 @@ fn trace(what: &str) {
 
 fn gpu() -> Option<Gpu> {
     trace("open");
-    match Gpu::open() {
-        Ok(g) => Some(g),
-        Err(why) => {
-            eprintln!("GPU half skipped: {why}");
-            None
-        }
-    }
+    Gpu::open_or_skip("experts")
 }
 
 #[derive(Debug, Clone)]
@@ -303,8 +298,8 @@ impl Case {
             k,
         };
         let choice = LayerChoice {
-            gemm1: g1,
-            gemm2: g2,
+            gemm1: gid(g1),
+            gemm2: gid(g2),
             block_m,
         };
         macro_rules! run {
@@ -408,7 +403,7 @@ fn pairs(g: &Gpu, dt: GemmDtype, salt: usize) -> Vec<(usize, usize)> {
     let loaded = |epi: Epilogue| -> Vec<usize> {
         (0..GEMMS.len())
             .filter(|&id| GEMMS[id].epilogue == epi && GEMMS[id].dtype == dt)
-            .filter(|&id| g.kernels().gemm_info(id).is_some())
+            .filter(|&id| g.kernels().gemm_info(gid(id)).is_some())
             .collect()
     };
     let (s, d) = (loaded(Epilogue::SwiGlu), loaded(Epilogue::Down));
@@ -586,7 +581,7 @@ fn every_gemm_entry_has_a_consistent_table_row() {
             Generation::Wgmma => 128 * c.warps_m + 32,
         };
         assert_eq!(c.threads, want, "{}", c.name());
-        assert_eq!(medley_cuda::experts::find(c.name()), Some(id));
+        assert_eq!(medley_cuda::experts::find(c.name()), Some(gid(id)));
     }
 }
 
@@ -668,7 +663,7 @@ fn gemm1_gathered_and_in_plan_order_agree_bitwise() {
                             g.stream(),
                         )
                         .map_err(e)?;
-                        medley_cuda::routing::permute(
+                        calls::permute(
                             g.kernels(),
                             x,
                             k,
@@ -789,7 +784,7 @@ fn bad_expert_gemm_calls_are_refused() {
     let wg = GEMMS.iter().position(|c| {
         c.generation == Generation::Wgmma && c.epilogue == Epilogue::SwiGlu && c.dtype == GemmDtype::BF16
     });
-    if let Some(wg) = wg.filter(|&wg| kn.gemm_info(wg).is_some()) {
+    if let Some(wg) = wg.filter(|&wg| kn.gemm_info(gid(wg)).is_some()) {
         let plan64 = DevicePlan { block_m: 64, ..plan };
         assert!(matches!(
             call1(wg, x(t, h), false, x(l * 2 * i, h), act(len, i), &plan64),

@@ -18,10 +18,12 @@ use medley_core::moe::gating::{
 use medley_core::moe::plan::{align_block_size, block_padded_len};
 use medley_core::moe::{ExpertRange, NO_EXPERT};
 use medley_core::{Rows, bf16, f16};
-use medley_cuda::gating::{GateKernel, Gating, RouterLogits, V2_MAX_EXPERTS, gate_with};
+mod calls;
+use calls::{align, combine, gate_with, permute};
+use medley_cuda::gating::{GateKernel, Gating, RouterLogits, V2_MAX_EXPERTS};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
-use medley_cuda::routing::{AlignOutput, DeviceMatrix, DeviceMatrixMut, align, combine, permute};
+use medley_cuda::routing::{AlignOutput, DeviceMatrix, DeviceMatrixMut};
 
 const POISON: u32 = 0x7FA5_A5A5;
 
@@ -29,13 +31,7 @@ const POISON: u32 = 0x7FA5_A5A5;
 /// allocations use the thread's current context, so every test opens its
 /// own).
 fn gpu() -> Option<Gpu> {
-    match Gpu::open() {
-        Ok(g) => Some(g),
-        Err(why) => {
-            eprintln!("GPU half skipped: {why}");
-            None
-        }
-    }
+    Gpu::open_or_skip("moe")
 }
 
 #[derive(Debug, Clone)]

@@ -8,13 +8,13 @@ use crate::status::{Fail, medley_status};
 use core::ffi::c_void;
 use half::{bf16, f16};
 use medley_core::{DType, Error};
-use medley_cuda::Kernels;
 use medley_cuda::ensemble::{
-    DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, DeviceWeights, MAX_DEVICE_MODELS, Version,
-    combine, workspace_bytes,
+    Combine, DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, DeviceWeights, MAX_DEVICE_MODELS,
+    Version, workspace_bytes,
 };
-use medley_cuda::gating::{Gating, RouterLogits, gate};
+use medley_cuda::gating::{Gate, Gating, RouterLogits};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
+use medley_cuda::{Kernels, Launch};
 
 /// medley's CUDA kernels loaded in one CUDA context: an opaque handle,
 /// created by `medley_cuda_engine_new`, released by
@@ -143,7 +143,7 @@ pub unsafe extern "C" fn medley_cuda_engine_new(
     ffi_boundary!({
         let out = req_out_ptr(engine, "engine")?;
         // SAFETY: the caller guarantees the stream handle.
-        let kernels = unsafe { Kernels::load_for_stream(stream) }?;
+        let kernels = unsafe { Kernels::load_for_stream(stream) }.map_err(|e| Fail::from(e.error))?;
         let raw = Box::into_raw(Box::new(medley_cuda_engine { kernels }));
         // SAFETY: out is non-null and aligned (req_out_ptr) and writable
         // (the caller); ownership of the box passes to the caller.
@@ -216,7 +216,7 @@ pub unsafe extern "C" fn medley_cuda_ensemble_workspace_bytes(
         at_most("n_models", n_models, MAX_DEVICE_MODELS)?;
         at_most("rows", rows, u32::MAX as usize)?;
         at_most("vocab", vocab, u32::MAX as usize - 1)?;
-        let n = workspace_bytes(&e.kernels, rows, vocab, n_models, size);
+        let n = workspace_bytes(&e.kernels, rows, vocab, n_models, size)?;
         // SAFETY: non-null, aligned (req_out_ptr), writable (the caller).
         unsafe { out.write(n) };
         Ok(())
@@ -467,7 +467,9 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
         // SAFETY: the caller guarantees a valid stream of the engine's
         // context, alive for the call.
         let st = unsafe { Stream::from_raw(stream) };
-        combine(&e.kernels, &dm[..n], &dcfg, output, ws, st, version)?;
+        let mut call = Combine::new(&dm[..n], &dcfg, output).with_version(version);
+        call.workspace = ws;
+        call.launch(&e.kernels, st)?;
         Ok(())
     })
 }
@@ -511,7 +513,7 @@ unsafe fn gpu_gate(
     };
     // SAFETY: the caller guarantees a valid stream of the engine's context.
     let st = unsafe { Stream::from_raw(stream) };
-    gate(&e.kernels, x, k, &gating, i, w, st)?;
+    Gate::new(x, k, &gating, i, w).launch(&e.kernels, st)?;
     Ok(())
 }
 

@@ -38,10 +38,21 @@ print(lib, cuda)')
 [ -n "$ffi_lib" ] || { echo "build.sh: cargo did not build libmedley_ffi.a" >&2; exit 1; }
 c++ -std=c++17 -O2 -Wall -Wextra -Werror -static-libstdc++ -I ffi/include ffi/tests/cpp/consumer.cpp "$ffi_lib" \
   ${cuda_dir:+-L"$cuda_dir"} -lcuda -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .device/test-ffi_cpp_consumer
+ex=$(pick build -p medley-cuda --features testing --example gpu_tour | tail -1)
+[ -n "$ex" ] && cp "$ex" .device/gpu_tour
+if [ "${BROKEN:-0}" = 1 ]; then
+  # The moe test against a routing.ptx with one invalid instruction: the GPU
+  # machine's run.sh checks that it fails with the JIT's message.
+  cp ptx/routing.ptx /tmp/routing.ptx.orig
+  sed -i '0,/^\s*ret;/s//    not_an_instruction.u32 %r1;\n    ret;/' ptx/routing.ptx
+  grep -q not_an_instruction ptx/routing.ptx || { echo "build.sh: could not break routing.ptx" >&2; exit 1; }
+  cp "$(pick test -p medley-cuda --test moe --no-run | tail -1)" .device/broken-test-moe
+  cp /tmp/routing.ptx.orig ptx/routing.ptx
+fi
 cp "$(pick bench -p medley-benches --bench bench_main --no-run | tail -1)" .device/bench_main
 cp "$(pick build --release -p medley-benches --bin tune_experts | tail -1)" .device/tune_experts
 cp benches/tools/table.py benches/tools/experts_report.py .device/
 # Debug info is for this machine's debugger; the copies must fit the device
 # tool's 64 MiB carry limit.
-strip --strip-debug .device/test-* .device/bench_main .device/tune_experts
+strip --strip-debug .device/test-* .device/bench_main .device/tune_experts .device/gpu_tour .device/broken-test-* 2>/dev/null || true
 ls -la .device

@@ -4,6 +4,8 @@
 # the benchmark table last. Logs go to $OUT when set.
 set -uo pipefail
 out=${OUT:-/tmp}
+# On the GPU machine no GPU test may skip: a skip is a failure.
+export MEDLEY_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 for t in .device/test-*; do
@@ -11,6 +13,23 @@ for t in .device/test-*; do
   timeout 300 "$t" --nocapture 2>&1 | grep -v '^   \|^  [0-9]*:' | tee -a "$out/tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+if grep -q "skipped" "$out/tests.log"; then
+  echo "run.sh: a GPU test reported a skip:"; grep "skipped" "$out/tests.log"; status=1
+fi
+# The runnable example (opens the device, combines two models, routes tokens
+# through the expert layer, checks against the core).
+if [ -x .device/gpu_tour ]; then
+  echo "== .device/gpu_tour"
+  .device/gpu_tour 2>&1 | tee "$out/gpu_tour.log" | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+# A test binary built from a deliberately broken PTX (tools/device/build.sh
+# BROKEN=1): it must fail, with the JIT's message.
+if [ -x .device/broken-test-moe ]; then
+  echo "== .device/broken-test-moe (must fail with the JIT log)"
+  if .device/broken-test-moe 2>&1 | tee "$out/broken.log" | grep -m3 -E "JIT log|ptxas|error"; then :; fi
+  grep -q "JIT log" "$out/broken.log" || { echo "run.sh: the broken PTX did not report the JIT log"; status=1; }
+fi
 if [ "${TUNE:-0}" = 1 ]; then
   # The expert-GEMM tuning harness; the benchmarks below then use its table.
   .device/tune_experts --out "$out/medley-tuning.txt" --report "$out/tuning-report.md" 2>&1 | tail -3

@@ -16,7 +16,7 @@
 
 use medley_benches::experts::{Problem, SHAPES, TOKENS};
 use medley_cuda::driver::Event;
-use medley_cuda::experts::{BUCKETS, Epilogue, GEMMS, GemmDtype, Generation, bucket};
+use medley_cuda::experts::{BUCKETS, Epilogue, GEMMS, GemmDtype, GemmId, Generation, bucket};
 use medley_cuda::owned::Gpu;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -114,7 +114,10 @@ fn main() {
                 for epi in [Epilogue::SwiGlu, Epilogue::Down] {
                     let mut rows = Vec::new();
                     for (id, c) in GEMMS.iter().enumerate() {
-                        if c.dtype != dt || c.epilogue != epi || gpu.kernels().gemm_info(id).is_none() {
+                        if c.dtype != dt
+                            || c.epilogue != epi
+                            || gpu.kernels().gemm_info(GemmId::from_index(id).unwrap()).is_none()
+                        {
                             continue;
                         }
                         let tol = if dt == GemmDtype::BF16 { 2e-2 } else { 5e-3 };

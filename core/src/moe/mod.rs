@@ -63,6 +63,7 @@
 //! capacity take any `E <= u32::MAX` and any `k >= 1`. Bad parameters are
 //! errors naming the parameter.
 
+#[path = "aux_loss.rs"] // `aux.rs` is a reserved file name on Windows.
 pub mod aux;
 pub mod capacity;
 pub mod gating;
