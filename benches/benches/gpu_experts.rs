@@ -1,6 +1,6 @@
 //! The expert GEMMs on the GPU (`medley_cuda::experts`), timed with CUDA
 //! events over back-to-back launches, at the shapes of the PyTorch
-//! baselines (`../shared/reference/pytorch-baselines-h100.json`, "moe"):
+//! baselines (`benches/baselines/pytorch-baselines-h100.json`, "moe"):
 //! Mixtral (H 4096, F 14336, E 8, k 2) and DeepSeek-V3 (H 7168, F 2048,
 //! E 256, k 8) at T in {1, 16, 128, 1024, 4096}, bf16.
 //!

@@ -1,5 +1,5 @@
 //! Problems for the expert-GEMM benchmark and tuning harness: the MoE
-//! shapes of `../shared/reference/pytorch-baselines-h100.json` (Mixtral:
+//! shapes of `benches/baselines/pytorch-baselines-h100.json` (Mixtral:
 //! H = 4096, F = 14336, E = 8, k = 2; DeepSeek-V3: H = 7168, F = 2048,
 //! E = 256, k = 8) at T in {1, 16, 128, 1024, 4096}, on the device.
 //!

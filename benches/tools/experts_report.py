@@ -3,7 +3,7 @@
 issue's targets, as markdown.
 
 Usage: python3 benches/tools/experts_report.py [CRITERION_DIR] [BASELINES_JSON] [BENCH_LOG]
-(defaults: target/criterion, ../shared/reference/pytorch-baselines-h100.json).
+(defaults: target/criterion, benches/baselines/pytorch-baselines-h100.json).
 Reads the criterion estimates of `cuda/experts/*` (or, given BENCH_LOG,
 the median of each "time: [lo median hi]" line of criterion's console
 output) and the problem facts benches/benches/gpu_experts.rs writes to
@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "target/criterion")
-base_path = pathlib.Path(sys.argv[2] if len(sys.argv) > 2 else "../shared/reference/pytorch-baselines-h100.json")
+base_path = pathlib.Path(sys.argv[2] if len(sys.argv) > 2 else "benches/baselines/pytorch-baselines-h100.json")
 meta = {m["id"]: m for m in json.loads((root / "cuda-experts-meta.json").read_text())}
 base = json.loads(base_path.read_text())
 copy = base["copy_GBps"]

@@ -49,6 +49,7 @@ pub enum DeviceWeights<'a> {
 /// Parameters of a GPU combination (the device twin of
 /// [`medley_core::ensemble::Config`]).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct DeviceConfig<'a> {
     /// Linear or log-linear.
     pub mode: Mode,
@@ -63,6 +64,18 @@ pub struct DeviceConfig<'a> {
 }
 
 impl<'a> DeviceConfig<'a> {
+    /// `mode` with `weights`, `T_out = 1`, no plausibility mask,
+    /// [`MaskRule::All`]; set the other fields on the result.
+    pub fn new(mode: Mode, weights: DeviceWeights<'a>) -> Self {
+        DeviceConfig {
+            mode,
+            weights,
+            out_temperature: 1.0,
+            plausibility: None,
+            mask_rule: MaskRule::All,
+        }
+    }
+
     /// Linear, per-model weights, `T_out = 1`, no mask.
     pub fn linear(weights: &'a [f32]) -> Self {
         DeviceConfig {
@@ -113,6 +126,7 @@ pub enum Version {
 
 /// How `ensemble_v2` splits the work for one call shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct V2Plan {
     /// Elements of a row per block (a multiple of 8).
     pub chunk: u32,

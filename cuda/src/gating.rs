@@ -87,8 +87,6 @@ const _: () = assert!(core::mem::size_of::<GateParams>() == 80);
 // (size asserted above).
 unsafe impl DeviceCopy for GateParams {}
 
-/// Warps (tokens) per block of `gate_topk`.
-
 /// Top-k gating on the GPU: routes every token of `logits` to `k`
 /// experts, bit-exact with [`medley_core::moe::gating`]. See [`gate_with`]'s
 /// rules; `kernel` picks the kernel (default [`GateKernel::Auto`]; the
@@ -139,16 +137,7 @@ impl<'a> Gate<'a> {
 
 impl crate::Launch for Gate<'_> {
     fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
-        gate_with(
-            kernels,
-            self.logits,
-            self.k,
-            self.gating,
-            self.ids,
-            self.weights,
-            stream,
-            self.kernel,
-        )
+        gate_with(kernels, self, stream)
     }
 }
 
@@ -157,16 +146,15 @@ impl crate::Launch for Gate<'_> {
 /// synchronizing. Errors (before launching): those of the CPU function for
 /// the same arguments, [`Error::TooLarge`] for `E` above
 /// [`MAX_DEVICE_EXPERTS`], and null / misaligned pointers.
-pub(crate) fn gate_with(
-    kernels: &Kernels,
-    logits: RouterLogits<'_>,
-    k: usize,
-    gating: &Gating<'_>,
-    ids: DeviceSliceMut<'_, u32>,
-    weights: DeviceSliceMut<'_, f32>,
-    stream: Stream<'_>,
-    kernel: GateKernel,
-) -> Result<(), CudaError> {
+fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<(), CudaError> {
+    let Gate {
+        logits,
+        k,
+        gating,
+        ids,
+        weights,
+        kernel,
+    } = call;
     let (ptr, t, e, stride, dtype, size) = logits.parts();
     if e == 0 {
         return Err(Error::Empty { arg: "logits.len" }.into());

@@ -35,6 +35,7 @@ pub(crate) const MODULES: [(&str, &[u8]); 6] = [
 
 /// Static facts about one loaded entry point.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct KernelInfo {
     /// Registers per thread (from the driver's JIT).
     pub registers: u32,

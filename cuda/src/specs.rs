@@ -55,6 +55,7 @@ pub(crate) mod module {
 
 /// Launch facts of one kernel, as the registry loads and plans it.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct KernelSpec {
     /// Index of its PTX module in load order.
     pub module: usize,
@@ -184,6 +185,7 @@ pub enum GemmDtype {
 
 /// One expert-GEMM entry point: a fixed launch configuration.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct GemmConfig {
     /// Kernel generation.
     pub generation: Generation,

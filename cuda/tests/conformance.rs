@@ -472,13 +472,10 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result
     } else {
         DeviceWeights::PerModel(&c.weights)
     };
-    let cfg = DeviceConfig {
-        mode: c.mode,
-        weights,
-        out_temperature: c.t_out,
-        plausibility: c.plaus.map(|(model, alpha)| Plausibility { model, alpha }),
-        mask_rule: c.mask_rule,
-    };
+    let mut cfg = DeviceConfig::new(c.mode, weights);
+    cfg.out_temperature = c.t_out;
+    cfg.plausibility = c.plaus.map(|(model, alpha)| Plausibility { model, alpha });
+    cfg.mask_rule = c.mask_rule;
     let out = DeviceOutput {
         log_probs: c
             .want_log
@@ -707,14 +704,10 @@ fn device_per_row_weights_are_checked_on_the_device() {
                     }
                 })
                 .collect();
-            let cfg = DeviceConfig {
-                weights: DeviceWeights::PerRow(DeviceRows::dense(dw.view(b * m), b, m).unwrap()),
-                ..if linear {
-                    DeviceConfig::linear(&[])
-                } else {
-                    DeviceConfig::log_linear(&[])
-                }
-            };
+            let cfg = DeviceConfig::new(
+                if linear { Mode::Linear } else { Mode::LogLinear },
+                DeviceWeights::PerRow(DeviceRows::dense(dw.view(b * m), b, m).unwrap()),
+            );
             let out = DeviceOutput {
                 log_probs: Some(DeviceRowsMut::new(lp.view_mut(b * os), b, v, os).unwrap()),
                 argmax: Some(am.view_mut(b)),

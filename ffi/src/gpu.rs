@@ -457,13 +457,10 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
         // Regions::check; device memory of the context (the caller).
         let ws =
             (workspace != 0).then(|| unsafe { DeviceSliceMut::<u8>::from_raw(workspace, workspace_len) });
-        let dcfg = DeviceConfig {
-            mode: sc.mode,
-            weights,
-            out_temperature: sc.out_temperature,
-            plausibility: sc.plausibility,
-            mask_rule: sc.mask_rule,
-        };
+        let mut dcfg = DeviceConfig::new(sc.mode, weights);
+        dcfg.out_temperature = sc.out_temperature;
+        dcfg.plausibility = sc.plausibility;
+        dcfg.mask_rule = sc.mask_rule;
         // SAFETY: the caller guarantees a valid stream of the engine's
         // context, alive for the call.
         let st = unsafe { Stream::from_raw(stream) };
