@@ -9,7 +9,7 @@
 //! ## Features
 //!
 //! - `cuda` (default): the GPU entry points (`medley_cuda_*`, module
-//!   [`gpu`]) over medley-cuda; the library then needs `-lcuda`. Built with
+//!   `gpu`) over medley-cuda; the library then needs `-lcuda`. Built with
 //!   `--no-default-features`, the library is CPU-only and links without
 //!   libcuda; the header hides its GPU declarations when the C user
 //!   defines `MEDLEY_NO_CUDA`, and [`medley_has_cuda`] tells at run time
