@@ -152,6 +152,7 @@ impl Region {
 
     /// A device buffer of `len` elements of `size` bytes (aligned to
     /// `size`) at device address `addr`.
+    #[cfg(any(feature = "cuda", test))]
     pub(crate) fn device(
         addr: u64,
         len: usize,

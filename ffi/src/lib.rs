@@ -6,6 +6,15 @@
 //! The crate builds as a static library (`libmedley_ffi.a`), a shared
 //! library (`libmedley_ffi.so`) and an rlib (for Rust tests and fuzzing).
 //!
+//! ## Features
+//!
+//! - `cuda` (default): the GPU entry points (`medley_cuda_*`, module
+//!   `gpu`) over medley-cuda; the library then needs `-lcuda`. Built with
+//!   `--no-default-features`, the library is CPU-only and links without
+//!   libcuda; the header hides its GPU declarations when the C user
+//!   defines `MEDLEY_NO_CUDA`, and [`medley_has_cuda`] tells at run time
+//!   which build was linked. The status codes are the same in both builds.
+//!
 //! ## Contract (every entry point)
 //!
 //! - Functions return a [`medley_status`]: `MEDLEY_STATUS_OK` (0) or a
@@ -28,12 +37,13 @@
 //!   `CUstream` / `cudaStream_t` as `void *` and device addresses as
 //!   `uint64_t`, enqueue on that stream and never synchronize.
 //! - State is kept only in opaque, Box-owned handles created and destroyed
-//!   explicitly ([`medley_cuda_engine`]); destroy reports errors.
+//!   explicitly (`medley_cuda_engine`); destroy reports errors.
 
 #[macro_use]
 mod boundary;
 pub mod args;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod merge;
 pub mod status;
@@ -44,6 +54,7 @@ pub use cpu::{
     medley_mask_rule, medley_mode, medley_model, medley_moe_keep_topk_softmax, medley_moe_topk_softmax,
     medley_report, medley_rows,
 };
+#[cfg(feature = "cuda")]
 pub use gpu::{
     medley_cuda_engine, medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
     medley_cuda_ensemble_output, medley_cuda_ensemble_workspace_bytes, medley_cuda_kernel, medley_cuda_model,
@@ -55,8 +66,8 @@ pub use merge::{
     medley_ties_votes,
 };
 pub use status::{
-    Fail, medley_last_cuda_error, medley_last_error_message, medley_status, medley_status_name,
-    medley_version,
+    Fail, medley_has_cuda, medley_last_cuda_error, medley_last_error_message, medley_status,
+    medley_status_name, medley_version,
 };
 
 /// The argmax of a row with no valid token (fully masked or NaN).
@@ -64,12 +75,14 @@ pub const MEDLEY_NO_TOKEN: u32 = 0xFFFF_FFFF;
 /// Most models one CPU combination takes.
 pub const MEDLEY_MAX_MODELS: usize = 64;
 /// Most models one GPU combination takes.
+#[cfg(feature = "cuda")]
 pub const MEDLEY_MAX_DEVICE_MODELS: usize = 16;
 /// Most experts (router row length) the gating functions take.
 pub const MEDLEY_MOE_MAX_EXPERTS: usize = 4096;
 /// Most experts per token (`k`) the gating functions take.
 pub const MEDLEY_MOE_MAX_K: usize = 32;
 /// Most experts (router row length) the GPU gating functions take.
+#[cfg(feature = "cuda")]
 pub const MEDLEY_MOE_MAX_DEVICE_EXPERTS: usize = 1024;
 /// Most models one merge takes.
 pub const MEDLEY_MERGE_MAX_MODELS: usize = 64;
@@ -82,13 +95,23 @@ mod tests {
     fn header_constants_match_the_crates() {
         assert_eq!(MEDLEY_NO_TOKEN, medley_core::ensemble::NO_TOKEN);
         assert_eq!(MEDLEY_MAX_MODELS, medley_core::ensemble::MAX_MODELS);
-        assert_eq!(MEDLEY_MAX_DEVICE_MODELS, medley_cuda::ensemble::MAX_DEVICE_MODELS);
         assert_eq!(MEDLEY_MOE_MAX_EXPERTS, medley_core::moe::MAX_EXPERTS);
         assert_eq!(MEDLEY_MOE_MAX_K, medley_core::moe::MAX_K);
+        assert_eq!(MEDLEY_MERGE_MAX_MODELS, medley_core::merge::MAX_MODELS);
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn device_constants_match_medley_cuda() {
+        assert_eq!(MEDLEY_MAX_DEVICE_MODELS, medley_cuda::ensemble::MAX_DEVICE_MODELS);
         assert_eq!(
             MEDLEY_MOE_MAX_DEVICE_EXPERTS,
             medley_cuda::gating::MAX_DEVICE_EXPERTS
         );
-        assert_eq!(MEDLEY_MERGE_MAX_MODELS, medley_core::merge::MAX_MODELS);
+    }
+
+    #[test]
+    fn has_cuda_reflects_the_feature() {
+        assert_eq!(medley_has_cuda(), cfg!(feature = "cuda"));
     }
 }

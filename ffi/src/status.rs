@@ -7,6 +7,7 @@ use core::fmt;
 use std::cell::Cell;
 
 use medley_core::Error;
+#[cfg(feature = "cuda")]
 use medley_cuda::CudaError;
 
 /// What a medley call returns. `MEDLEY_STATUS_OK` is 0; every failure has
@@ -18,6 +19,10 @@ use medley_cuda::CudaError;
 ///   computed, written or launched.
 /// - 7100 block: the CUDA driver or device. The raw `CUresult` of a
 ///   `MEDLEY_STATUS_DRIVER` failure is `medley_last_cuda_error()`.
+///
+/// The enum is the same in every build: a CPU-only library (built without
+/// the `cuda` feature) keeps the 7100 block, never returning it, so that
+/// no number shifts between builds.
 ///
 /// `medley_status_name` names any code; `medley_last_error_message`
 /// describes the last failure on the calling thread in words (which
@@ -168,6 +173,7 @@ pub enum Fail {
         err: Error,
     },
     /// The CUDA layer rejected the call or the driver failed.
+    #[cfg(feature = "cuda")]
     Cuda(CudaError),
     /// A panic was caught at the boundary.
     Panic,
@@ -179,6 +185,7 @@ impl From<Error> for Fail {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl From<CudaError> for Fail {
     fn from(e: CudaError) -> Self {
         match e {
@@ -213,6 +220,7 @@ impl Fail {
             Fail::Overlap { .. } => medley_status::Overlap,
             Fail::BadEnum { .. } => medley_status::BadParameter,
             Fail::Core(e) | Fail::At { err: e, .. } => core_status(e),
+            #[cfg(feature = "cuda")]
             Fail::Cuda(c) => match c {
                 CudaError::Driver(_) => medley_status::Driver,
                 CudaError::Invalid(e) => core_status(e),
@@ -228,10 +236,12 @@ impl Fail {
 
     /// The raw `CUresult` when the failure is a driver error, else 0.
     pub fn cuda_code(&self) -> i32 {
-        match self {
-            Fail::Cuda(CudaError::Driver(d)) => d.code,
-            _ => 0,
+        // Always 0 in a build without the `cuda` feature (no driver calls).
+        #[cfg(feature = "cuda")]
+        if let Fail::Cuda(CudaError::Driver(d)) = self {
+            return d.code;
         }
+        0
     }
 }
 
@@ -272,6 +282,7 @@ impl fmt::Display for Fail {
             // DriverError's Display is our own (raw code, entry point and
             // cuGetErrorName's answer, or "unknown code"): it cannot fail
             // the way cust's CudaError Display does under the stub driver.
+            #[cfg(feature = "cuda")]
             Fail::Cuda(e) => write!(f, "{e}"),
             Fail::Panic => write!(
                 f,
@@ -340,7 +351,7 @@ pub extern "C" fn medley_status_name(status: i32) -> *const c_char {
 /// `MEDLEY_STATUS_DRIVER`, the code the driver returned (34 = the stub
 /// driver, 100 = no device, 700 = illegal address, ...); 0 when that
 /// failure was not a driver error, or when no medley call has failed on
-/// this thread.
+/// this thread. Always 0 in a CPU-only build (see `medley_has_cuda`).
 ///
 /// Thread-local, like `errno`: every failing medley call overwrites it,
 /// successful calls leave it alone, so read it right after the call that
@@ -414,6 +425,19 @@ pub unsafe extern "C" fn medley_last_error_message(
     })
 }
 
+/// Whether this library was built with the CUDA entry points (the `cuda`
+/// feature, on by default): `true` when the `medley_cuda_*` functions are
+/// present (they still report `MEDLEY_STATUS_DRIVER` on a machine without a
+/// usable driver or device, see `medley_cuda_probe`), `false` for a
+/// CPU-only build (`--no-default-features`), which links without libcuda
+/// and whose header users compile with `-DMEDLEY_NO_CUDA`. Use it to check
+/// at run time that the library matches the header configuration; it is
+/// present in both builds.
+#[unsafe(no_mangle)]
+pub extern "C" fn medley_has_cuda() -> bool {
+    cfg!(feature = "cuda")
+}
+
 /// medley's version, as a static NUL-terminated string (`"0.1.0"`).
 #[unsafe(no_mangle)]
 pub extern "C" fn medley_version() -> *const c_char {
@@ -456,6 +480,7 @@ mod tests {
                 arg: "weights",
                 index: 0,
             }),
+            #[cfg(feature = "cuda")]
             Fail::Cuda(CudaError::Driver(medley_cuda::driver::DriverError {
                 code: 700,
                 call: "cuLaunchKernel",

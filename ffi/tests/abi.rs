@@ -637,6 +637,7 @@ fn status_names_messages_and_version() {
     .unwrap();
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn cuda_entry_points_check_arguments_and_report_the_driver() {
     let mut engine: *mut medley_cuda_engine = 0x1234 as *mut _;
@@ -709,6 +710,16 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
             medley_status::NullArgument
         );
     }
+}
+
+#[test]
+fn has_cuda_matches_the_build() {
+    assert_eq!(medley_has_cuda(), cfg!(feature = "cuda"));
+    // The status numbers are the same in both builds.
+    assert_eq!(medley_status::Driver as i32, 7100);
+    assert_eq!(medley_status::DeviceUnsupported as i32, 7101);
+    assert_eq!(medley_status::WrongContext as i32, 7102);
+    assert_eq!(name(7100), "MEDLEY_STATUS_DRIVER");
 }
 
 #[test]

@@ -3,6 +3,15 @@
 //! and asserts that it exits with 0. Also checks that the header compiles
 //! as strict C99.
 //!
+//! Which test runs depends on the features of this test build: with `cuda`
+//! (the default) the consumer is linked with `-lcuda` and runs its GPU part
+//! where a device is usable; without it (`cargo test -p medley-ffi
+//! --no-default-features`) the consumer is compiled with `-DMEDLEY_NO_CUDA`
+//! and linked without libcuda, and the library is checked to need no `cu*`
+//! symbol. Both builds write the same `libmedley_ffi.a` (cargo gives a
+//! staticlib no per-feature file name), so the tests first check (`nm`,
+//! or `$NM`) that the library found is the one of this build's features.
+//!
 //! Where things are found (each can be overridden):
 //! - the compilers: `$CXX` / `$CC`, else `c++` / `cc`;
 //! - `libmedley_ffi.a`: `$MEDLEY_FFI_STATICLIB`, else the newest of
@@ -60,6 +69,50 @@ fn staticlib() -> PathBuf {
     })
 }
 
+/// The global symbols `lib` defines (`defined`) or needs (`!defined`),
+/// from `nm`.
+fn symbols(lib: &Path, defined: bool) -> Vec<String> {
+    let mut cmd = Command::new(tool("NM", "nm"));
+    cmd.arg(if defined {
+        "--defined-only"
+    } else {
+        "--undefined-only"
+    })
+    .arg("--extern-only")
+    .arg(lib);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is binutils installed?)"));
+    assert!(out.status.success(), "{cmd:?} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|s| !s.ends_with(':'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The static library of this test build, checked to have the GPU entry
+/// points exactly when the `cuda` feature is on.
+fn staticlib_of_this_build() -> PathBuf {
+    let lib = staticlib();
+    let has_gpu = symbols(&lib, true).iter().any(|s| s == "medley_cuda_probe");
+    assert_eq!(
+        has_gpu,
+        cfg!(feature = "cuda"),
+        "{lib:?} was built {} the `cuda` feature, this test {}: cargo reused a staticlib another feature set \
+         overwrote (touch ffi/src/lib.rs, or give each feature set its own --target-dir)",
+        if has_gpu { "with" } else { "without" },
+        if cfg!(feature = "cuda") {
+            "with it"
+        } else {
+            "without it"
+        },
+    );
+    lib
+}
+
+#[cfg(feature = "cuda")]
 fn libcuda_dir() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MEDLEY_CUDA_LIB_DIR") {
         return Some(PathBuf::from(p));
@@ -95,9 +148,10 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn cpp_consumer_passes() {
-    let lib = staticlib();
+    let lib = staticlib_of_this_build();
     let cuda = libcuda_dir();
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("medley_cpp_consumer");
     let mut cc = Command::new(tool("CXX", "c++"));
@@ -156,6 +210,65 @@ fn cpp_consumer_passes() {
     );
 }
 
+/// The CPU-only library links and runs without libcuda: the consumer
+/// compiled with `-DMEDLEY_NO_CUDA` and linked with the C runtime only.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cpp_consumer_links_without_libcuda() {
+    let lib = staticlib_of_this_build();
+    let needs_cuda: Vec<String> = symbols(&lib, false)
+        .into_iter()
+        .filter(|s| s.starts_with("cu") && s[2..].starts_with(|c: char| c.is_ascii_uppercase()))
+        .collect();
+    assert!(
+        needs_cuda.is_empty(),
+        "the CPU-only {lib:?} needs CUDA driver symbols: {needs_cuda:?}"
+    );
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("medley_cpp_consumer_cpu");
+    let mut cc = Command::new(tool("CXX", "c++"));
+    cc.args([
+        "-std=c++17",
+        "-O1",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-DMEDLEY_NO_CUDA",
+    ])
+    .arg("-I")
+    .arg(Path::new(MANIFEST).join("include"))
+    .arg(Path::new(MANIFEST).join("tests/cpp/consumer.cpp"))
+    .arg(&lib)
+    // The C runtime only: no -lcuda, no -L to a stub.
+    .args([
+        "-lgcc_s",
+        "-lutil",
+        "-lrt",
+        "-lpthread",
+        "-lm",
+        "-ldl",
+        "-lc",
+        "-o",
+    ])
+    .arg(&exe);
+    let built = run(&mut cc);
+    assert!(
+        built.status.success(),
+        "the C++ consumer did not build against {lib:?} without -lcuda"
+    );
+    let out = run(&mut Command::new(&exe));
+    assert!(out.status.success(), "the C++ consumer failed: {:?}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("all ") && stdout.contains("checks passed"),
+        "no success line"
+    );
+    assert!(
+        stdout.contains("gpu: not built (MEDLEY_NO_CUDA)"),
+        "the consumer was built with its GPU part"
+    );
+}
+
 #[test]
 fn header_is_strict_c99() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -163,24 +276,46 @@ fn header_is_strict_c99() {
     std::fs::write(
         &src,
         "#include \"medley.h\"\n\
+         #if defined(MEDLEY_EXPECT_CUDA) != defined(MEDLEY_CUDA)\n\
+         #error \"MEDLEY_CUDA is not defined as expected\"\n\
+         #endif\n\
          int main(void) {\n\
            medley_ensemble_config c = medley_ensemble_config_default();\n\
+           bool gpu = medley_has_cuda();\n\
+         #if defined(MEDLEY_CUDA)\n\
+           medley_cuda_kernel k = MEDLEY_CUDA_KERNEL_AUTO;\n\
+           (void)medley_cuda_probe;\n\
+           (void)k;\n\
+         #endif\n\
+           (void)gpu;\n\
            medley_status s = medley_moe_topk_softmax(NULL, 1, 0, NULL, 0, NULL, 0, NULL);\n\
            return (int)c.mode + (s == MEDLEY_STATUS_NULL_ARGUMENT ? 0 : 1);\n\
          }\n",
     )
     .expect("write C source");
-    let out = run(Command::new(tool("CC", "cc"))
-        .args([
-            "-std=c99",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-fsyntax-only",
-            "-I",
-        ])
-        .arg(Path::new(MANIFEST).join("include"))
-        .arg(&src));
-    assert!(out.status.success(), "medley.h does not compile as C99");
+    // Both configurations of the header: the GPU declarations present
+    // (default) and hidden (MEDLEY_NO_CUDA, checked by redefining a GPU
+    // name, which would clash with its declaration).
+    for defs in [
+        &["-DMEDLEY_EXPECT_CUDA"][..],
+        &["-DMEDLEY_NO_CUDA", "-Dmedley_cuda_probe=1"][..],
+    ] {
+        let out = run(Command::new(tool("CC", "cc"))
+            .args([
+                "-std=c99",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-pedantic",
+                "-fsyntax-only",
+            ])
+            .args(defs)
+            .arg("-I")
+            .arg(Path::new(MANIFEST).join("include"))
+            .arg(&src));
+        assert!(
+            out.status.success(),
+            "medley.h does not compile as C99 with {defs:?}"
+        );
+    }
 }

@@ -14,9 +14,17 @@
 // results; checks that a bad call enqueues nothing. Prints why it was skipped otherwise (34 = the stub
 // driver of a CPU-only build, 100 = no device).
 //
+// Compiled with -DMEDLEY_NO_CUDA (against a CPU-only library built with
+// --no-default-features), the GPU part and the driver declarations are left
+// out, the program needs no libcuda, and it checks medley_has_cuda() is
+// false (true otherwise).
+//
 // Exit status 0 when every check passed. Build (see ffi/README.md):
 //   c++ -std=c++17 -I ffi/include ffi/tests/cpp/consumer.cpp
 //       target/debug/libmedley_ffi.a -lcuda -lpthread -ldl -lm -lrt -o consumer
+// or, CPU-only:
+//   c++ -std=c++17 -DMEDLEY_NO_CUDA -I ffi/include ffi/tests/cpp/consumer.cpp
+//       target/debug/libmedley_ffi.a -lpthread -ldl -lm -lrt -o consumer
 // Arguments are ignored (tools/device/run.sh passes --nocapture to every
 // test binary it runs).
 
@@ -32,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#if defined(MEDLEY_CUDA)
 // ---------------------------------------------------------------------------
 // The CUDA driver API entry points this program uses (ABI-stable names).
 extern "C" {
@@ -56,6 +65,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream
 CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, CUstream stream);
 }
 static const unsigned int CU_STREAM_NON_BLOCKING = 1;
+#endif  // MEDLEY_CUDA
 
 // ---------------------------------------------------------------------------
 // Checking helpers.
@@ -485,6 +495,7 @@ static void test_errors_cpu(const EnsembleData &d) {
               "untouched)\n");
 }
 
+#if defined(MEDLEY_CUDA)
 // ---------------------------------------------------------------------------
 // GPU part.
 
@@ -733,6 +744,7 @@ static void gpu_part(const EnsembleData &d) {
   CU(cuCtxPopCurrent_v2(&popped));
   CU(cuDevicePrimaryCtxRelease_v2(dev));
 }
+#endif  // MEDLEY_CUDA
 
 int main() {
   EnsembleData d;
@@ -740,7 +752,13 @@ int main() {
   test_gating_cpu();
   test_ties_cpu();
   test_errors_cpu(d);
+#if defined(MEDLEY_CUDA)
+  CHECK(medley_has_cuda(), "medley_has_cuda() is false: a CPU-only library, compile with -DMEDLEY_NO_CUDA");
   gpu_part(d);
+#else
+  CHECK(!medley_has_cuda(), "medley_has_cuda() is true with MEDLEY_NO_CUDA defined");
+  std::printf("gpu: not built (MEDLEY_NO_CUDA)\n");
+#endif
   if (g_failures) {
     std::printf("medley C++ consumer: %d of %d checks FAILED\n", g_failures, g_checks);
     return 1;
