@@ -649,6 +649,10 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
         assert_eq!(probe, medley_status::Driver);
         let code = medley_last_cuda_error();
         assert!(code == 34 || code == 100, "cuInit returned {code}");
+        assert!(
+            std::env::var_os("MEDLEY_REQUIRE_GPU").is_none_or(|v| v != "1"),
+            "MEDLEY_REQUIRE_GPU=1 but cuInit returned {code}"
+        );
         eprintln!("no usable CUDA device (cuInit = {code}): GPU calls checked for their failures only");
         // SAFETY: the stream handle is never used (cuInit fails first);
         // engine is a valid out-pointer.

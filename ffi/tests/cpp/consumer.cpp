@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -544,6 +545,8 @@ static void compare_gpu(const char *what, const CpuResult &cpu, const std::vecto
 static void gpu_part(const EnsembleData &d) {
   CUresult init = cuInit(0);
   if (init != 0) {
+    const char *require = std::getenv("MEDLEY_REQUIRE_GPU");
+    CHECK(!(require && std::strcmp(require, "1") == 0), "MEDLEY_REQUIRE_GPU=1 but cuInit returned %d", init);
     std::printf("gpu: skipped: cuInit returned %d (34 = the stub driver of a CPU-only build, 100 = no device)\n",
                 init);
     CHECK_STATUS(medley_cuda_probe(), MEDLEY_STATUS_DRIVER);
