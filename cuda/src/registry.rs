@@ -24,13 +24,14 @@ macro_rules! ptx {
 
 /// The PTX modules, in load order. `moe_wgmma.ptx` (sm_90a) is loaded only
 /// on compute capability 9.0; the others on every device medley supports.
-pub(crate) const MODULES: [(&str, &[u8]); 6] = [
+pub(crate) const MODULES: [(&str, &[u8]); 7] = [
     ("util.ptx", ptx!("util.ptx")),
     ("ensemble.ptx", ptx!("ensemble.ptx")),
     ("gating.ptx", ptx!("gating.ptx")),
     ("routing.ptx", ptx!("routing.ptx")),
     ("moe_mma.ptx", ptx!("moe_mma.ptx")),
     ("moe_wgmma.ptx", ptx!("moe_wgmma.ptx")),
+    ("gating_v2.ptx", ptx!("gating_v2.ptx")),
 ];
 
 /// Static facts about one loaded entry point.
@@ -55,8 +56,8 @@ pub struct Modules(u8);
 impl Modules {
     /// The fused ensemble softmax (`ensemble.ptx`).
     pub const ENSEMBLE: Modules = Modules(1 << module::ENSEMBLE);
-    /// Top-k gating (`gating.ptx`).
-    pub const GATING: Modules = Modules(1 << module::GATING);
+    /// Top-k gating (`gating.ptx`, and the generated `gating_v2.ptx`).
+    pub const GATING: Modules = Modules(1 << module::GATING | 1 << module::GATING_V2);
     /// Routing: plan, permute, combine (`routing.ptx`).
     pub const ROUTING: Modules = Modules(1 << module::ROUTING);
     /// The expert GEMMs of both generations (`moe_mma.ptx`, and

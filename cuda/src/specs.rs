@@ -51,6 +51,7 @@ pub(crate) mod module {
     pub(crate) const ROUTING: usize = 3;
     pub(crate) const MOE_MMA: usize = 4;
     pub(crate) const MOE_WGMMA: usize = 5;
+    pub(crate) const GATING_V2: usize = 6;
 }
 
 /// Launch facts of one kernel, as the registry loads and plans it.
@@ -86,9 +87,9 @@ pub const SPECS: [KernelSpec; 9] = [
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
     spec(module::GATING, c"gate_topk", false, gate_smem(MAX_DEVICE_EXPERTS)),
-    spec(module::GATING, c"gate_topk_v2", false, gate_smem(V2_MAX_EXPERTS)),
+    spec(module::GATING_V2, c"gate_topk_v2", false, gate_smem(V2_MAX_EXPERTS)),
     spec(
-        module::GATING,
+        module::GATING_V2,
         c"gate_grouped_v2",
         false,
         gate_smem(V2_MAX_EXPERTS),
