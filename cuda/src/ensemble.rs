@@ -1,4 +1,4 @@
-//! Fused ensemble softmax on the GPU: [`combine`] launches
+//! Fused ensemble softmax on the GPU: [`Combine`] launches
 //! `ptx/ensemble.ptx` on the caller's stream with the semantics of
 //! [`medley_core::ensemble::combine`].
 //!
@@ -251,7 +251,7 @@ fn plan_v2(
     })
 }
 
-/// Workspace bytes [`combine`] needs to run `ensemble_v2` for this call
+/// Workspace bytes [`Combine`] needs to run `ensemble_v2` for this call
 /// shape (0 when v2 cannot run; v1 needs none): the most either mode's
 /// plan uses. Zero the workspace once before its first use; calls leave it
 /// ready for the next, whatever their shape. Errors as [`v2_plan`].

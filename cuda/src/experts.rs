@@ -1,16 +1,16 @@
 //! The sparse expert matmuls of an MoE layer on the GPU: grouped GEMMs that
 //! run each local expert's weights only over the rows the block-padded plan
-//! ([`crate::routing::align`]) routes to it. Empty experts own no plan block
+//! ([`crate::routing::Align`]) routes to it. Empty experts own no plan block
 //! and cost nothing; blocks of other ranks' experts are never placed.
 //!
-//! - [`gemm1`]: gate and up projections with SwiGLU fused into the
+//! - [`Gemm1`]: gate and up projections with SwiGLU fused into the
 //!   epilogue: `act[p, n] = silu(x[row(p)] . w13[e][n]) * (x[row(p)] .
 //!   w13[e][I + n])`, rounded once to the activation dtype.
-//! - [`gemm2`]: the down projection with the routing weight applied in the
+//! - [`Gemm2`]: the down projection with the routing weight applied in the
 //!   epilogue: `y[p, h] = w[slot(p)] * (act[p] . w2[e][h])` as `f32`; then
-//!   [`crate::routing::combine_prescaled`] sums each token's `k` rows in `j`
+//!   [`crate::routing::Combine`] (prescaled) sums each token's `k` rows in `j`
 //!   order (deterministic, batch-invariant).
-//! - [`layer`]: permute (when needed), GEMM1, GEMM2 and combine on one
+//! - [`Layer`]: permute (when needed), GEMM1, GEMM2 and combine on one
 //!   stream: the GPU twin of [`medley_core::moe::layer::moe_layer`].
 //!
 //! Two generations of kernels, side by side (`ptx/gen/moe_gemm.py` writes
@@ -22,7 +22,7 @@
 //! - [`Generation::Wgmma`] (`ptx/moe_wgmma.ptx`, sm_90a): `wgmma` fed by TMA
 //!   through a full/empty mbarrier ring, a producer warp and one or two
 //!   consumer warpgroups; A must already be in plan order (TMA cannot
-//!   gather), so [`layer`] permutes `x` first.
+//!   gather), so [`Layer`] permutes `x` first.
 //!
 //! Which configuration runs for a shape comes from a [`Tuning`] table: the
 //! one `benches/src/bin/tune_experts.rs` wrote on the GPU at hand (read at
@@ -59,7 +59,7 @@ pub fn find(name: &str) -> Option<GemmId> {
 const GROUP_M: u32 = 8;
 
 /// The block-padded plan in device memory (the outputs of
-/// [`crate::routing::align`] or [`medley_core::moe::plan::align_block_size`]).
+/// [`crate::routing::Align`] or [`medley_core::moe::plan::align_block_size`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DevicePlan<'a> {
     /// `u32 [len]`: the slot of each plan position (`>= slots`: padding).
@@ -382,7 +382,7 @@ fn run(kernels: &Kernels, l: Launch, stream: Stream<'_>) -> Result<(), CudaError
 /// GEMM1 with the fused SwiGLU: for every plan position `p` of a real slot,
 /// `out[p, n] = silu(g) * u` with `g = x_row . w13[e][n]`, `u = x_row .
 /// w13[e][I + n]`, `e` the block's local expert, `x_row` token `slot / k` of
-/// `x` (or row `p` when `x_in_plan_order`, as [`crate::routing::permute`]
+/// `x` (or row `p` when `x_in_plan_order`, as [`crate::routing::Permute`]
 /// writes it; required by the wgmma generation). Rows of padding positions
 /// are not written.
 ///
@@ -436,7 +436,7 @@ fn gemm1(
 ///
 /// `act`: `[len, I]` in plan order (bf16/f16, GEMM1's output); `w2`: `[L *
 /// H, I]` dense, the same dtype; `weights`: `f32 [T * k]`; `out`: `f32
-/// [len, H]`. Errors as [`gemm1`].
+/// [len, H]`. Errors as [`Gemm1`].
 #[allow(clippy::too_many_arguments)]
 fn gemm2(
     kernels: &Kernels,
@@ -734,7 +734,7 @@ impl LayerChoice {
     }
 }
 
-/// Scratch buffers of [`layer`] (device memory, the plan's `len` rows).
+/// Scratch buffers of [`Layer`] (device memory, the plan's `len` rows).
 #[derive(Debug)]
 pub struct LayerScratch<'a> {
     /// `[len, H]` in the activation dtype: `x` in plan order (used only
@@ -748,11 +748,11 @@ pub struct LayerScratch<'a> {
 
 /// The experts of an MoE layer on the GPU: the twin of
 /// [`medley_core::moe::layer::moe_layer`] after gating and planning.
-/// Runs on `stream`: [`crate::routing::permute`] of `x` into `scratch.xp`
-/// when GEMM1 is a wgmma configuration, [`gemm1`], [`gemm2`], then
-/// [`crate::routing::combine_prescaled`] into `out` (`f32 [T, H]`).
+/// Runs on `stream`: [`crate::routing::Permute`] of `x` into `scratch.xp`
+/// when GEMM1 is a wgmma configuration, [`Gemm1`], [`Gemm2`], then
+/// [`crate::routing::Combine`] (prescaled) into `out` (`f32 [T, H]`).
 ///
-/// `plan` must come from [`crate::routing::align`] with `block_m =
+/// `plan` must come from [`crate::routing::Align`] with `block_m =
 /// choice.block_m` for the same `T * k` slots and local experts as the
 /// weights; `inverse` is that call's inverse (`u32 [T * k]`), `weights`
 /// the routing weights (`f32 [T * k]`). Tokens with no placed slot get
@@ -823,8 +823,8 @@ fn layer(
     )
 }
 
-/// GEMM1 of the experts with the fused SwiGLU (see [`gemm1`] for the
-/// operation, shapes and errors).
+/// GEMM1 of the experts with the fused SwiGLU (the operation, shapes and
+/// errors are those of the GEMM1 description above).
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Gemm1<'a> {
@@ -884,7 +884,7 @@ impl crate::Launch for Gemm1<'_> {
     }
 }
 
-/// GEMM2 of the experts with the routing weight (see [`gemm2`]).
+/// GEMM2 of the experts with the routing weight (see [`Gemm2`]).
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Gemm2<'a> {
@@ -938,7 +938,7 @@ impl crate::Launch for Gemm2<'_> {
     }
 }
 
-/// The experts of an MoE layer on the GPU (see [`layer`]): permute when
+/// The experts of an MoE layer on the GPU (see [`Layer`]): permute when
 /// GEMM1 is a wgmma configuration, GEMM1, GEMM2, the prescaled combine.
 #[derive(Debug)]
 #[non_exhaustive]

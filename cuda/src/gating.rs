@@ -1,4 +1,5 @@
-//! Top-k gating on the GPU: [`gate`] launches `ptx/gating.ptx` with the
+//! Top-k gating on the GPU: [`Gate`] launches `ptx/gating.ptx` (or the tuned
+//! `ptx/gating_v2.ptx`) with the
 //! semantics of [`medley_core::moe::gating`] (ids and weights equal the
 //! CPU's bit for bit; see the PTX header).
 //!
@@ -88,8 +89,9 @@ const _: () = assert!(core::mem::size_of::<GateParams>() == 80);
 unsafe impl DeviceCopy for GateParams {}
 
 /// Top-k gating on the GPU: routes every token of `logits` to `k`
-/// experts, bit-exact with [`medley_core::moe::gating`]. See [`gate_with`]'s
-/// rules; `kernel` picks the kernel (default [`GateKernel::Auto`]; the
+/// experts, bit-exact with [`medley_core::moe::gating`]. Errors (before launching): those of the CPU function for the same
+/// arguments, `Error::TooLarge` for `E` above [`MAX_DEVICE_EXPERTS`], and
+/// null / misaligned pointers; `kernel` picks the kernel (default [`GateKernel::Auto`]; the
 /// others are for conformance tests and benchmarks).
 #[derive(Debug)]
 #[non_exhaustive]

@@ -1,10 +1,10 @@
 //! MoE routing on the GPU (`ptx/routing.ptx`): the block-padded plan of
-//! vLLM's `moe_align_block_size` ([`align`], equal to the CPU's
+//! vLLM's `moe_align_block_size` ([`Align`], equal to the CPU's
 //! [`medley_core::moe::plan::align_block_size`] bit for bit), the gather of
-//! token rows into plan order ([`permute`]) and the weighted k-way combine
-//! back to token order ([`combine`]).
+//! token rows into plan order ([`Permute`]) and the weighted k-way combine
+//! back to token order ([`Combine`]).
 //!
-//! No host synchronization inside any call: [`permute`] reads the padded
+//! No host synchronization inside any call: [`Permute`] reads the padded
 //! row count from device memory, so the three calls can be captured in one
 //! CUDA graph. Differences from the CPU functions: expert ids in device
 //! memory cannot be checked before the launch; an id outside `[first,
@@ -43,7 +43,7 @@ const _: () = assert!(core::mem::size_of::<AlignParams>() == 72);
 // (ptx/routing.ptx), size asserted.
 unsafe impl DeviceCopy for AlignParams {}
 
-/// Outputs of [`align`] (device memory, lengths from
+/// Outputs of [`Align`] (device memory, lengths from
 /// [`block_padded_len`]).
 #[derive(Debug)]
 pub struct AlignOutput<'o> {
@@ -60,7 +60,7 @@ pub struct AlignOutput<'o> {
 }
 
 /// The block-padded routing plan on the GPU (the twin of
-/// [`medley_core::moe::plan::align_block_size`]): see [`align`]'s rules.
+/// [`medley_core::moe::plan::align_block_size`]): see [`Align`]'s rules.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Align<'a> {
@@ -109,7 +109,7 @@ impl crate::Launch for Align<'_> {
     }
 }
 
-/// Gathers token rows into plan order: see [`permute`]'s rules.
+/// Gathers token rows into plan order: see [`Permute`]'s rules.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Permute<'a> {

@@ -87,7 +87,12 @@ pub const SPECS: [KernelSpec; 9] = [
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
     spec(module::GATING, c"gate_topk", false, gate_smem(MAX_DEVICE_EXPERTS)),
-    spec(module::GATING_V2, c"gate_topk_v2", false, gate_smem(V2_MAX_EXPERTS)),
+    spec(
+        module::GATING_V2,
+        c"gate_topk_v2",
+        false,
+        gate_smem(V2_MAX_EXPERTS),
+    ),
     spec(
         module::GATING_V2,
         c"gate_grouped_v2",
@@ -119,10 +124,10 @@ pub enum Kernel {
     /// `gating.ptx: gate_topk` (one warp per token; the on-device
     /// reference).
     GateTopk,
-    /// `gating.ptx: gate_topk_v2` (one warp per token, keys in registers;
+    /// `gating_v2.ptx: gate_topk_v2` (one warp per token, keys in registers;
     /// `E <= 512`; top-k softmax variants).
     GateTopkV2,
-    /// `gating.ptx: gate_grouped_v2` (as `gate_topk_v2`, grouped routing).
+    /// `gating_v2.ptx: gate_grouped_v2` (as `gate_topk_v2`, grouped routing).
     GateGroupedV2,
     /// `routing.ptx: moe_align` (the block-padded plan, one block).
     MoeAlign,
