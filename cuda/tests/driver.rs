@@ -65,11 +65,13 @@ fn a_stream_of_another_context_is_wrong_context() {
     // SAFETY: the stream is live for the call.
     let foreign = unsafe { Stream::from_raw(stream.as_inner().cast()) };
     assert_eq!(run(foreign), Err(CudaError::WrongContext));
-    // The legacy default stream resolves to the current context, which is
-    // now the other one: refused as well.
-    // SAFETY: 0 is the legacy default stream of the current context.
+    // The legacy default stream (0) is not bound to one context: driver 580
+    // reports the kernels' context for it even while the other one is
+    // current (seen on an H200), and the launch runs in the kernels'
+    // context, which `Kernels::launch` makes current for the call.
+    // SAFETY: 0 is the legacy default stream.
     let legacy = unsafe { Stream::from_raw(core::ptr::null_mut()) };
-    assert_eq!(run(legacy), Err(CudaError::WrongContext));
+    run(legacy).expect("gate on the legacy default stream");
     drop(stream);
     drop(other);
     // Popped and destroyed: the kernels' own context serves again.
