@@ -96,36 +96,39 @@ pub fn linear<T: Element, O: Element>(
     let mut acc = [0.0f32; TILE];
     let mut buf = [0.0f32; TILE];
     let mut lo = 0;
-    match div {
-        None => {
-            while lo < n {
-                let hi = (lo + TILE).min(n);
-                weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
-                store(&acc[..hi - lo], &mut out[lo..hi]);
-                lo = hi;
-            }
-        }
-        Some(w) => {
-            let mut c = [0.0f32; super::MAX_MODELS];
-            for (c, &wi) in c.iter_mut().zip(weights) {
-                *c = wi / w;
-            }
-            let mut buf0 = [0.0f32; TILE];
-            while lo < n {
-                let hi = (lo + TILE).min(n);
-                let a = &mut acc[..hi - lo];
-                let x0 = as_f32(&models[0][lo..hi], &mut buf0);
-                a.copy_from_slice(x0);
-                for (m, &ci) in models.iter().zip(&c).skip(1) {
-                    for ((a, &x), &x0) in a.iter_mut().zip(&m[lo..hi]).zip(x0) {
-                        *a += ci * (x.to_f32() - x0);
-                    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || match div {
+            None => {
+                while lo < n {
+                    let hi = (lo + TILE).min(n);
+                    weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
+                    store(&acc[..hi - lo], &mut out[lo..hi]);
+                    lo = hi;
                 }
-                store(a, &mut out[lo..hi]);
-                lo = hi;
             }
-        }
-    }
+            Some(w) => {
+                let mut c = [0.0f32; super::MAX_MODELS];
+                for (c, &wi) in c.iter_mut().zip(weights) {
+                    *c = wi / w;
+                }
+                let mut buf0 = [0.0f32; TILE];
+                while lo < n {
+                    let hi = (lo + TILE).min(n);
+                    let a = &mut acc[..hi - lo];
+                    let x0 = as_f32(&models[0][lo..hi], &mut buf0);
+                    a.copy_from_slice(x0);
+                    for (m, &ci) in models.iter().zip(&c).skip(1) {
+                        for ((a, &x), &x0) in a.iter_mut().zip(&m[lo..hi]).zip(x0) {
+                            *a += ci * (x.to_f32() - x0);
+                        }
+                    }
+                    store(a, &mut out[lo..hi]);
+                    lo = hi;
+                }
+            }
+        },
+    );
     Ok(())
 }
 
