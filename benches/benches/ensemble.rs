@@ -10,6 +10,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 fn ensemble(c: &mut Criterion) {
+    medley_benches::simd_level_from_env();
     for &v in &[32_000usize, 128_256] {
         for &b in &[1usize, 64] {
             for &m in &[2usize, 4, 8] {

@@ -139,6 +139,7 @@ fn run<T: Data>(c: &mut Criterion) {
 }
 
 fn merge_benches(c: &mut Criterion) {
+    medley_benches::simd_level_from_env();
     run::<f32>(c);
     run::<bf16>(c);
 }

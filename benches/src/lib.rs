@@ -36,3 +36,17 @@ pub fn memcpy_ceiling(group: &mut BenchmarkGroup<'_, WallTime>, bytes: usize, el
         })
     });
 }
+
+/// Caps the core's SIMD level from `MEDLEY_SIMD` (`portable`, `avx2`,
+/// `avx512`; unset or anything else: detected), so one binary measures the
+/// default build's dispatch at each level.
+pub fn simd_level_from_env() {
+    use medley_core::simd::{Level, force};
+    let level = match std::env::var("MEDLEY_SIMD").as_deref() {
+        Ok("portable") => Some(Level::Portable),
+        Ok("avx2") => Some(Level::Avx2),
+        Ok("avx512") => Some(Level::Avx512),
+        _ => None,
+    };
+    force(level);
+}

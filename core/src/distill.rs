@@ -101,49 +101,56 @@ pub fn distill(
     let plan = Plan::new(teachers, cfg, rows, vocab)?;
     let mut s = Scratch::new();
     let mut report = Report::default();
-    for b in 0..rows {
-        let g = out.grad.row_mut(b);
-        let teacher = combine_row(&plan, b, g, &mut s);
-        let (ce, kl, status) = match teacher.status {
-            RowStatus::Nan => (f32::NAN, f32::NAN, RowStatus::Nan),
-            RowStatus::Masked => {
-                g.fill(0.0);
-                (0.0, 0.0, RowStatus::Masked)
-            }
-            RowStatus::Ok => {
-                let o = student.logits.online(b, inv_ts, &mut s.conv);
-                if o.bad {
-                    g.fill(f32::NAN);
-                    (f32::NAN, f32::NAN, RowStatus::Nan)
-                } else {
-                    // ln p = (z - max) / T_s - ln sum; a fully masked student
-                    // has p = 0 everywhere (shift +inf makes every ln p -inf).
-                    let (shift, log_sum) = if o.max == f32::NEG_INFINITY {
-                        (f32::INFINITY, 0.0)
-                    } else {
-                        (o.max, o.log_sum())
-                    };
-                    let (ce, kl) = fused_row(student, b, g, shift, inv_ts, log_sum, grad_scale, &mut s.conv);
-                    (ce, kl, RowStatus::Ok)
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for b in 0..rows {
+                let g = out.grad.row_mut(b);
+                let teacher = combine_row(&plan, b, g, &mut s);
+                let (ce, kl, status) = match teacher.status {
+                    RowStatus::Nan => (f32::NAN, f32::NAN, RowStatus::Nan),
+                    RowStatus::Masked => {
+                        g.fill(0.0);
+                        (0.0, 0.0, RowStatus::Masked)
+                    }
+                    RowStatus::Ok => {
+                        let o = student.logits.online(b, inv_ts, &mut s.conv);
+                        if o.bad {
+                            g.fill(f32::NAN);
+                            (f32::NAN, f32::NAN, RowStatus::Nan)
+                        } else {
+                            // ln p = (z - max) / T_s - ln sum; a fully masked student
+                            // has p = 0 everywhere (shift +inf makes every ln p -inf).
+                            let (shift, log_sum) = if o.max == f32::NEG_INFINITY {
+                                (f32::INFINITY, 0.0)
+                            } else {
+                                (o.max, o.log_sum())
+                            };
+                            let (ce, kl) =
+                                fused_row(student, b, g, shift, inv_ts, log_sum, grad_scale, &mut s.conv);
+                            (ce, kl, RowStatus::Ok)
+                        }
+                    }
+                };
+                if status == RowStatus::Nan {
+                    out.grad.row_mut(b).fill(f32::NAN);
+                }
+                report.add(status);
+                if let Some(c) = out.cross_entropy.as_deref_mut() {
+                    c[b] = ce;
+                }
+                if let Some(k) = out.kl.as_deref_mut() {
+                    k[b] = kl;
                 }
             }
-        };
-        if status == RowStatus::Nan {
-            out.grad.row_mut(b).fill(f32::NAN);
-        }
-        report.add(status);
-        if let Some(c) = out.cross_entropy.as_deref_mut() {
-            c[b] = ce;
-        }
-        if let Some(k) = out.kl.as_deref_mut() {
-            k[b] = kl;
-        }
-    }
+        },
+    );
     Ok(report)
 }
 
 /// One row's fused pass: `g` holds `ln q` on entry and the gradient on exit.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn fused_row(
     student: &Model<'_>,
     b: usize,

@@ -143,8 +143,9 @@ impl<'a> Logits<'a> {
 
     /// Elements `lo..hi` of row `b` as `f32`: borrowed for `f32` input,
     /// widened into `buf` otherwise.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn tile<'s>(&'s self, b: usize, lo: usize, hi: usize, buf: &'s mut [f32]) -> &'s [f32] {
+        #[inline(always)]
         fn w<'s, T: Element>(r: &[T], buf: &'s mut [f32]) -> &'s [f32] {
             let t = &mut buf[..r.len()];
             widen(r, t);
@@ -158,6 +159,7 @@ impl<'a> Logits<'a> {
     }
 
     /// Maximum of row `b` (NaN-blind) and whether it holds NaN or `+inf`.
+    #[inline(always)]
     pub(crate) fn max_bad(&self, b: usize, tile: &mut [f32; TILE]) -> (f32, bool) {
         let (mut m, mut bad) = (f32::NEG_INFINITY, false);
         let len = self.len();
@@ -174,6 +176,7 @@ impl<'a> Logits<'a> {
 
     /// `sum_v exp((z_v - max) * inv_t)` over row `b`; when `store` is given,
     /// also writes each term there (its first `len()` entries).
+    #[inline(always)]
     pub(crate) fn sum_exp(
         &self,
         b: usize,
@@ -198,6 +201,7 @@ impl<'a> Logits<'a> {
     }
 
     /// Online (max, sum) statistics of row `b` at `1/inv_t`.
+    #[inline(always)]
     pub(crate) fn online(&self, b: usize, inv_t: f32, tile: &mut [f32; TILE]) -> Online {
         match self {
             Logits::F32(r) => row_online(r.row(b), inv_t, tile),
@@ -610,6 +614,7 @@ impl Scratch {
 /// The plausibility threshold of a row in model `j`'s raw logit units:
 /// keep `v` iff `z_j(v) >= thr`. `Err(status)` when the model's row decides
 /// the whole row (NaN, or fully masked so nothing is kept).
+#[inline(always)]
 fn plaus_threshold(plan: &Plan<'_, '_>, b: usize, s: &mut Scratch) -> Result<Option<f32>, RowStatus> {
     let Some((j, ln_alpha)) = plan.plaus else {
         return Ok(None);
@@ -626,6 +631,7 @@ fn plaus_threshold(plan: &Plan<'_, '_>, b: usize, s: &mut Scratch) -> Result<Opt
 }
 
 /// Applies the plausibility mask of model `j` to `out[lo..hi]`.
+#[inline(always)]
 fn apply_plausibility(
     plan: &Plan<'_, '_>,
     b: usize,
@@ -652,6 +658,7 @@ fn apply_plausibility(
 }
 
 /// Log-linear row: `out = sum c_m z_m` with masks, then normalized in place.
+#[inline(always)]
 fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     let mut act = [Active::default(); MAX_MODELS];
     let (n, _) = plan.active(b, &mut act);
@@ -746,6 +753,7 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
 
 /// Finishes a row of unnormalized scores `u` (already in `out`) with online
 /// statistics `o` (computed at `inv_t = 1`): `out = u - ln Z`.
+#[inline(always)]
 fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
     if o.bad {
         return fill_status(out, RowStatus::Nan);
@@ -801,6 +809,7 @@ fn linear_token_exact(plan: &Plan<'_, '_>, lm: &[LinModel], b: usize, v: usize) 
 }
 
 /// Linear row: per-model log-sum-exp, then the per-token LSE over models.
+#[inline(always)]
 fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     let mut act = [Active::default(); MAX_MODELS];
     let (n, _) = plan.active(b, &mut act);
@@ -997,38 +1006,44 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
     let plan = Plan::new(models, cfg, rows, vocab)?;
     let mut s = Scratch::new();
     let mut report = Report::default();
-    for b in 0..rows {
-        // The log-probability row, or the probability row used as scratch.
-        let r = match (&mut out.log_probs, &mut out.probs) {
-            (Some(l), _) => combine_row(&plan, b, l.row_mut(b), &mut s),
-            (None, Some(p)) => combine_row(&plan, b, p.row_mut(b), &mut s),
-            (None, None) => unreachable!("checked above"),
-        };
-        report.add(r.status);
-        if let Some(a) = out.argmax.as_deref_mut() {
-            let row = match (&out.log_probs, &out.probs) {
-                (Some(l), _) => l.row(b),
-                (None, Some(p)) => p.row(b),
-                (None, None) => unreachable!("checked above"),
-            };
-            a[b] = match r.status {
-                RowStatus::Ok => argmax(row).map_or(NO_TOKEN, |i| i as u32),
-                _ => NO_TOKEN,
-            };
-        }
-        if let Some(z) = out.log_normalizer.as_deref_mut() {
-            z[b] = r.log_z;
-        }
-        match (&mut out.log_probs, &mut out.probs) {
-            (Some(l), Some(p)) => exp_shift_into(l.row(b), 0.0, p.row_mut(b)),
-            (None, Some(p)) => exp_shift_inplace(p.row_mut(b), 0.0),
-            _ => {}
-        }
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for b in 0..rows {
+                // The log-probability row, or the probability row used as scratch.
+                let r = match (&mut out.log_probs, &mut out.probs) {
+                    (Some(l), _) => combine_row(&plan, b, l.row_mut(b), &mut s),
+                    (None, Some(p)) => combine_row(&plan, b, p.row_mut(b), &mut s),
+                    (None, None) => unreachable!("checked above"),
+                };
+                report.add(r.status);
+                if let Some(a) = out.argmax.as_deref_mut() {
+                    let row = match (&out.log_probs, &out.probs) {
+                        (Some(l), _) => l.row(b),
+                        (None, Some(p)) => p.row(b),
+                        (None, None) => unreachable!("checked above"),
+                    };
+                    a[b] = match r.status {
+                        RowStatus::Ok => argmax(row).map_or(NO_TOKEN, |i| i as u32),
+                        _ => NO_TOKEN,
+                    };
+                }
+                if let Some(z) = out.log_normalizer.as_deref_mut() {
+                    z[b] = r.log_z;
+                }
+                match (&mut out.log_probs, &mut out.probs) {
+                    (Some(l), Some(p)) => exp_shift_into(l.row(b), 0.0, p.row_mut(b)),
+                    (None, Some(p)) => exp_shift_inplace(p.row_mut(b), 0.0),
+                    _ => {}
+                }
+            }
+        },
+    );
     Ok(report)
 }
 
 /// Writes row `b`'s log-probabilities into `out` (length `V`).
+#[inline(always)]
 pub(crate) fn combine_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -> RowOut {
     match plan.mode {
         Mode::LogLinear => loglinear_row(plan, b, out, s),

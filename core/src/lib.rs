@@ -1,5 +1,5 @@
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 //! # medley-core
 //!
@@ -26,7 +26,7 @@
 //!   its outputs untouched.
 //! - Row-wise functions return a [`Report`] counting fully masked rows and
 //!   rows whose outputs are NaN, so no NaN leaves the core unflagged.
-//! - No `unsafe`: the crate is `#![forbid(unsafe_code)]`.
+//! - No `unsafe`: the crate is `#![deny(unsafe_code)]`.
 
 pub mod distill;
 pub mod element;
@@ -38,6 +38,7 @@ pub mod moe;
 pub mod rng;
 pub(crate) mod rowops;
 pub mod rows;
+pub mod simd;
 pub mod softmax;
 
 pub use element::{DType, Element};

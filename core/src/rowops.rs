@@ -11,7 +11,7 @@ pub(crate) const LANES: usize = 16;
 pub(crate) const TILE: usize = 2048;
 
 /// Maximum of `t` (NaN-blind) and whether `t` holds a NaN or `+inf`.
-#[inline]
+#[inline(always)]
 pub(crate) fn max_and_bad(t: &[f32]) -> (f32, bool) {
     let mut mx = [f32::NEG_INFINITY; LANES];
     let mut bad = [0u32; LANES];
@@ -37,7 +37,7 @@ pub(crate) fn max_and_bad(t: &[f32]) -> (f32, bool) {
 
 /// `sum_i exp((t_i - m) * inv_t)` with lane-wise partial sums.
 /// Requires `m` finite and `>= t_i` for all finite `t_i`.
-#[inline]
+#[inline(always)]
 pub(crate) fn sum_exp_shifted(t: &[f32], m: f32, inv_t: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut it = t.chunks_exact(LANES);
@@ -54,7 +54,7 @@ pub(crate) fn sum_exp_shifted(t: &[f32], m: f32, inv_t: f32) -> f32 {
 }
 
 /// Like [`sum_exp_shifted`], also storing each term in `out` (same length).
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_shift_store(t: &[f32], m: f32, inv_t: f32, out: &mut [f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut it = t.chunks_exact(LANES);
@@ -103,7 +103,7 @@ impl Online {
     };
 
     /// Folds one `f32` tile in.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, t: &[f32], inv_t: f32) {
         let (cm, cbad) = max_and_bad(t);
         if cbad {
@@ -122,13 +122,14 @@ impl Online {
 
     /// `ln sum exp((x - max) * inv_t)`; the row's log-sum-exp (scaled
     /// units) is `max * inv_t + log_sum()`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn log_sum(&self) -> f32 {
         ln(self.sum)
     }
 }
 
 /// Online statistics of a row of any element type, tile by tile.
+#[inline(always)]
 pub(crate) fn row_online<T: Element>(row: &[T], inv_t: f32, tile: &mut [f32; TILE]) -> Online {
     let mut o = Online::EMPTY;
     for chunk in row.chunks(TILE) {
@@ -168,7 +169,7 @@ pub(crate) enum Bad {
 }
 
 /// `out_i = (x_i - m) * inv_t - c` (log-softmax finish).
-#[inline]
+#[inline(always)]
 pub(crate) fn write_shift_scale<T: Element>(x: &[T], m: f32, inv_t: f32, c: f32, out: &mut [f32]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o = (v.to_f32() - m) * inv_t - c;
@@ -176,7 +177,7 @@ pub(crate) fn write_shift_scale<T: Element>(x: &[T], m: f32, inv_t: f32, c: f32,
 }
 
 /// `out_i = exp((x_i - m) * inv_t) * scale` (softmax finish).
-#[inline]
+#[inline(always)]
 pub(crate) fn write_exp_scale<T: Element>(x: &[T], m: f32, inv_t: f32, scale: f32, out: &mut [f32]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o = exp((v.to_f32() - m) * inv_t) * scale;
@@ -184,7 +185,7 @@ pub(crate) fn write_exp_scale<T: Element>(x: &[T], m: f32, inv_t: f32, scale: f3
 }
 
 /// `out_i = exp(x_i - c)` in place.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_shift_inplace(x: &mut [f32], c: f32) {
     for v in x.iter_mut() {
         *v = exp(*v - c);
@@ -192,7 +193,7 @@ pub(crate) fn exp_shift_inplace(x: &mut [f32], c: f32) {
 }
 
 /// `out_i = exp(x_i - c)` from `x` into `out`.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_shift_into(x: &[f32], c: f32, out: &mut [f32]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o = exp(*v - c);
@@ -201,6 +202,7 @@ pub(crate) fn exp_shift_into(x: &[f32], c: f32, out: &mut [f32]) {
 
 /// Index of the first maximum of `x` among values `> -inf`, or `None` when
 /// every value is `-inf` (or `x` is empty). NaN values are never chosen.
+#[inline(always)]
 pub(crate) fn argmax(x: &[f32]) -> Option<usize> {
     let (m, _) = max_and_bad(x);
     if m == f32::NEG_INFINITY || m.is_nan() {

@@ -82,6 +82,7 @@ enum Finish {
 
 /// One row: statistics, then the finish into `out` (if any); returns the
 /// log-sum-exp and the status.
+#[inline(always)]
 fn row<T: Element>(
     x: &[T],
     inv_t: f32,
@@ -144,10 +145,15 @@ fn rows_finish<T: Element>(
     check_same_shape(&x, &out)?;
     let mut tile = [0.0f32; TILE];
     let mut report = Report::default();
-    for b in 0..x.rows() {
-        let (_, s) = row(x.row(b), inv_t, Some((f, out.row_mut(b))), &mut tile);
-        report.add(s);
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for b in 0..x.rows() {
+                let (_, s) = row(x.row(b), inv_t, Some((f, out.row_mut(b))), &mut tile);
+                report.add(s);
+            }
+        },
+    );
     Ok(report)
 }
 
@@ -191,11 +197,16 @@ pub fn logsumexp<T: Element>(x: Rows<'_, T>, temperature: f32, out: &mut [f32]) 
     ensure_len("out", x.rows(), out.len())?;
     let mut tile = [0.0f32; TILE];
     let mut report = Report::default();
-    for (b, o) in out.iter_mut().enumerate() {
-        let (lse, s) = row(x.row(b), inv_t, None, &mut tile);
-        *o = lse;
-        report.add(s);
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for (b, o) in out.iter_mut().enumerate() {
+                let (lse, s) = row(x.row(b), inv_t, None, &mut tile);
+                *o = lse;
+                report.add(s);
+            }
+        },
+    );
     Ok(report)
 }
 
@@ -212,13 +223,18 @@ pub fn log_softmax_inplace(
     }
     let mut report = Report::default();
     let mut lse = lse;
-    for b in 0..x.rows() {
-        let (l, s) = log_softmax_row_inplace(x.row_mut(b), inv_t);
-        if let Some(out) = lse.as_deref_mut() {
-            out[b] = l;
-        }
-        report.add(s);
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for b in 0..x.rows() {
+                let (l, s) = log_softmax_row_inplace(x.row_mut(b), inv_t);
+                if let Some(out) = lse.as_deref_mut() {
+                    out[b] = l;
+                }
+                report.add(s);
+            }
+        },
+    );
     Ok(report)
 }
 
@@ -226,21 +242,27 @@ pub fn log_softmax_inplace(
 pub fn softmax_inplace(mut x: RowsMut<'_, f32>, temperature: f32) -> Result<Report, Error> {
     let inv_t = inv_temperature("temperature", 0, temperature)?;
     let mut report = Report::default();
-    for b in 0..x.rows() {
-        let r = x.row_mut(b);
-        let (_, s) = log_softmax_row_inplace(r, inv_t);
-        if s == RowStatus::Ok {
-            exp_shift_inplace(r, 0.0);
-        } else if s == RowStatus::Masked {
-            r.fill(0.0);
-        }
-        report.add(s);
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for b in 0..x.rows() {
+                let r = x.row_mut(b);
+                let (_, s) = log_softmax_row_inplace(r, inv_t);
+                if s == RowStatus::Ok {
+                    exp_shift_inplace(r, 0.0);
+                } else if s == RowStatus::Masked {
+                    r.fill(0.0);
+                }
+                report.add(s);
+            }
+        },
+    );
     Ok(report)
 }
 
 /// Replaces an `f32` row by its log-softmax at `1/inv_t`, following the edge
 /// table of the module. Returns the row's log-sum-exp and status.
+#[inline(always)]
 pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowStatus) {
     let (max, log_sum, st) = log_softmax_row_inplace_parts(r, inv_t);
     (max * inv_t + log_sum, st)
@@ -249,6 +271,7 @@ pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowSta
 /// [`log_softmax_row_inplace`] returning the log-sum-exp in parts: the raw
 /// row maximum and `ln sum exp((x - max) / T)` (so callers can combine the
 /// maximum with other terms before scaling, avoiding `inf - inf`).
+#[inline(always)]
 pub(crate) fn log_softmax_row_inplace_parts(r: &mut [f32], inv_t: f32) -> (f32, f32, RowStatus) {
     let mut o = Online::EMPTY;
     for c in r.chunks(TILE) {

@@ -96,36 +96,39 @@ pub fn linear<T: Element, O: Element>(
     let mut acc = [0.0f32; TILE];
     let mut buf = [0.0f32; TILE];
     let mut lo = 0;
-    match div {
-        None => {
-            while lo < n {
-                let hi = (lo + TILE).min(n);
-                weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
-                store(&acc[..hi - lo], &mut out[lo..hi]);
-                lo = hi;
-            }
-        }
-        Some(w) => {
-            let mut c = [0.0f32; super::MAX_MODELS];
-            for (c, &wi) in c.iter_mut().zip(weights) {
-                *c = wi / w;
-            }
-            let mut buf0 = [0.0f32; TILE];
-            while lo < n {
-                let hi = (lo + TILE).min(n);
-                let a = &mut acc[..hi - lo];
-                let x0 = as_f32(&models[0][lo..hi], &mut buf0);
-                a.copy_from_slice(x0);
-                for (m, &ci) in models.iter().zip(&c).skip(1) {
-                    for ((a, &x), &x0) in a.iter_mut().zip(&m[lo..hi]).zip(x0) {
-                        *a += ci * (x.to_f32() - x0);
-                    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || match div {
+            None => {
+                while lo < n {
+                    let hi = (lo + TILE).min(n);
+                    weighted_tile(models, weights, lo, hi, &mut acc, &mut buf);
+                    store(&acc[..hi - lo], &mut out[lo..hi]);
+                    lo = hi;
                 }
-                store(a, &mut out[lo..hi]);
-                lo = hi;
             }
-        }
-    }
+            Some(w) => {
+                let mut c = [0.0f32; super::MAX_MODELS];
+                for (c, &wi) in c.iter_mut().zip(weights) {
+                    *c = wi / w;
+                }
+                let mut buf0 = [0.0f32; TILE];
+                while lo < n {
+                    let hi = (lo + TILE).min(n);
+                    let a = &mut acc[..hi - lo];
+                    let x0 = as_f32(&models[0][lo..hi], &mut buf0);
+                    a.copy_from_slice(x0);
+                    for (m, &ci) in models.iter().zip(&c).skip(1) {
+                        for ((a, &x), &x0) in a.iter_mut().zip(&m[lo..hi]).zip(x0) {
+                            *a += ci * (x.to_f32() - x0);
+                        }
+                    }
+                    store(a, &mut out[lo..hi]);
+                    lo = hi;
+                }
+            }
+        },
+    );
     Ok(())
 }
 
@@ -151,17 +154,22 @@ pub fn task_vector<T: Element, O: Element>(finetuned: &[T], base: &[T], out: &mu
     let mut b2 = [0.0f32; TILE];
     let mut acc = [0.0f32; TILE];
     let mut lo = 0;
-    while lo < n {
-        let hi = (lo + TILE).min(n);
-        let x = as_f32(&finetuned[lo..hi], &mut b1);
-        let b = as_f32(&base[lo..hi], &mut b2);
-        let a = &mut acc[..hi - lo];
-        for ((a, &x), &b) in a.iter_mut().zip(x).zip(b) {
-            *a = x - b;
-        }
-        store(a, &mut out[lo..hi]);
-        lo = hi;
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            while lo < n {
+                let hi = (lo + TILE).min(n);
+                let x = as_f32(&finetuned[lo..hi], &mut b1);
+                let b = as_f32(&base[lo..hi], &mut b2);
+                let a = &mut acc[..hi - lo];
+                for ((a, &x), &b) in a.iter_mut().zip(x).zip(b) {
+                    *a = x - b;
+                }
+                store(a, &mut out[lo..hi]);
+                lo = hi;
+            }
+        },
+    );
     Ok(())
 }
 
@@ -189,22 +197,27 @@ pub fn add_task_vectors<T: Element, U: Element, O: Element>(
     let mut acc = [0.0f32; TILE];
     let mut buf = [0.0f32; TILE];
     let mut lo = 0;
-    while lo < n {
-        let hi = (lo + TILE).min(n);
-        weighted_tile(vectors, weights, lo, hi, &mut acc, &mut buf);
-        let a = &mut acc[..hi - lo];
-        if lambda != 1.0 {
-            for v in a.iter_mut() {
-                *v *= lambda;
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            while lo < n {
+                let hi = (lo + TILE).min(n);
+                weighted_tile(vectors, weights, lo, hi, &mut acc, &mut buf);
+                let a = &mut acc[..hi - lo];
+                if lambda != 1.0 {
+                    for v in a.iter_mut() {
+                        *v *= lambda;
+                    }
+                }
+                let b = as_f32(&base[lo..hi], &mut buf);
+                for (v, &b) in a.iter_mut().zip(b) {
+                    *v += b;
+                }
+                store(a, &mut out[lo..hi]);
+                lo = hi;
             }
-        }
-        let b = as_f32(&base[lo..hi], &mut buf);
-        for (v, &b) in a.iter_mut().zip(b) {
-            *v += b;
-        }
-        store(a, &mut out[lo..hi]);
-        lo = hi;
-    }
+        },
+    );
     Ok(())
 }
 
@@ -216,14 +229,19 @@ pub fn scale<T: Element, O: Element>(tau: &[T], lambda: f32, out: &mut [O]) -> R
     ensure_len("out", tau.len(), out.len())?;
     let mut buf = [0.0f32; TILE];
     let mut acc = [0.0f32; TILE];
-    for (c, o) in tau.chunks(TILE).zip(out.chunks_mut(TILE)) {
-        let x = as_f32(c, &mut buf);
-        let a = &mut acc[..c.len()];
-        for (a, &x) in a.iter_mut().zip(x) {
-            *a = lambda * x;
-        }
-        store(a, o);
-    }
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for (c, o) in tau.chunks(TILE).zip(out.chunks_mut(TILE)) {
+                let x = as_f32(c, &mut buf);
+                let a = &mut acc[..c.len()];
+                for (a, &x) in a.iter_mut().zip(x) {
+                    *a = lambda * x;
+                }
+                store(a, o);
+            }
+        },
+    );
     Ok(())
 }
 
