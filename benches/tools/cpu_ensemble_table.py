@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 2's CPU ensemble table from criterion results: input logits per
+"""The CPU ensemble table from criterion results: input logits per
 second for each (M, B, V), mode and dtype, the memcpy ceiling measured in
 the same group, and the targets (log-linear >= 2 G logits/s, linear >= 1 G).
 
