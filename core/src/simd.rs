@@ -3,7 +3,7 @@
 //! The numeric kernels are plain Rust loops written to auto-vectorize. A
 //! default build targets the x86-64 baseline (SSE2), so without help those
 //! loops use 4-wide vectors even on AVX-512 machines. Each public hot entry
-//! point therefore runs its body through [`dispatch`]-style wrappers: the
+//! point therefore runs its body through `dispatch`-style wrappers: the
 //! body is an `#[inline(always)]` closure, and the same body is compiled
 //! three times, into a plain function and into two functions carrying
 //! `#[target_feature(enable = ...)]` (AVX2 + FMA, and AVX-512 F/BW/VL/DQ).
