@@ -32,6 +32,10 @@ use std::time::SystemTime;
 
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 
+/// The C runtime libraries the static library needs besides the CUDA
+/// driver (`rustc --print native-static-libs`).
+const C_RUNTIME: [&str; 7] = ["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+
 /// The target profile directory (`target/debug`) this test runs from.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -165,18 +169,7 @@ fn cpp_consumer_passes() {
     }
     // The static library's native dependencies (rustc --print
     // native-static-libs): the CUDA driver, then the C runtime.
-    cc.args([
-        "-lcuda",
-        "-lgcc_s",
-        "-lutil",
-        "-lrt",
-        "-lpthread",
-        "-lm",
-        "-ldl",
-        "-lc",
-        "-o",
-    ])
-    .arg(&exe);
+    cc.arg("-lcuda").args(C_RUNTIME).arg("-o").arg(&exe);
     let built = run(&mut cc);
     assert!(
         built.status.success(),
@@ -240,16 +233,8 @@ fn cpp_consumer_links_without_libcuda() {
     .arg(Path::new(MANIFEST).join("tests/cpp/consumer.cpp"))
     .arg(&lib)
     // The C runtime only: no -lcuda, no -L to a stub.
-    .args([
-        "-lgcc_s",
-        "-lutil",
-        "-lrt",
-        "-lpthread",
-        "-lm",
-        "-ldl",
-        "-lc",
-        "-o",
-    ])
+    .args(C_RUNTIME)
+    .arg("-o")
     .arg(&exe);
     let built = run(&mut cc);
     assert!(
