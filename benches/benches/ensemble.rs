@@ -63,4 +63,53 @@ fn ensemble(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, ensemble);
+/// The per-row uncertainty outputs (entropy, top-1, margin; disagreement in
+/// linear mode) against the plain combination, same inputs, same run.
+fn ensemble_uncertainty(c: &mut Criterion) {
+    medley_benches::simd_level_from_env();
+    for &(m, b, v) in &[(2usize, 64usize, 32_000usize), (2, 64, 128_256), (8, 64, 32_000)] {
+        let n = m * b * v;
+        let mut group = c.benchmark_group(format!("ensemble_uncertainty/M{m}_B{b}_V{v}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+        group.throughput(Throughput::Elements(n as u64));
+        let data = random_f32(7, n, 8.0);
+        let data_bf: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut out = vec![0.0f32; b * v];
+        let [mut h, mut t1, mut mg, mut js] = [(); 4].map(|_| vec![0.0f32; b]);
+        let weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
+        let coefs: Vec<f32> = (0..m).map(|i| if i == m - 1 { -0.5 } else { 1.0 }).collect();
+        let models: Vec<Model<'_>> = (0..m)
+            .map(|i| Model::new(Rows::dense(&data_bf[i * b * v..(i + 1) * b * v], b, v).unwrap()))
+            .collect();
+        for (mode, cfg) in [
+            ("linear", Config::linear(&weights)),
+            ("loglinear", Config::log_linear(&coefs)),
+        ] {
+            let linear = mode == "linear";
+            for with in [false, true] {
+                let id = BenchmarkId::new(mode, if with { "uncertainty" } else { "plain" });
+                group.bench_function(id, |bch| {
+                    bch.iter(|| {
+                        let mut o = Output {
+                            log_probs: Some(RowsMut::dense(&mut out, b, v).unwrap()),
+                            ..Default::default()
+                        };
+                        if with {
+                            o.entropy = Some(&mut h);
+                            o.top1_prob = Some(&mut t1);
+                            o.margin = Some(&mut mg);
+                            o.disagreement = linear.then_some(&mut js[..]);
+                        }
+                        black_box(combine(black_box(&models), &cfg, o).unwrap())
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, ensemble, ensemble_uncertainty);

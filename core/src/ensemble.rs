@@ -426,6 +426,8 @@ pub(crate) struct Plan<'c, 'a> {
     want_entropy: bool,
     /// Compute the per-model entropies for the disagreement (linear).
     want_js: bool,
+    /// Track the two largest log-probabilities (top-1, margin).
+    want_top: bool,
 }
 
 /// Shape of one model's logits and its temperature: what validating a
@@ -641,6 +643,7 @@ impl<'c, 'a> Plan<'c, 'a> {
             vocab,
             want_entropy: false,
             want_js: false,
+            want_top: false,
         })
     }
 
@@ -683,6 +686,19 @@ pub(crate) struct RowOut {
     pub(crate) entropy: f32,
     /// Disagreement (linear, when the plan wants it; NaN for rows not Ok).
     pub(crate) js: f32,
+    /// The two largest log-probabilities of the row (when the plan wants
+    /// them; NaN for rows not Ok).
+    pub(crate) top: (f32, f32),
+}
+
+/// Running top-2 of a row, tile by tile (merged with the rule of
+/// [`top2`]).
+#[inline(always)]
+fn merge_top2(run: &mut (f32, f32), tile: &[f32]) {
+    let (a1, a2) = top2(tile);
+    let lo = if a1 < run.0 { a1 } else { run.0 };
+    run.1 = max_fast(max_fast(lo, a2), run.1);
+    run.0 = max_fast(a1, run.0);
 }
 
 /// Scratch tiles for one call (on the stack, about 24 KiB).
@@ -760,6 +776,7 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
     };
     let mut online = Online::EMPTY;
     let mut ent = 0.0f32;
+    let mut top = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     let v = plan.vocab;
     let mut lo = 0;
     while lo < v {
@@ -801,12 +818,15 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
         } else {
             online.push(acc, 1.0);
         }
+        if plan.want_top {
+            merge_top2(&mut top, acc);
+        }
         if online.bad {
             break;
         }
         lo = hi;
     }
-    finish_log_row(out, online, ent)
+    finish_log_row(out, online, ent, top)
 }
 
 /// `acc (=|+=) c * z` with the log-linear masking rule. For `c < 0` a masked
@@ -837,6 +857,7 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
                 log_z: f32::NAN,
                 entropy: f32::NAN,
                 js: f32::NAN,
+                top: (f32::NAN, f32::NAN),
             }
         }
         _ => {
@@ -846,6 +867,7 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
                 log_z: f32::NEG_INFINITY,
                 entropy: f32::NAN,
                 js: f32::NAN,
+                top: (f32::NAN, f32::NAN),
             }
         }
     }
@@ -853,9 +875,10 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
 
 /// Finishes a row of unnormalized scores `u` (already in `out`) with online
 /// statistics `o` (computed at `inv_t = 1`): `out = u - ln Z`. `ent` is
-/// `sum e^(u - max) (u - max)` when the entropy is wanted (else unused).
+/// `sum e^(u - max) (u - max)` when the entropy is wanted, `top` the two
+/// largest `u` when the top-2 is (else unused).
 #[inline(always)]
-fn finish_log_row(out: &mut [f32], o: Online, ent: f32) -> RowOut {
+fn finish_log_row(out: &mut [f32], o: Online, ent: f32, top: (f32, f32)) -> RowOut {
     if o.bad {
         return fill_status(out, RowStatus::Nan);
     }
@@ -875,6 +898,7 @@ fn finish_log_row(out: &mut [f32], o: Online, ent: f32) -> RowOut {
         // H = -sum p ln p with ln p = (u - max) - ln S: ln S - ent / S.
         entropy: log_sum - ent / o.sum,
         js: f32::NAN,
+        top: ((top.0 - o.max) - log_sum, (top.1 - o.max) - log_sum),
     }
 }
 
@@ -933,6 +957,7 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
     // sum_v P(v) ln P(v) of the mixture before masks (entropy, disagreement).
     let mut plnp = 0.0f32;
     let want_mix = plan.want_entropy || plan.want_js;
+    let mut top = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     for a in &act[..n] {
         let md = &plan.models[a.m].logits;
         let (mx, bad) = md.max_bad(b, &mut s.conv);
@@ -1041,6 +1066,9 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
         if let Some(t) = thr {
             apply_plausibility(plan, b, lo, acc, t, &mut s.conv2);
         }
+        if plan.want_top {
+            merge_top2(&mut top, acc);
+        }
         lo = hi;
     }
     let h_mix = -plnp;
@@ -1061,6 +1089,7 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
             log_z: ln_w,
             entropy: h_mix,
             js,
+            top,
         };
     }
     // ln Z = (ln W + max u') / T_out + ln sum exp((u' - max) / T_out): the
@@ -1076,6 +1105,11 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
             log_z: (ln_w + max) * plan.inv_t_out + log_sum,
             entropy,
             js,
+            // The same monotone map as the row: (u - max) / T_out - ln S.
+            top: (
+                (top.0 - max) * plan.inv_t_out - log_sum,
+                (top.1 - max) * plan.inv_t_out - log_sum,
+            ),
         },
         other => fill_status(out, other),
     }
@@ -1165,6 +1199,7 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
     plan.want_entropy = out.entropy.is_some();
     plan.want_js = out.disagreement.is_some();
     let want_top = out.top1_prob.is_some() || out.margin.is_some();
+    plan.want_top = want_top;
     debug_assert!(out.wants_uncertainty() == (plan.want_entropy || plan.want_js || want_top));
     let mut s = Scratch::new();
     let mut report = Report::default();
@@ -1195,14 +1230,8 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
                 }
                 let ok = r.status == RowStatus::Ok;
                 if want_top {
-                    let row = match (&out.log_probs, &out.probs) {
-                        (Some(l), _) => l.row(b),
-                        (None, Some(p)) => p.row(b),
-                        (None, None) => unreachable!("checked above"),
-                    };
                     let (p1, p2) = if ok {
-                        let (l1, l2) = top2(row);
-                        (exp(l1), exp(l2))
+                        (exp(r.top.0), exp(r.top.1))
                     } else {
                         (f32::NAN, f32::NAN)
                     };
