@@ -32,6 +32,7 @@ pub mod distill;
 pub mod element;
 pub mod ensemble;
 pub mod error;
+pub mod learn;
 pub mod math;
 pub mod merge;
 pub mod moe;
