@@ -38,7 +38,8 @@ pub struct EmReport {
     /// Mean held-out log-likelihood per row, in nats, at the initial weights:
     /// `(1/B) sum_b ln sum_m w_m exp(table[b][m])`.
     pub log_likelihood_before: f64,
-    /// The same at the returned weights; never below `log_likelihood_before`.
+    /// The same at the returned weights (at the `f64` iterate, which the
+    /// `f32` output rounds); never below `log_likelihood_before`.
     pub log_likelihood_after: f64,
     /// True when the relative improvement fell to the tolerance (or rounding
     /// stopped further improvement) before the iteration cap.

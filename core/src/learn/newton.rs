@@ -53,8 +53,9 @@ pub struct NewtonReport {
     /// Mean negative log-likelihood per row, in nats, at the initial
     /// coefficients (without the L2 penalty).
     pub nll_before: f64,
-    /// The same at the returned coefficients. With `l2 = 0` never above
-    /// `nll_before`; with `l2 > 0` the penalized objective never increases.
+    /// The same at the returned coefficients (at the `f64` iterate, which
+    /// the `f32` output rounds). With `l2 = 0` never above `nll_before`;
+    /// with `l2 > 0` the penalized objective never increases.
     pub nll_after: f64,
     /// Euclidean norm of the objective's gradient at the returned coefficients.
     pub gradient_norm: f64,
