@@ -130,7 +130,7 @@ fn check_targets(targets: &[u32], bound: usize) -> Result<(), Error> {
 ///   rows: a mixture cannot explain them.
 ///
 /// Errors (checked before anything is written): [`Error::Empty`] (`models`),
-/// [`Error::TooLarge`] (`models` beyond [`MAX_MODELS`](crate::ensemble::MAX_MODELS),
+/// [`Error::TooLarge`] (`models` beyond [`MAX_MODELS`],
 /// `models.logits.len` beyond `vocab`), [`Error::LengthMismatch`]
 /// (`models.logits.rows`, `table.rows`, `table.len`), [`Error::NonFinite`] /
 /// [`Error::OutOfRange`] (`models.temperature`), [`Error::IndexOutOfBounds`]
