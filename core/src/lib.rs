@@ -28,10 +28,12 @@
 //!   rows whose outputs are NaN, so no NaN leaves the core unflagged.
 //! - No `unsafe`: the crate is `#![deny(unsafe_code)]`.
 
+pub mod cascade;
 pub mod distill;
 pub mod element;
 pub mod ensemble;
 pub mod error;
+pub mod learn;
 pub mod math;
 pub mod merge;
 pub mod moe;
