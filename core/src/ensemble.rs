@@ -90,7 +90,7 @@
 //! exponential per token; top-1/top-2 are one compare pass over the written
 //! row, like the argmax). Rows that are fully masked or NaN get NaN in all
 //! four outputs: they have no distribution, and a cascade
-//! (`cascade::defer`) escalates them.
+//! ([`crate::cascade::defer`]) escalates them.
 //!
 //! All arithmetic is `f32` with stable (max-shifted) exponentials. A call
 //! that returns `Err` writes nothing.
