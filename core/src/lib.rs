@@ -12,7 +12,17 @@
 //!   against an ensemble, fused with the combination.
 //! - [`ensemble`]: combining the next-token distributions of several models
 //!   (linear and log-linear interpolation, per-row weights, temperatures,
-//!   padded vocabularies, plausibility masks).
+//!   padded vocabularies, plausibility masks), with optional per-row
+//!   uncertainty (entropy, top-1, margin, model disagreement) fused in.
+//! - [`learn`]: combination weights learnt from held-out data (EM for
+//!   linear weights, Newton's method for signed log-linear coefficients)
+//!   and context-dependent posterior weights.
+//! - [`cascade`]: which rows to escalate to a larger model, by threshold or
+//!   by an exact escalation rate.
+//! - [`merge`]: merging model weights tensor by tensor (soups, task
+//!   arithmetic, TIES, DARE, SLERP, Model Stock, SCE, ...).
+//! - [`moe`]: mixture-of-experts gating, capacity, auxiliary losses and
+//!   routing plans.
 //!
 //! ## Conventions (every module follows them)
 //!
