@@ -485,6 +485,7 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result
             .then(|| DeviceRowsMut::new(view_mut(&p, n), c.b, c.v, os).unwrap()),
         argmax: Some(view_mut(&am, c.b)),
         log_normalizer: Some(view_mut(&lz, c.b)),
+        ..Default::default()
     };
     // SAFETY: the stream is live for the call.
     let stream = unsafe { Stream::from_raw(g.stream.as_inner().cast()) };
