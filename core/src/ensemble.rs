@@ -61,18 +61,49 @@
 //! - Log-linear rows with every coefficient zero are uniform over the tokens
 //!   the plausibility mask keeps (over all `V` without one).
 //!
+//! # Per-row uncertainty
+//!
+//! [`Output`] can also report, per row, how sure the combined distribution
+//! is ("models tend to be more uncertain when they are about to make
+//! errors", which is what cascades and selective prediction exploit):
+//!
+//! - [`Output::entropy`]: `H(P) = -sum_v P(v) ln P(v)` in nats, of the output
+//!   distribution (after `T_out` and every mask); `0` for a one-hot row,
+//!   `ln n` for a uniform row over `n` tokens.
+//! - [`Output::top1_prob`]: `max_v P(v)`.
+//! - [`Output::margin`]: top-1 minus top-2 probability, the second counted
+//!   with multiplicity (two tokens tied at the top give `0`; a row with one
+//!   token of nonzero probability gives the top-1 probability).
+//! - [`Output::disagreement`] (linear mode only, [`Error::Unsupported`]
+//!   in log-linear mode): `H(sum_m w_m P_m) - sum_m w_m H(P_m)` over the
+//!   models live in the row (nonzero weight, row not fully masked), with
+//!   the weights normalized over them and each `P_m = softmax(z_m / T_m)` on
+//!   its own `V_m` tokens. It is the generalized Jensen-Shannon divergence of
+//!   the members, i.e. the mutual information between the token and which
+//!   model produced it: `0` when the models agree, at most `ln M`. It
+//!   describes the members, so it is taken before `T_out`, the
+//!   [`MaskRule::Any`] masks and the plausibility mask, and clamped at 0
+//!   against rounding.
+//!
+//! They are fused into the combination's passes (the entropies ride on the
+//! online log-sum-exp statistics, as `ln S - sum e^y y / S`, with no extra
+//! exponential per token; top-1/top-2 are one compare pass over the written
+//! row, like the argmax). Rows that are fully masked or NaN get NaN in all
+//! four outputs: they have no distribution, and a cascade
+//! (`cascade::defer`) escalates them.
+//!
 //! All arithmetic is `f32` with stable (max-shifted) exponentials. A call
 //! that returns `Err` writes nothing.
 
 use crate::element::{Element, widen};
 use crate::error::{Error, ensure, ensure_len, ensure_len_at};
-use crate::math::{exp_nonpos, ln, ln_pos, max_fast};
+use crate::math::{exp, exp_nonpos, ln, ln_pos, max_fast};
 use crate::rowops::{
-    Online, TILE, argmax, exp_shift_inplace, exp_shift_into, exp_shift_store, max_and_bad, row_online,
-    sum_exp_shifted,
+    Online, TILE, argmax, exp_shift_inplace, exp_shift_into, exp_shift_store, ln_inplace_ent, max_and_bad,
+    row_online, sum_exp_ent, sum_exp_shifted, top2,
 };
 use crate::rows::{Rows, RowsMut};
-use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace_parts};
+use crate::softmax::{Report, RowStatus, inv_temperature, log_softmax_row_inplace_ent};
 use half::{bf16, f16};
 
 /// Most models one call combines.
@@ -198,6 +229,31 @@ impl<'a> Logits<'a> {
             lo = hi;
         }
         sum
+    }
+
+    /// [`Logits::sum_exp`] that also returns `sum_v e_v y_v` with
+    /// `y_v = (z_v - max) * inv_t`, `e_v = exp(y_v)` (the entropy term).
+    #[inline(always)]
+    pub(crate) fn sum_exp_ent(
+        &self,
+        b: usize,
+        max: f32,
+        inv_t: f32,
+        mut store: Option<&mut [f32]>,
+        tile: &mut [f32; TILE],
+    ) -> (f32, f32) {
+        let len = self.len();
+        let (mut sum, mut ent) = (0.0f32, 0.0f32);
+        let mut lo = 0;
+        while lo < len {
+            let hi = (lo + TILE).min(len);
+            let z = self.tile(b, lo, hi, tile);
+            let (s, h) = sum_exp_ent(z, max, inv_t, store.as_deref_mut().map(|st| &mut st[lo..hi]));
+            sum += s;
+            ent += h;
+            lo = hi;
+        }
+        (sum, ent)
     }
 
     /// Online (max, sum) statistics of row `b` at `1/inv_t`.
@@ -328,6 +384,31 @@ pub struct Output<'o> {
     /// tokens. Linear: `u_v = ln(sum_m w_m P_m(v)) / T_out` over kept tokens
     /// (so with `T_out = 1` and nothing masked, `ln Z = ln sum_m w_m`).
     pub log_normalizer: Option<&'o mut [f32]>,
+    /// Per row, the entropy `H(P) = -sum_v P(v) ln P(v)` (nats) of the
+    /// output distribution (after `T_out` and every mask). See
+    /// [Uncertainty](self#per-row-uncertainty).
+    pub entropy: Option<&'o mut [f32]>,
+    /// Per row, the top-1 probability `max_v P(v)`.
+    pub top1_prob: Option<&'o mut [f32]>,
+    /// Per row, the top-1 minus top-2 probability (`0` when two tokens tie at
+    /// the top; the top-1 probability when only one token has mass).
+    pub margin: Option<&'o mut [f32]>,
+    /// Per row, the models' disagreement (linear mode only): the
+    /// generalized Jensen-Shannon divergence `H(sum_m w_m P_m) - sum_m w_m
+    /// H(P_m)` of the live models' own distributions (normalized weights),
+    /// before `T_out` and the masks; the mutual information between the
+    /// token and the model index, what the ensemble adds over its members.
+    pub disagreement: Option<&'o mut [f32]>,
+}
+
+impl Output<'_> {
+    /// Whether any per-row uncertainty output is asked for.
+    fn wants_uncertainty(&self) -> bool {
+        self.entropy.is_some()
+            || self.top1_prob.is_some()
+            || self.margin.is_some()
+            || self.disagreement.is_some()
+    }
 }
 
 /// Validated, resolved parameters.
@@ -341,6 +422,10 @@ pub(crate) struct Plan<'c, 'a> {
     plaus: Option<(usize, f32)>,
     mask_any: bool,
     vocab: usize,
+    /// Compute the output entropy (and, linear, the mixture entropy).
+    want_entropy: bool,
+    /// Compute the per-model entropies for the disagreement (linear).
+    want_js: bool,
 }
 
 /// Shape of one model's logits and its temperature: what validating a
@@ -554,6 +639,8 @@ impl<'c, 'a> Plan<'c, 'a> {
             plaus: r.plausibility,
             mask_any: r.mask_any,
             vocab,
+            want_entropy: false,
+            want_js: false,
         })
     }
 
@@ -592,6 +679,10 @@ impl<'c, 'a> Plan<'c, 'a> {
 pub(crate) struct RowOut {
     pub(crate) status: RowStatus,
     pub(crate) log_z: f32,
+    /// Output entropy (when the plan wants it; NaN for rows not Ok).
+    pub(crate) entropy: f32,
+    /// Disagreement (linear, when the plan wants it; NaN for rows not Ok).
+    pub(crate) js: f32,
 }
 
 /// Scratch tiles for one call (on the stack, about 24 KiB).
@@ -668,6 +759,7 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
         Err(st) => return fill_status(out, st),
     };
     let mut online = Online::EMPTY;
+    let mut ent = 0.0f32;
     let v = plan.vocab;
     let mut lo = 0;
     while lo < v {
@@ -704,13 +796,17 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
         if let Some(t) = thr {
             apply_plausibility(plan, b, lo, acc, t, &mut s.conv);
         }
-        online.push(acc, 1.0);
+        if plan.want_entropy {
+            online.push_ent(acc, 1.0, &mut ent);
+        } else {
+            online.push(acc, 1.0);
+        }
         if online.bad {
             break;
         }
         lo = hi;
     }
-    finish_log_row(out, online)
+    finish_log_row(out, online, ent)
 }
 
 /// `acc (=|+=) c * z` with the log-linear masking rule. For `c < 0` a masked
@@ -739,6 +835,8 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
             RowOut {
                 status: st,
                 log_z: f32::NAN,
+                entropy: f32::NAN,
+                js: f32::NAN,
             }
         }
         _ => {
@@ -746,15 +844,18 @@ fn fill_status(out: &mut [f32], st: RowStatus) -> RowOut {
             RowOut {
                 status: RowStatus::Masked,
                 log_z: f32::NEG_INFINITY,
+                entropy: f32::NAN,
+                js: f32::NAN,
             }
         }
     }
 }
 
 /// Finishes a row of unnormalized scores `u` (already in `out`) with online
-/// statistics `o` (computed at `inv_t = 1`): `out = u - ln Z`.
+/// statistics `o` (computed at `inv_t = 1`): `out = u - ln Z`. `ent` is
+/// `sum e^(u - max) (u - max)` when the entropy is wanted (else unused).
 #[inline(always)]
-fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
+fn finish_log_row(out: &mut [f32], o: Online, ent: f32) -> RowOut {
     if o.bad {
         return fill_status(out, RowStatus::Nan);
     }
@@ -771,6 +872,9 @@ fn finish_log_row(out: &mut [f32], o: Online) -> RowOut {
     RowOut {
         status: RowStatus::Ok,
         log_z,
+        // H = -sum p ln p with ln p = (u - max) - ln S: ln S - ent / S.
+        entropy: log_sum - ent / o.sum,
+        js: f32::NAN,
     }
 }
 
@@ -824,6 +928,11 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
     let mut lm = [LinModel::default(); MAX_MODELS];
     let mut k = 0;
     let mut wsum = 0.0f32;
+    // sum over live models of w_m H(P_m) (disagreement only).
+    let mut hw = 0.0f32;
+    // sum_v P(v) ln P(v) of the mixture before masks (entropy, disagreement).
+    let mut plnp = 0.0f32;
+    let want_mix = plan.want_entropy || plan.want_js;
     for a in &act[..n] {
         let md = &plan.models[a.m].logits;
         let (mx, bad) = md.max_bad(b, &mut s.conv);
@@ -838,7 +947,14 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
         }
         let inv_t = plan.inv_t[a.m];
         let store = if k == 0 { Some(&mut *out) } else { None };
-        let sum = md.sum_exp(b, mx, inv_t, store, &mut s.conv);
+        let sum = if plan.want_js {
+            let (sum, ent) = md.sum_exp_ent(b, mx, inv_t, store, &mut s.conv);
+            // H(P_m) = ln S - sum e^y y / S.
+            hw += a.w * (ln(sum) - ent / sum);
+            sum
+        } else {
+            md.sum_exp(b, mx, inv_t, store, &mut s.conv)
+        };
         wsum += a.w;
         lm[k] = LinModel {
             m: a.m,
@@ -900,12 +1016,18 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
         let tiny = acc.iter().fold(false, |t, &a| t | (a < TINY));
         if tiny {
             for (i, a) in acc.iter_mut().enumerate() {
-                *a = if *a < TINY {
+                let p = *a;
+                *a = if p < TINY {
                     linear_token_exact(plan, lm, b, lo + i)
                 } else {
-                    ln_pos(*a)
+                    ln_pos(p)
                 };
+                if want_mix && p > 0.0 {
+                    plnp += p * *a;
+                }
             }
+        } else if want_mix {
+            plnp += ln_inplace_ent(acc);
         } else {
             for a in acc.iter_mut() {
                 *a = ln_pos(*a);
@@ -921,19 +1043,39 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
         }
         lo = hi;
     }
+    let h_mix = -plnp;
+    // Rounding can push the divergence a hair below 0; it is >= 0 exactly.
+    let js = if plan.want_js {
+        // One live model agrees with itself exactly.
+        if k == 1 {
+            0.0
+        } else {
+            max_fast(h_mix - hw / wsum, 0.0)
+        }
+    } else {
+        f32::NAN
+    };
     if !renorm {
         return RowOut {
             status: RowStatus::Ok,
             log_z: ln_w,
+            entropy: h_mix,
+            js,
         };
     }
     // ln Z = (ln W + max u') / T_out + ln sum exp((u' - max) / T_out): the
     // sum is formed before scaling so extreme T_out overflows to inf, never NaN.
-    let (max, log_sum, st) = log_softmax_row_inplace_parts(out, plan.inv_t_out);
+    let (max, log_sum, st, entropy) = if plan.want_entropy {
+        log_softmax_row_inplace_ent::<true>(out, plan.inv_t_out)
+    } else {
+        log_softmax_row_inplace_ent::<false>(out, plan.inv_t_out)
+    };
     match st {
         RowStatus::Ok => RowOut {
             status: st,
             log_z: (ln_w + max) * plan.inv_t_out + log_sum,
+            entropy,
+            js,
         },
         other => fill_status(out, other),
     }
@@ -1003,7 +1145,27 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
     if let Some(z) = &out.log_normalizer {
         ensure_len("log_normalizer", rows, z.len())?;
     }
-    let plan = Plan::new(models, cfg, rows, vocab)?;
+    for (arg, o) in [
+        ("entropy", &out.entropy),
+        ("top1_prob", &out.top1_prob),
+        ("margin", &out.margin),
+        ("disagreement", &out.disagreement),
+    ] {
+        if let Some(o) = o {
+            ensure_len(arg, rows, o.len())?;
+        }
+    }
+    ensure(
+        out.disagreement.is_none() || cfg.mode == Mode::Linear,
+        Error::Unsupported {
+            what: "disagreement is defined for linear mixtures",
+        },
+    )?;
+    let mut plan = Plan::new(models, cfg, rows, vocab)?;
+    plan.want_entropy = out.entropy.is_some();
+    plan.want_js = out.disagreement.is_some();
+    let want_top = out.top1_prob.is_some() || out.margin.is_some();
+    debug_assert!(out.wants_uncertainty() == (plan.want_entropy || plan.want_js || want_top));
     let mut s = Scratch::new();
     let mut report = Report::default();
     crate::simd::dispatch(
@@ -1030,6 +1192,33 @@ pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> R
                 }
                 if let Some(z) = out.log_normalizer.as_deref_mut() {
                     z[b] = r.log_z;
+                }
+                let ok = r.status == RowStatus::Ok;
+                if want_top {
+                    let row = match (&out.log_probs, &out.probs) {
+                        (Some(l), _) => l.row(b),
+                        (None, Some(p)) => p.row(b),
+                        (None, None) => unreachable!("checked above"),
+                    };
+                    let (p1, p2) = if ok {
+                        let (l1, l2) = top2(row);
+                        (exp(l1), exp(l2))
+                    } else {
+                        (f32::NAN, f32::NAN)
+                    };
+                    if let Some(t) = out.top1_prob.as_deref_mut() {
+                        t[b] = p1;
+                    }
+                    if let Some(mg) = out.margin.as_deref_mut() {
+                        mg[b] = p1 - p2;
+                    }
+                }
+                if let Some(h) = out.entropy.as_deref_mut() {
+                    // Rounding can give -1e-7 for a one-hot row; H >= 0.
+                    h[b] = if ok { max_fast(r.entropy, 0.0) } else { f32::NAN };
+                }
+                if let Some(d) = out.disagreement.as_deref_mut() {
+                    d[b] = if ok { r.js } else { f32::NAN };
                 }
                 match (&mut out.log_probs, &mut out.probs) {
                     (Some(l), Some(p)) => exp_shift_into(l.row(b), 0.0, p.row_mut(b)),

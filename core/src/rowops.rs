@@ -75,6 +75,94 @@ pub(crate) fn exp_shift_store(t: &[f32], m: f32, inv_t: f32, out: &mut [f32]) ->
     pairwise_sum(&acc) + s
 }
 
+/// [`sum_exp_shifted`] that also returns `sum_i e_i y_i` with
+/// `y_i = (t_i - m) * inv_t` and `e_i = exp(y_i)` (the entropy term; a
+/// token with `e_i = 0` adds 0, never `0 * -inf`). When `out` is given, each
+/// `e_i` is stored there as well.
+#[inline(always)]
+pub(crate) fn sum_exp_ent(t: &[f32], m: f32, inv_t: f32, mut out: Option<&mut [f32]>) -> (f32, f32) {
+    let mut acc = [0.0f32; LANES];
+    let mut ent = [0.0f32; LANES];
+    let mut it = t.chunks_exact(LANES);
+    let mut pos = 0;
+    for c in &mut it {
+        let mut e = [0.0f32; LANES];
+        for j in 0..LANES {
+            let y = (c[j] - m) * inv_t;
+            e[j] = exp_nonpos(y);
+            acc[j] += e[j];
+            ent[j] += if e[j] > 0.0 { e[j] * y } else { 0.0 };
+        }
+        if let Some(o) = out.as_deref_mut() {
+            o[pos..pos + LANES].copy_from_slice(&e);
+        }
+        pos += LANES;
+    }
+    let (mut s, mut h) = (0.0f32, 0.0f32);
+    for (i, &x) in it.remainder().iter().enumerate() {
+        let y = (x - m) * inv_t;
+        let e = exp_nonpos(y);
+        s += e;
+        h += if e > 0.0 { e * y } else { 0.0 };
+        if let Some(o) = out.as_deref_mut() {
+            o[pos + i] = e;
+        }
+    }
+    (pairwise_sum(&acc) + s, pairwise_sum(&ent) + h)
+}
+
+/// Replaces mixture probabilities `p >= 1e-30` (the linear pass's fast
+/// path) by their logarithms and returns `sum p ln p` of the replaced values.
+#[inline(always)]
+pub(crate) fn ln_inplace_ent(a: &mut [f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = a.chunks_exact_mut(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            let l = crate::math::ln_pos(c[j]);
+            acc[j] += c[j] * l;
+            c[j] = l;
+        }
+    }
+    let mut h = 0.0f32;
+    for x in it.into_remainder() {
+        let l = crate::math::ln_pos(*x);
+        h += *x * l;
+        *x = l;
+    }
+    pairwise_sum(&acc) + h
+}
+
+/// The largest and second largest values of `x` counting multiplicity
+/// (`-inf` where there are none). NaN-blind.
+#[inline(always)]
+pub(crate) fn top2(x: &[f32]) -> (f32, f32) {
+    let mut m1 = [f32::NEG_INFINITY; LANES];
+    let mut m2 = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            let lo = if c[j] < m1[j] { c[j] } else { m1[j] };
+            m2[j] = max_fast(lo, m2[j]);
+            m1[j] = max_fast(c[j], m1[j]);
+        }
+    }
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let mut fold = |v1: f32, v2: f32| {
+        // Merge the pair (v1 >= v2) into (a >= b).
+        let lo = if v1 < a { v1 } else { a };
+        b = max_fast(max_fast(lo, v2), b);
+        a = max_fast(v1, a);
+    };
+    for j in 0..LANES {
+        fold(m1[j], m2[j]);
+    }
+    for &v in it.remainder() {
+        fold(v, f32::NEG_INFINITY);
+    }
+    (a, b)
+}
+
 /// Sum of 16 lanes as a balanced tree.
 #[inline(always)]
 pub(crate) fn pairwise_sum(a: &[f32; LANES]) -> f32 {
@@ -117,6 +205,33 @@ impl Online {
         }
         if self.max > f32::NEG_INFINITY {
             self.sum += sum_exp_shifted(t, self.max, inv_t);
+        }
+    }
+
+    /// [`Online::push`] that also maintains `ent`, `sum exp(y) y` with
+    /// `y = (x - max) * inv_t` (relative to the current maximum).
+    #[inline(always)]
+    pub(crate) fn push_ent(&mut self, t: &[f32], inv_t: f32, ent: &mut f32) {
+        let (cm, cbad) = max_and_bad(t);
+        if cbad {
+            self.bad = true;
+            return;
+        }
+        if cm > self.max {
+            if self.sum > 0.0 {
+                // Shifting the reference from old to new max by d <= 0:
+                // sum' = e^d sum, ent' = e^d (ent + d sum).
+                let d = (self.max - cm) * inv_t;
+                let e = exp(d);
+                *ent = e * (*ent + d * self.sum);
+                self.sum *= e;
+            }
+            self.max = cm;
+        }
+        if self.max > f32::NEG_INFINITY {
+            let (s, h) = sum_exp_ent(t, self.max, inv_t, None);
+            self.sum += s;
+            *ent += h;
         }
     }
 

@@ -273,9 +273,26 @@ pub(crate) fn log_softmax_row_inplace(r: &mut [f32], inv_t: f32) -> (f32, RowSta
 /// maximum with other terms before scaling, avoiding `inf - inf`).
 #[inline(always)]
 pub(crate) fn log_softmax_row_inplace_parts(r: &mut [f32], inv_t: f32) -> (f32, f32, RowStatus) {
+    let (max, log_sum, st, _) = log_softmax_row_inplace_ent::<false>(r, inv_t);
+    (max, log_sum, st)
+}
+
+/// [`log_softmax_row_inplace_parts`] that also returns the entropy (nats) of
+/// the resulting distribution when `ENT` (NaN otherwise, and for rows that
+/// are not [`RowStatus::Ok`]).
+#[inline(always)]
+pub(crate) fn log_softmax_row_inplace_ent<const ENT: bool>(
+    r: &mut [f32],
+    inv_t: f32,
+) -> (f32, f32, RowStatus, f32) {
     let mut o = Online::EMPTY;
+    let mut ent = 0.0f32;
     for c in r.chunks(TILE) {
-        o.push(c, inv_t);
+        if ENT {
+            o.push_ent(c, inv_t, &mut ent);
+        } else {
+            o.push(c, inv_t);
+        }
         if o.bad {
             break;
         }
@@ -284,7 +301,7 @@ pub(crate) fn log_softmax_row_inplace_parts(r: &mut [f32], inv_t: f32) -> (f32, 
         return match classify_bad::<f32>(r) {
             Bad::Nan => {
                 r.fill(f32::NAN);
-                (f32::NAN, f32::NAN, RowStatus::Nan)
+                (f32::NAN, f32::NAN, RowStatus::Nan, f32::NAN)
             }
             Bad::PosInf(k) => {
                 let hit = -ln(k as f32);
@@ -295,17 +312,19 @@ pub(crate) fn log_softmax_row_inplace_parts(r: &mut [f32], inv_t: f32) -> (f32, 
                         f32::NEG_INFINITY
                     };
                 }
-                (f32::INFINITY, 0.0, RowStatus::Ok)
+                // Uniform over the k tokens at +inf.
+                (f32::INFINITY, 0.0, RowStatus::Ok, -hit)
             }
         };
     }
     if o.max == f32::NEG_INFINITY {
         r.fill(f32::NEG_INFINITY);
-        return (f32::NEG_INFINITY, 0.0, RowStatus::Masked);
+        return (f32::NEG_INFINITY, 0.0, RowStatus::Masked, f32::NAN);
     }
     let log_sum = o.log_sum();
     for v in r.iter_mut() {
         *v = (*v - o.max) * inv_t - log_sum;
     }
-    (o.max, log_sum, RowStatus::Ok)
+    let h = if ENT { log_sum - ent / o.sum } else { f32::NAN };
+    (o.max, log_sum, RowStatus::Ok, h)
 }

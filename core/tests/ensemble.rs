@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Gen, RefMode, RefModel, assert_logprobs_close, combine_row as ref_row, plaus_margin};
+use common::{
+    Gen, RefMode, RefModel, assert_logprobs_close, combine_row as ref_row, plaus_margin, ref_disagreement,
+    ref_uncertainty,
+};
 use medley_core::ensemble::{
     Config, Logits, MaskRule, Mode, Model, NO_TOKEN, Output, Plausibility, Weights, combine,
 };
@@ -199,6 +202,9 @@ struct Run {
     p: Vec<f32>,
     am: Vec<u32>,
     lz: Vec<f32>,
+    /// entropy, top-1 probability, margin, disagreement (NaN-poisoned
+    /// before the call; disagreement only in linear mode).
+    unc: [Vec<f32>; 4],
     report: medley_core::Report,
 }
 
@@ -207,11 +213,18 @@ fn run(models: &[Model<'_>], cfg: &Config<'_>, b: usize, v: usize) -> Result<Run
     let mut p = vec![f32::NAN; b * v];
     let mut am = vec![0u32; b];
     let mut lz = vec![0.0f32; b];
+    let poison = -12345.0f32;
+    let [mut h, mut t1, mut mg, mut js] = [(); 4].map(|_| vec![poison; b]);
+    let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
     let out = Output {
         log_probs: Some(RowsMut::dense(&mut lp, b, v).unwrap()),
         probs: Some(RowsMut::dense(&mut p, b, v).unwrap()),
         argmax: Some(&mut am),
         log_normalizer: Some(&mut lz),
+        entropy: Some(&mut h),
+        top1_prob: Some(&mut t1),
+        margin: Some(&mut mg),
+        disagreement: linear.then_some(&mut js[..]),
     };
     let report = combine(models, cfg, out)?;
     Ok(Run {
@@ -219,6 +232,7 @@ fn run(models: &[Model<'_>], cfg: &Config<'_>, b: usize, v: usize) -> Result<Run
         p,
         am,
         lz,
+        unc: [h, t1, mg, js],
         report,
     })
 }
@@ -271,6 +285,11 @@ fn check_against_reference(c: &Case, dtype: u8) -> Result<(), TestCaseError> {
                 prop_assert!(prow.iter().all(|&x| x == 0.0));
                 prop_assert_eq!(r.am[b], NO_TOKEN);
                 prop_assert_eq!(r.lz[b], f32::NEG_INFINITY);
+                for (k, u) in r.unc.iter().enumerate() {
+                    if k < 3 || c.ref_mode() != RefMode::LogLinear {
+                        prop_assert!(u[b].is_nan(), "masked row {b}: uncertainty {k} = {}", u[b]);
+                    }
+                }
             }
             Some((want, log_z)) => {
                 assert_logprobs_close(row, &want, 2e-4, 2e-5, 1e-4).map_err(TestCaseError::fail)?;
@@ -292,6 +311,36 @@ fn check_against_reference(c: &Case, dtype: u8) -> Result<(), TestCaseError> {
                     "lz {} vs {log_z}",
                     r.lz[b]
                 );
+                // Uncertainty outputs against their f64 definitions.
+                let (h, p1, mg) = ref_uncertainty(&want);
+                let close =
+                    |got: f32, want: f64, tol: f64| (got as f64 - want).abs() <= tol * (1.0 + want.abs());
+                prop_assert!(
+                    close(r.unc[0][b], h, 2e-4),
+                    "row {b}: entropy {} vs {h}",
+                    r.unc[0][b]
+                );
+                prop_assert!(
+                    close(r.unc[1][b], p1, 2e-5),
+                    "row {b}: top1 {} vs {p1}",
+                    r.unc[1][b]
+                );
+                prop_assert!(
+                    close(r.unc[2][b], mg, 2e-5),
+                    "row {b}: margin {} vs {mg}",
+                    r.unc[2][b]
+                );
+                if c.ref_mode() != RefMode::LogLinear {
+                    let js = ref_disagreement(&refs, b, &c.row_weights(b), c.v).expect("a live model");
+                    prop_assert!(
+                        close(r.unc[3][b], js, 2e-4),
+                        "row {b}: disagreement {} vs {js}",
+                        r.unc[3][b]
+                    );
+                    prop_assert!(r.unc[3][b] >= 0.0);
+                } else {
+                    prop_assert_eq!(r.unc[3][b], -12345.0, "disagreement written in log-linear mode");
+                }
             }
         }
     }
@@ -915,4 +964,144 @@ fn nan_beyond_another_models_vocabulary_still_surfaces() {
     let models = [Model::new(Rows::single(&a)), Model::new(Rows::single(&b))];
     let r = run(&models, &Config::log_linear(&[1.0, 1.0]), 1, 4).unwrap();
     assert_eq!(r.report.nan_rows, 1);
+}
+
+/// Uncertainty outputs of one call: (entropy, top1, margin, disagreement).
+fn uncertainty(models: &[Model<'_>], cfg: &Config<'_>, b: usize, v: usize) -> Result<[Vec<f32>; 4], Error> {
+    let mut lp = vec![0.0f32; b * v];
+    let [mut h, mut t1, mut mg, mut js] = [(); 4].map(|_| vec![-7.0f32; b]);
+    let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
+    combine(
+        models,
+        cfg,
+        Output {
+            log_probs: Some(RowsMut::dense(&mut lp, b, v).unwrap()),
+            entropy: Some(&mut h),
+            top1_prob: Some(&mut t1),
+            margin: Some(&mut mg),
+            disagreement: linear.then_some(&mut js[..]),
+            ..Default::default()
+        },
+    )?;
+    Ok([h, t1, mg, js])
+}
+
+#[test]
+fn uncertainty_of_one_hot_uniform_and_tied_rows() {
+    let ninf = f32::NEG_INFINITY;
+    // Row 0 one-hot, row 1 uniform over 4, row 2 two tokens tied at the top.
+    let z = [0.0, ninf, ninf, ninf, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 0.0, ninf];
+    let m = [Model::new(Rows::dense(&z, 3, 4).unwrap())];
+    for cfg in [Config::linear(&[1.0]), Config::log_linear(&[1.0])] {
+        let [h, t1, mg, js] = uncertainty(&m, &cfg, 3, 4).unwrap();
+        assert_eq!(h[0], 0.0);
+        assert_eq!((t1[0], mg[0]), (1.0, 1.0), "one token with mass: margin = top1");
+        assert!((h[1] - 4f32.ln()).abs() < 1e-6, "{}", h[1]);
+        assert!((t1[1] - 0.25).abs() < 1e-7 && mg[1] == 0.0);
+        assert!(mg[2] == 0.0 && t1[2] > 0.4, "tie at the top: {} {}", mg[2], t1[2]);
+        if cfg.mode == medley_core::ensemble::Mode::Linear {
+            // One model agrees with itself.
+            assert!(js.iter().all(|&d| d == 0.0), "{js:?}");
+        }
+    }
+}
+
+#[test]
+fn disagreement_is_zero_for_equal_models_and_ln2_for_disjoint_ones() {
+    let ninf = f32::NEG_INFINITY;
+    let a = [5.0f32, 1.0, 0.0, -2.0];
+    let hot_a = [0.0, ninf, ninf, ninf];
+    let hot_b = [ninf, ninf, 0.0, ninf];
+    let same = [Model::new(Rows::single(&a)), Model::new(Rows::single(&a))];
+    let [_, _, _, js] = uncertainty(&same, &Config::linear(&[0.3, 0.7]), 1, 4).unwrap();
+    assert!(js[0].abs() < 1e-6, "{}", js[0]);
+    let disjoint = [Model::new(Rows::single(&hot_a)), Model::new(Rows::single(&hot_b))];
+    let [h, t1, mg, js] = uncertainty(&disjoint, &Config::linear(&[1.0, 1.0]), 1, 4).unwrap();
+    assert!((js[0] - 2f32.ln()).abs() < 1e-6, "{}", js[0]);
+    assert!((h[0] - 2f32.ln()).abs() < 1e-6 && t1[0] == 0.5 && mg[0] == 0.0);
+    // A zero-weight model is not live: it does not disagree.
+    let [_, _, _, js] = uncertainty(&disjoint, &Config::linear(&[1.0, 0.0]), 1, 4).unwrap();
+    assert_eq!(js[0], 0.0);
+    // Disagreement ignores the output temperature (it describes the models).
+    let cfg = Config {
+        out_temperature: 3.0,
+        ..Config::linear(&[1.0, 1.0])
+    };
+    let [h3, _, _, js3] = uncertainty(&disjoint, &cfg, 1, 4).unwrap();
+    assert!((js3[0] - 2f32.ln()).abs() < 1e-6 && (h3[0] - 2f32.ln()).abs() < 1e-6);
+}
+
+#[test]
+fn uncertainty_of_masked_and_nan_rows_is_nan() {
+    let ninf = f32::NEG_INFINITY;
+    let z = [ninf, ninf, 1.0, f32::NAN, 0.5, 0.5];
+    let m = [Model::new(Rows::dense(&z, 3, 2).unwrap())];
+    for cfg in [Config::linear(&[1.0]), Config::log_linear(&[1.0])] {
+        let u = uncertainty(&m, &cfg, 3, 2).unwrap();
+        let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
+        for (k, col) in u.iter().enumerate() {
+            if k == 3 && !linear {
+                assert_eq!(col, &vec![-7.0; 3], "not written in log-linear mode");
+                continue;
+            }
+            assert!(
+                col[0].is_nan() && col[1].is_nan() && col[2].is_finite(),
+                "output {k}: {col:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn uncertainty_errors_leave_every_output_untouched() {
+    let a = [1.0f32, 2.0, 3.0, 4.0];
+    let m = [Model::new(Rows::dense(&a, 2, 2).unwrap())];
+    let mut lp = [9.0f32; 4];
+    let mut h = [9.0f32; 2];
+    let mut short = [9.0f32; 2];
+    // Disagreement in log-linear mode.
+    let err = combine(
+        &m,
+        &Config::log_linear(&[1.0]),
+        Output {
+            log_probs: Some(RowsMut::dense(&mut lp, 2, 2).unwrap()),
+            entropy: Some(&mut h),
+            disagreement: Some(&mut short[..]),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    for (arg, which) in [
+        ("entropy", 0),
+        ("top1_prob", 1),
+        ("margin", 2),
+        ("disagreement", 3),
+    ] {
+        let mut bad = [9.0f32; 3];
+        let mut out = Output {
+            log_probs: Some(RowsMut::dense(&mut lp, 2, 2).unwrap()),
+            entropy: Some(&mut h),
+            ..Default::default()
+        };
+        let slot = match which {
+            0 => &mut out.entropy,
+            1 => &mut out.top1_prob,
+            2 => &mut out.margin,
+            _ => &mut out.disagreement,
+        };
+        *slot = Some(&mut bad[..]);
+        let err = combine(&m, &Config::linear(&[1.0]), out).unwrap_err();
+        assert_eq!(
+            err,
+            Error::LengthMismatch {
+                arg,
+                index: 0,
+                expected: 2,
+                got: 3
+            }
+        );
+        assert_eq!(bad, [9.0; 3]);
+    }
+    assert_eq!((lp, h, short), ([9.0; 4], [9.0; 2], [9.0; 2]));
 }

@@ -46,16 +46,25 @@ fn run_all(a: &[f32], b: &[f32], v: usize) -> Vec<u32> {
     plaus.out_temperature = 1.2;
     for cfg in [Config::linear(&w), Config::log_linear(&c), plaus] {
         let mut am = vec![0u32; ROWS];
+        let [mut h, mut t1, mut mg, mut js] = [(); 4].map(|_| vec![0.0f32; ROWS]);
+        let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
         let o = Output {
             log_probs: Some(RowsMut::dense(&mut out, ROWS, v).unwrap()),
             probs: Some(RowsMut::dense(&mut probs, ROWS, v).unwrap()),
             argmax: Some(&mut am),
             log_normalizer: Some(&mut lse),
+            entropy: Some(&mut h),
+            top1_prob: Some(&mut t1),
+            margin: Some(&mut mg),
+            disagreement: linear.then_some(&mut js[..]),
         };
         combine(&models, &cfg, o).unwrap();
         put(&out);
         put(&probs);
         put(&lse);
+        for u in [&h, &t1, &mg, &js] {
+            put(u);
+        }
         put(&am.iter().map(|&i| f32::from_bits(i)).collect::<Vec<_>>());
     }
     let student = Model::new(rb);

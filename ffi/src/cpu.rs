@@ -423,6 +423,8 @@ pub unsafe extern "C" fn medley_ensemble_combine(
             // SAFETY: see above.
             log_normalizer: (!o.log_normalizer.is_null())
                 .then(|| unsafe { slice_mut(o.log_normalizer, o.log_normalizer_len) }),
+            // The per-row uncertainty outputs are not in the C ABI yet.
+            ..Default::default()
         };
         if output.log_probs.is_none() && output.probs.is_none() {
             // The core reports this too; checking here keeps `rows` and

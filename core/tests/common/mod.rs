@@ -216,3 +216,43 @@ pub fn assert_logprobs_close(
     }
     Ok(())
 }
+
+/// Entropy, top-1 probability and margin of a reference row of
+/// log-probabilities.
+pub fn ref_uncertainty(lp: &[f64]) -> (f64, f64, f64) {
+    let h: f64 = lp.iter().filter(|&&x| x > NEG_INF).map(|&x| -x.exp() * x).sum();
+    let mut p: Vec<f64> = lp.iter().map(|&x| x.exp()).collect();
+    p.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let p1 = p.first().copied().unwrap_or(0.0);
+    let p2 = p.get(1).copied().unwrap_or(0.0);
+    (h, p1, p1 - p2)
+}
+
+/// Reference disagreement of a linear row: `H(sum w P_m) - sum w H(P_m)`
+/// over the live models (nonzero weight, row not fully masked), weights
+/// normalized over them. `None` when no model is live.
+pub fn ref_disagreement(models: &[RefModel], b: usize, weights: &[f64], v: usize) -> Option<f64> {
+    let z = |m: usize, i: usize| -> f64 { models[m].rows[b].get(i).copied().unwrap_or(NEG_INF) };
+    let mut live = Vec::new();
+    for (m, &w) in weights.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        let full: Vec<f64> = (0..v).map(|i| z(m, i)).collect();
+        let lp = log_softmax(&full, models[m].t);
+        if lp.iter().any(|&x| x > NEG_INF) {
+            live.push((w, lp));
+        }
+    }
+    if live.is_empty() {
+        return None;
+    }
+    let wsum: f64 = live.iter().map(|(w, _)| w).sum();
+    let ent = |lp: &[f64]| -> f64 { lp.iter().filter(|&&x| x > NEG_INF).map(|&x| -x.exp() * x).sum() };
+    let mix: Vec<f64> = (0..v)
+        .map(|i| live.iter().map(|(w, lp)| w / wsum * lp[i].exp()).sum::<f64>())
+        .collect();
+    let h_mix: f64 = mix.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
+    let h_members: f64 = live.iter().map(|(w, lp)| w / wsum * ent(lp)).sum();
+    Some(h_mix - h_members)
+}
