@@ -432,13 +432,33 @@ pub(crate) fn build_params(
         plausibility: cfg.plausibility,
         mask_rule: cfg.mask_rule,
     };
-    let r = resolve(&shapes[..models.len()], &core_cfg, rows, vocab)?;
-    if out.disagreement.is_some() && cfg.mode == Mode::LogLinear {
+    // The uncertainty outputs' lengths, then disagreement's mode, before
+    // the models (the core's order).
+    for (arg, o) in [
+        ("entropy", &out.entropy),
+        ("top1_prob", &out.top1_prob),
+        ("margin", &out.margin),
+        ("disagreement", &out.disagreement),
+    ] {
+        if let Some(x) = o
+            && x.len() != rows
+        {
+            return Err(Error::LengthMismatch {
+                arg,
+                index: 0,
+                expected: rows,
+                got: x.len(),
+            }
+            .into());
+        }
+    }
+    if out.disagreement.is_some() && cfg.mode != Mode::Linear {
         return Err(Error::Unsupported {
             what: "disagreement is defined for linear mixtures",
         }
         .into());
     }
+    let r = resolve(&shapes[..models.len()], &core_cfg, rows, vocab)?;
     let mut p = EnsembleParams {
         logp: 0,
         prob: 0,
@@ -518,15 +538,6 @@ pub(crate) fn build_params(
         ("disagreement", &out.disagreement, &mut p.disagree),
     ] {
         if let Some(x) = o {
-            if x.len() != rows {
-                return Err(Error::LengthMismatch {
-                    arg,
-                    index: 0,
-                    expected: rows,
-                    got: x.len(),
-                }
-                .into());
-            }
             check_ptr(x.as_raw(), rows, 4, arg)?;
             *dst = x.as_raw();
         }
