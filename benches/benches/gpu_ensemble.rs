@@ -77,7 +77,11 @@ fn ensemble(c: &mut Criterion) {
             .iter()
             .flat_map(|(mode, cfg)| with_unc.iter().map(move |&unc| (*mode, cfg, unc)))
         {
-            let mode = if unc { format!("{mode}+unc") } else { mode.to_string() };
+            let mode = if unc {
+                format!("{mode}+unc")
+            } else {
+                mode.to_string()
+            };
             let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
             for &version in versions {
                 let name = match version {

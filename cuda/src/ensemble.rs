@@ -794,3 +794,68 @@ fn combine(
     // context (made current by `enter`).
     unsafe { kernels.launch(f, grid, BLOCK, smem, stream, &params) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake device view (never dereferenced: build_params only checks
+    /// shapes, nullness and alignment).
+    fn fake<T>(addr: u64, n: usize) -> DeviceSliceMut<'static, T> {
+        // SAFETY: build_params never reads or writes through the view.
+        unsafe { DeviceSliceMut::from_raw(addr, n) }
+    }
+
+    #[test]
+    fn uncertainty_outputs_are_validated_like_the_core() {
+        let (b, v) = (3usize, 64usize);
+        // SAFETY: as `fake`.
+        let logits = unsafe { crate::mem::DeviceSlice::<f32>::from_raw(0x10_0000, b * v) };
+        let models = [DeviceModel {
+            logits: DeviceLogits::F32(DeviceRows::dense(logits, b, v).unwrap()),
+            temperature: 1.0,
+        }];
+        let out = |e: usize, d: Option<usize>| DeviceOutput {
+            log_probs: Some(DeviceRowsMut::dense(fake(0x20_0000, b * v), b, v).unwrap()),
+            entropy: Some(fake(0x30_0000, e)),
+            top1_prob: Some(fake(0x30_1000, b)),
+            margin: Some(fake(0x30_2000, b)),
+            disagreement: d.map(|n| fake(0x30_3000, n)),
+            ..Default::default()
+        };
+        let lin = DeviceConfig::linear(&[1.0]);
+        let ll = DeviceConfig::log_linear(&[1.0]);
+        let p = build_params(&models, &lin, &out(b, Some(b))).unwrap();
+        assert_eq!(p.flags & (F_UNC | F_DIS), F_UNC | F_DIS);
+        assert_eq!(
+            (p.entropy, p.top1, p.margin, p.disagree),
+            (0x30_0000, 0x30_1000, 0x30_2000, 0x30_3000)
+        );
+        let p = build_params(&models, &ll, &out(b, None)).unwrap();
+        assert_eq!(p.flags & (F_UNC | F_DIS), F_UNC);
+        assert_eq!(
+            build_params(&models, &ll, &out(b, Some(b))).unwrap_err(),
+            CudaError::Invalid(Error::Unsupported {
+                what: "disagreement is defined for linear mixtures"
+            })
+        );
+        assert!(matches!(
+            build_params(&models, &lin, &out(b + 1, None)),
+            Err(CudaError::Invalid(Error::LengthMismatch { arg: "entropy", .. }))
+        ));
+        assert!(matches!(
+            build_params(&models, &lin, &out(b, Some(1))),
+            Err(CudaError::Invalid(Error::LengthMismatch {
+                arg: "disagreement",
+                ..
+            }))
+        ));
+        // nothing requested: no flag, null pointers
+        let plain = DeviceOutput {
+            log_probs: Some(DeviceRowsMut::dense(fake(0x20_0000, b * v), b, v).unwrap()),
+            ..Default::default()
+        };
+        let p = build_params(&models, &lin, &plain).unwrap();
+        assert_eq!((p.flags & (F_UNC | F_DIS), p.entropy | p.disagree), (0, 0));
+    }
+}
