@@ -4,6 +4,12 @@
 //! holds them. Throughput is the effective bandwidth: bytes read (every
 //! model's logits) plus bytes written (one f32 log-probability row), per
 //! second. Without a GPU the group prints why it was skipped.
+//!
+//! For M 2/8 and B 1/64/256 each mode also runs with every applicable
+//! per-row uncertainty output requested (`linear+unc`: entropy, top-1,
+//! margin, disagreement; `loglinear+unc`: the first three), next to the
+//! plain call, so their cost reads off the same table (same bytes counted:
+//! the per-row outputs are a few bytes).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
@@ -41,6 +47,12 @@ fn ensemble(c: &mut Criterion) {
             .collect();
         let input = Buffer::from_slice(&data).expect("inputs");
         let out = Buffer::zeroed(b * v * 4).expect("outputs");
+        let unc_out: [Buffer; 4] = [(); 4].map(|_| Buffer::zeroed(b * 4).expect("uncertainty outputs"));
+        let with_unc: &[bool] = if [2, 8].contains(&m) && [1, 64, 256].contains(&b) {
+            &[false, true]
+        } else {
+            &[false]
+        };
         let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2).expect("workspace size");
         let ws = Buffer::zeroed(ws_len).expect("workspace");
         let bytes = (set * 2 + b * v * 4) as u64;
@@ -57,16 +69,26 @@ fn ensemble(c: &mut Criterion) {
         } else {
             &[Version::Auto]
         };
-        for (mode, cfg) in [
+        let configs = [
             ("linear", DeviceConfig::linear(&weights)),
             ("loglinear", DeviceConfig::log_linear(&coefs)),
-        ] {
+        ];
+        for (mode, cfg, unc) in configs
+            .iter()
+            .flat_map(|(mode, cfg)| with_unc.iter().map(move |&unc| (*mode, cfg, unc)))
+        {
+            let mode = if unc {
+                format!("{mode}+unc")
+            } else {
+                mode.to_string()
+            };
+            let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
             for &version in versions {
                 let name = match version {
                     Version::V1 => "v1",
                     _ => "v2",
                 };
-                group.bench_function(BenchmarkId::new(mode, name), |bch| {
+                group.bench_function(BenchmarkId::new(&mode, name), |bch| {
                     bch.iter_custom(|iters| {
                         let start = Event::new().expect("event");
                         let end = Event::new().expect("event");
@@ -94,10 +116,14 @@ fn ensemble(c: &mut Criterion) {
                                 log_probs: Some(
                                     DeviceRowsMut::dense(out.view_mut::<f32>(b * v), b, v).unwrap(),
                                 ),
+                                entropy: unc.then(|| unc_out[0].view_mut(b)),
+                                top1_prob: unc.then(|| unc_out[1].view_mut(b)),
+                                margin: unc.then(|| unc_out[2].view_mut(b)),
+                                disagreement: (unc && linear).then(|| unc_out[3].view_mut(b)),
                                 ..Default::default()
                             };
                             let w = (version != Version::V1).then(|| ws.view_mut::<u8>(ws.len()));
-                            let mut call = Combine::new(&models, &cfg, o).with_version(version);
+                            let mut call = Combine::new(&models, cfg, o).with_version(version);
                             call.workspace = w;
                             call.launch(gpu.kernels(), gpu.stream()).expect("launch");
                         }

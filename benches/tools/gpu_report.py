@@ -40,6 +40,17 @@ def main():
             best = min(e[f"{key}_eager_us"], e[f"{key}_compile_us"])
             print(f"| {m} | {b} | {v} | {mode} | {us:.1f} | {nbytes / us / 1e6:.2f} | {nbytes / (COPY_TBS * 1e6):.1f} | "
                   f"{e[f'{key}_eager_us']:.0f} | {e[f'{key}_compile_us']:.0f} | {best / us:.1f}x |")
+    print("\n### Cost of the per-row uncertainty outputs (same call, all applicable outputs requested)\n")
+    print("| M | B | V | mode | version | plain (us) | with uncertainty (us) | overhead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in sorted(k for k in res if k.startswith("cuda/ensemble/") and "+unc/" in k):
+        shape, mode_unc, ver = key.split("/")[2:5]
+        plain = res.get(key.replace("+unc/", "/"))
+        if plain is None:
+            continue
+        m, b, v = (int(x[1:]) for x in shape.split("_"))
+        us = res[key]
+        print(f"| {m} | {b} | {v} | {mode_unc.split('+')[0]} | {ver} | {plain:.1f} | {us:.1f} | {100 * (us / plain - 1):+.1f}% |")
     print("\n### Top-k gating (bf16 router logits; ids u32 and weights f32 out)\n")
     print("| E | k | T | variant | medley (us) | effective GB/s | gate_topk v1 (us) | PyTorch eager (us) | torch.compile (us) | vs best PyTorch |")
     print("|---|---|---|---|---|---|---|---|---|---|")

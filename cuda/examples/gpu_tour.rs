@@ -218,7 +218,7 @@ fn ensemble_case(
             log_probs: Some(RowsMut::dense(&mut lp_cpu, B, V).map_err(|e| format!("{e:?}"))?),
             probs: None,
             argmax: Some(&mut am_cpu),
-            log_normalizer: None,
+            ..Default::default()
         };
         core_ensemble::combine(&models, &cfg, out).map_err(|e| format!("cpu combine: {e:?}"))?;
     }

@@ -108,6 +108,23 @@ pub struct DeviceOutput<'o> {
     pub argmax: Option<DeviceSliceMut<'o, u32>>,
     /// `B` log-normalizers (see the core's `Output::log_normalizer`).
     pub log_normalizer: Option<DeviceSliceMut<'o, f32>>,
+    /// `B` entropies in nats of the output distribution (the core's
+    /// `Output::entropy`: after `T_out`, the [`MaskRule::Any`] masks and
+    /// the plausibility mask). NaN for masked and NaN rows.
+    pub entropy: Option<DeviceSliceMut<'o, f32>>,
+    /// `B` largest output probabilities (the core's `Output::top1_prob`).
+    /// NaN for masked and NaN rows.
+    pub top1_prob: Option<DeviceSliceMut<'o, f32>>,
+    /// `B` differences between the largest and the second largest output
+    /// probability, ties counted (the core's `Output::margin`). NaN for
+    /// masked and NaN rows.
+    pub margin: Option<DeviceSliceMut<'o, f32>>,
+    /// `B` generalized Jensen-Shannon divergences of the live models' own
+    /// distributions, before `T_out` and the masks (the core's
+    /// `Output::disagreement`); [`Mode::Linear`] only (asking for it in
+    /// [`Mode::LogLinear`] is [`Error::Unsupported`]). NaN for masked and
+    /// NaN rows.
+    pub disagreement: Option<DeviceSliceMut<'o, f32>>,
 }
 
 /// Which kernel version runs.
@@ -271,7 +288,7 @@ pub fn workspace_bytes(
         .unwrap_or(0))
 }
 
-/// The 488-byte by-value parameter of `ensemble_v1/v2` (layout documented
+/// The 520-byte by-value parameter of `ensemble_v1/v2` (layout documented
 /// at the top of `ptx/ensemble.ptx`).
 #[repr(C, align(8))]
 #[derive(Debug, Clone, Copy)]
@@ -297,6 +314,10 @@ pub(crate) struct EnsembleParams {
     chunks: u32,
     teams: u32,
     models: [ModelParam; MAX_DEVICE_MODELS],
+    entropy: u64,
+    top1: u64,
+    margin: u64,
+    disagree: u64,
 }
 
 #[repr(C)]
@@ -309,7 +330,7 @@ struct ModelParam {
     w: f32,
 }
 
-const _: () = assert!(core::mem::size_of::<EnsembleParams>() == 488);
+const _: () = assert!(core::mem::size_of::<EnsembleParams>() == 520);
 
 // SAFETY: EnsembleParams is #[repr(C)] plain data (integers, floats and
 // device addresses as u64), no host pointers or padding-sensitive
@@ -322,6 +343,10 @@ const F_MASK_ANY: u32 = 2;
 const F_PLAUS: u32 = 4;
 const F_RENORM: u32 = 8;
 const F_PERROW_SCALE: u32 = 16;
+/// Any of entropy, top-1 probability, margin requested.
+const F_UNC: u32 = 32;
+/// Disagreement requested (linear mode).
+const F_DIS: u32 = 64;
 
 fn fits_u32(arg: &'static str, index: usize, v: usize) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| {
@@ -407,6 +432,32 @@ pub(crate) fn build_params(
         plausibility: cfg.plausibility,
         mask_rule: cfg.mask_rule,
     };
+    // The uncertainty outputs' lengths, then disagreement's mode, before
+    // the models (the core's order).
+    for (arg, o) in [
+        ("entropy", &out.entropy),
+        ("top1_prob", &out.top1_prob),
+        ("margin", &out.margin),
+        ("disagreement", &out.disagreement),
+    ] {
+        if let Some(x) = o
+            && x.len() != rows
+        {
+            return Err(Error::LengthMismatch {
+                arg,
+                index: 0,
+                expected: rows,
+                got: x.len(),
+            }
+            .into());
+        }
+    }
+    if out.disagreement.is_some() && cfg.mode != Mode::Linear {
+        return Err(Error::Unsupported {
+            what: "disagreement is defined for linear mixtures",
+        }
+        .into());
+    }
     let r = resolve(&shapes[..models.len()], &core_cfg, rows, vocab)?;
     let mut p = EnsembleParams {
         logp: 0,
@@ -430,6 +481,10 @@ pub(crate) fn build_params(
         chunks: 0,
         teams: 0,
         models: [ModelParam::default(); MAX_DEVICE_MODELS],
+        entropy: 0,
+        top1: 0,
+        margin: 0,
+        disagree: 0,
     };
     if vocab >= u32::MAX as usize {
         return Err(Error::TooLarge {
@@ -475,6 +530,23 @@ pub(crate) fn build_params(
         }
         check_ptr(z.as_raw(), rows, 4, "log_normalizer")?;
         p.logz = z.as_raw();
+    }
+    for (arg, o, dst) in [
+        ("entropy", &out.entropy, &mut p.entropy),
+        ("top1_prob", &out.top1_prob, &mut p.top1),
+        ("margin", &out.margin, &mut p.margin),
+        ("disagreement", &out.disagreement, &mut p.disagree),
+    ] {
+        if let Some(x) = o {
+            check_ptr(x.as_raw(), rows, 4, arg)?;
+            *dst = x.as_raw();
+        }
+    }
+    if p.entropy != 0 || p.top1 != 0 || p.margin != 0 {
+        p.flags |= F_UNC;
+    }
+    if p.disagree != 0 {
+        p.flags |= F_DIS;
     }
     let mut dtype = None;
     for (i, m) in models.iter().enumerate() {
@@ -721,4 +793,69 @@ fn combine(
     // lifetimes cover the launch; the stream belongs to the kernels'
     // context (made current by `enter`).
     unsafe { kernels.launch(f, grid, BLOCK, smem, stream, &params) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake device view (never dereferenced: build_params only checks
+    /// shapes, nullness and alignment).
+    fn fake<T>(addr: u64, n: usize) -> DeviceSliceMut<'static, T> {
+        // SAFETY: build_params never reads or writes through the view.
+        unsafe { DeviceSliceMut::from_raw(addr, n) }
+    }
+
+    #[test]
+    fn uncertainty_outputs_are_validated_like_the_core() {
+        let (b, v) = (3usize, 64usize);
+        // SAFETY: as `fake`.
+        let logits = unsafe { crate::mem::DeviceSlice::<f32>::from_raw(0x10_0000, b * v) };
+        let models = [DeviceModel {
+            logits: DeviceLogits::F32(DeviceRows::dense(logits, b, v).unwrap()),
+            temperature: 1.0,
+        }];
+        let out = |e: usize, d: Option<usize>| DeviceOutput {
+            log_probs: Some(DeviceRowsMut::dense(fake(0x20_0000, b * v), b, v).unwrap()),
+            entropy: Some(fake(0x30_0000, e)),
+            top1_prob: Some(fake(0x30_1000, b)),
+            margin: Some(fake(0x30_2000, b)),
+            disagreement: d.map(|n| fake(0x30_3000, n)),
+            ..Default::default()
+        };
+        let lin = DeviceConfig::linear(&[1.0]);
+        let ll = DeviceConfig::log_linear(&[1.0]);
+        let p = build_params(&models, &lin, &out(b, Some(b))).unwrap();
+        assert_eq!(p.flags & (F_UNC | F_DIS), F_UNC | F_DIS);
+        assert_eq!(
+            (p.entropy, p.top1, p.margin, p.disagree),
+            (0x30_0000, 0x30_1000, 0x30_2000, 0x30_3000)
+        );
+        let p = build_params(&models, &ll, &out(b, None)).unwrap();
+        assert_eq!(p.flags & (F_UNC | F_DIS), F_UNC);
+        assert_eq!(
+            build_params(&models, &ll, &out(b, Some(b))).unwrap_err(),
+            CudaError::Invalid(Error::Unsupported {
+                what: "disagreement is defined for linear mixtures"
+            })
+        );
+        assert!(matches!(
+            build_params(&models, &lin, &out(b + 1, None)),
+            Err(CudaError::Invalid(Error::LengthMismatch { arg: "entropy", .. }))
+        ));
+        assert!(matches!(
+            build_params(&models, &lin, &out(b, Some(1))),
+            Err(CudaError::Invalid(Error::LengthMismatch {
+                arg: "disagreement",
+                ..
+            }))
+        ));
+        // nothing requested: no flag, null pointers
+        let plain = DeviceOutput {
+            log_probs: Some(DeviceRowsMut::dense(fake(0x20_0000, b * v), b, v).unwrap()),
+            ..Default::default()
+        };
+        let p = build_params(&models, &lin, &plain).unwrap();
+        assert_eq!((p.flags & (F_UNC | F_DIS), p.entropy | p.disagree), (0, 0));
+    }
 }

@@ -4,6 +4,13 @@
 //! (`core/tests/common`). GPU outputs start poisoned (a NaN payload no
 //! kernel writes), so an element left unwritten fails the case.
 //!
+//! Every GPU run is repeated with the per-row uncertainty outputs (entropy,
+//! top-1 probability, margin and, in linear mode, disagreement) requested:
+//! the other outputs must stay bit-identical to the plain run, and the
+//! uncertainty values must match the core's (relative tolerance 1e-4, NaN
+//! exactly where the core has NaN). A few extra cases with NaN rows run in
+//! this comparison only.
+//!
 //! Without a CUDA device the GPU half reports that it was skipped and why;
 //! the CPU half always runs.
 
@@ -47,6 +54,9 @@ struct Case {
     plaus: Option<(usize, f32)>,
     want_log: bool,
     want_prob: bool,
+    /// Some rows hold NaN logits (only the uncertainty comparison runs: the
+    /// f64 reference has no NaN rows).
+    nan_rows: bool,
 }
 
 fn round_to(dtype: u8, x: f32) -> f32 {
@@ -151,6 +161,7 @@ impl Case {
             },
             want_log,
             want_prob: !want_log || g.chance(0.5),
+            nan_rows: false,
         }
     }
 
@@ -188,6 +199,7 @@ impl Case {
             plaus: None,
             want_log: true,
             want_prob: true,
+            nan_rows: false,
         }
     }
 
@@ -213,7 +225,16 @@ struct Outs {
     p: Vec<f32>,
     am: Vec<u32>,
     lz: Vec<f32>,
+    /// Entropy, top-1 probability, margin, disagreement (as `UNC`).
+    unc: [Vec<f32>; 4],
 }
+
+/// The per-row uncertainty outputs, in `Outs::unc` order.
+const UNC: [&str; 4] = ["entropy", "top1_prob", "margin", "disagreement"];
+
+/// Relative tolerance of the GPU's uncertainty values against the core's
+/// (f32 math in a different summation order).
+const UNC_TOL: f32 = 1e-4;
 
 fn run_cpu(c: &Case) -> Outs {
     let f16s: Vec<Vec<f16>> = c
@@ -245,19 +266,29 @@ fn run_cpu(c: &Case) -> Outs {
             }
         })
         .collect();
+    let linear = c.mode == Mode::Linear;
     let mut o = Outs {
         lp: vec![0.0; c.b * c.v],
         p: vec![0.0; c.b * c.v],
         am: vec![0; c.b],
         lz: vec![0.0; c.b],
+        unc: [(); 4].map(|_| vec![0.0; c.b]),
     };
+    let [h, t1, mg, js] = &mut o.unc;
     let out = Output {
         log_probs: c.want_log.then(|| RowsMut::dense(&mut o.lp, c.b, c.v).unwrap()),
         probs: c.want_prob.then(|| RowsMut::dense(&mut o.p, c.b, c.v).unwrap()),
         argmax: Some(&mut o.am),
         log_normalizer: Some(&mut o.lz),
+        entropy: Some(h),
+        top1_prob: Some(t1),
+        margin: Some(mg),
+        disagreement: linear.then_some(&mut js[..]),
     };
     combine(&models, &c.config(), out).expect("valid case");
+    if !linear {
+        o.unc[3].clear();
+    }
     if !c.want_log {
         o.lp.clear();
     }
@@ -267,9 +298,9 @@ fn run_cpu(c: &Case) -> Outs {
     o
 }
 
-/// Checks one backend's outputs against the f64 reference.
-fn check(c: &Case, o: &Outs, backend: &str) -> Result<(), String> {
-    let refs: Vec<RefModel> = (0..c.m())
+/// The case's models as f64 reference models.
+fn ref_models(c: &Case) -> Vec<RefModel> {
+    (0..c.m())
         .map(|i| RefModel {
             rows: (0..c.b)
                 .map(|r| {
@@ -281,13 +312,21 @@ fn check(c: &Case, o: &Outs, backend: &str) -> Result<(), String> {
                 .collect(),
             t: c.temps[i] as f64,
         })
-        .collect();
-    if let Some((j, alpha)) = c.plaus {
-        for b in 0..c.b {
-            if plaus_margin(&refs[j], b, alpha as f64, c.v) < 1e-3 {
-                return Ok(()); // a token sits on the cut: rounding may decide it
-            }
-        }
+        .collect()
+}
+
+/// Whether a token of some row sits on the plausibility cut (rounding may
+/// decide it, so backends may legitimately differ).
+fn plaus_on_cut(c: &Case, refs: &[RefModel]) -> bool {
+    c.plaus
+        .is_some_and(|(j, alpha)| (0..c.b).any(|b| plaus_margin(&refs[j], b, alpha as f64, c.v) < 1e-3))
+}
+
+/// Checks one backend's outputs against the f64 reference.
+fn check(c: &Case, o: &Outs, backend: &str) -> Result<(), String> {
+    let refs = ref_models(c);
+    if plaus_on_cut(c, &refs) {
+        return Ok(()); // a token sits on the cut: rounding may decide it
     }
     let mode = match c.mode {
         Mode::Linear => RefMode::Linear {
@@ -423,7 +462,9 @@ fn poisoned(n: usize) -> DeviceBuffer<u32> {
     DeviceBuffer::from_slice(&vec![POISON; n.max(1)]).expect("alloc")
 }
 
-fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result<Outs, String> {
+/// One GPU run of `c`; with `unc`, the uncertainty outputs too (poisoned
+/// first; disagreement in linear mode).
+fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>, unc: bool) -> Result<Outs, String> {
     // Upload logits in their dtype.
     let bufs: Vec<DeviceBuffer<u32>> = Vec::new();
     let mut dev16: Vec<DeviceBuffer<u16>> = Vec::new();
@@ -464,6 +505,8 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result
     let p = poisoned(n);
     let am = poisoned(c.b);
     let lz = poisoned(c.b);
+    let ub: [DeviceBuffer<u32>; 4] = [(); 4].map(|_| poisoned(c.b));
+    let want_unc = |k: usize| unc && (k < 3 || c.mode == Mode::Linear);
     let wt = DeviceBuffer::from_slice(&c.weights).unwrap();
     // SAFETY (all views below): the buffers live until after the stream is
     // synchronized, and each is used by this one launch only.
@@ -485,6 +528,10 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result
             .then(|| DeviceRowsMut::new(view_mut(&p, n), c.b, c.v, os).unwrap()),
         argmax: Some(view_mut(&am, c.b)),
         log_normalizer: Some(view_mut(&lz, c.b)),
+        entropy: want_unc(0).then(|| view_mut(&ub[0], c.b)),
+        top1_prob: want_unc(1).then(|| view_mut(&ub[1], c.b)),
+        margin: want_unc(2).then(|| view_mut(&ub[2], c.b)),
+        disagreement: want_unc(3).then(|| view_mut(&ub[3], c.b)),
     };
     // SAFETY: the stream is live for the call.
     let stream = unsafe { Stream::from_raw(g.stream.as_inner().cast()) };
@@ -525,7 +572,64 @@ fn run_gpu(g: &Gpu, c: &Case, version: Version, ws: &DeviceBuffer<u8>) -> Result
         return Err(format!("{}: per-row output never written", c.name));
     }
     o.lz = lzb.into_iter().map(f32::from_bits).collect();
+    for k in (0..4).filter(|&k| want_unc(k)) {
+        let bits = fetch(&ub[k], c.b);
+        if let Some(r) = bits.iter().position(|&x| x == POISON) {
+            return Err(format!("{}: row {r} of {} never written", c.name, UNC[k]));
+        }
+        o.unc[k] = bits.into_iter().map(f32::from_bits).collect();
+    }
     Ok(o)
+}
+
+/// The other outputs of a run with the uncertainty outputs must be those of
+/// the plain run, bit for bit.
+fn same_bits(c: &Case, plain: &Outs, unc: &Outs) -> Result<(), String> {
+    let f = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (what, a, b) in [
+        ("log_probs", f(&plain.lp), f(&unc.lp)),
+        ("probs", f(&plain.p), f(&unc.p)),
+        ("log_normalizer", f(&plain.lz), f(&unc.lz)),
+        ("argmax", plain.am.clone(), unc.am.clone()),
+    ] {
+        if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            return Err(format!(
+                "{}: {what}[{i}] changed when uncertainty outputs are requested ({:#x} vs {:#x})",
+                c.name, a[i], b[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Compares the GPU's uncertainty outputs with the core's: NaN exactly where
+/// the core has NaN, else `|gpu - cpu| <= UNC_TOL * max(1, |cpu|)`. Returns
+/// how many values were compared.
+fn check_unc(c: &Case, gpu: &Outs, cpu: &Outs) -> Result<usize, String> {
+    let mut n = 0;
+    for k in 0..4 {
+        if gpu.unc[k].len() != cpu.unc[k].len() {
+            return Err(format!(
+                "{}: {} has {} rows, the core {}",
+                c.name,
+                UNC[k],
+                gpu.unc[k].len(),
+                cpu.unc[k].len()
+            ));
+        }
+        for (b, (&g, &w)) in gpu.unc[k].iter().zip(&cpu.unc[k]).enumerate() {
+            let ok = if w.is_nan() {
+                g.is_nan()
+            } else {
+                (g - w).abs() <= UNC_TOL * w.abs().max(1.0)
+            };
+            if !ok {
+                return Err(format!("{} row {b}: {} {g} vs the core's {w}", c.name, UNC[k]));
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn cases() -> Vec<Case> {
@@ -597,6 +701,48 @@ fn cases() -> Vec<Case> {
     e.mask_rule = MaskRule::Any;
     e.t_out = 0.7;
     v.push(e);
+    v.extend(nan_cases());
+    v
+}
+
+/// Cases with NaN rows (and masked rows) for the uncertainty comparison:
+/// both modes, aligned (v2) and odd rows, MaskRule::Any and T_out != 1.
+fn nan_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (i, (mode, dtype, vv, any)) in [
+        (Mode::Linear, 0u8, 1000usize, false),
+        (Mode::Linear, 2, 2048, true),
+        (Mode::Linear, 1, 777, false),
+        (Mode::LogLinear, 0, 1000, false),
+        (Mode::LogLinear, 1, 4096, false),
+        (Mode::LogLinear, 2, 333, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Case::dense(
+            &format!("NaN rows: {mode:?} dtype {dtype} V={vv}"),
+            40 + i as u64,
+            3,
+            4,
+            vv,
+            mode,
+            dtype,
+        );
+        c.nan_rows = true;
+        // row 1: a NaN logit of a weighted model; row 2: fully masked
+        c.data[0][vv + 17] = f32::NAN;
+        for m in 0..3 {
+            for x in c.data[m][2 * vv..3 * vv].iter_mut() {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        if any {
+            c.mask_rule = MaskRule::Any;
+            c.t_out = 0.7;
+        }
+        v.push(c);
+    }
     v
 }
 
@@ -611,13 +757,18 @@ fn v2_applies(c: &Case) -> bool {
 fn conformance_cpu_and_gpu() {
     let cases = cases();
     let mut failures = Vec::new();
-    for c in &cases {
-        if let Err(e) = check(c, &run_cpu(c), "cpu") {
+    let cpu: Vec<Outs> = cases.iter().map(run_cpu).collect();
+    for (c, o) in cases.iter().zip(&cpu) {
+        if c.nan_rows {
+            continue;
+        }
+        if let Err(e) = check(c, o, "cpu") {
             failures.push(e);
         }
     }
     let cpu_fail = failures.len();
     let mut gpu_runs = 0;
+    let (mut unc_runs, mut unc_values) = (0, 0);
     if let Some(g) = gpu() {
         // One workspace, zeroed once, reused by every v2 call (the kernel
         // must leave it ready for the next call).
@@ -642,18 +793,36 @@ fn conformance_cpu_and_gpu() {
             .filter(|v| only.is_empty() || only.contains(&format!("{v:?}").to_lowercase()))
             .collect();
         for version in versions {
-            for c in &cases {
+            for (c, cpu_o) in cases.iter().zip(&cpu) {
                 if version == Version::V2 && !v2_applies(c) {
                     continue;
                 }
                 gpu_runs += 1;
-                match run_gpu(&g, c, version, &ws) {
-                    Ok(o) => {
-                        if let Err(e) = check(c, &o, &format!("gpu {version:?}")) {
-                            failures.push(e);
-                        }
+                let plain = match run_gpu(&g, c, version, &ws, false) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        failures.push(format!("gpu {version:?}: {e}"));
+                        continue;
                     }
-                    Err(e) => failures.push(format!("gpu {version:?}: {e}")),
+                };
+                if !c.nan_rows
+                    && let Err(e) = check(c, &plain, &format!("gpu {version:?}"))
+                {
+                    failures.push(e);
+                }
+                // Again with the uncertainty outputs.
+                gpu_runs += 1;
+                unc_runs += 1;
+                let r = run_gpu(&g, c, version, &ws, true).and_then(|u| {
+                    same_bits(c, &plain, &u)?;
+                    if plaus_on_cut(c, &ref_models(c)) {
+                        return Ok(0); // the backends may cut differently
+                    }
+                    check_unc(c, &u, cpu_o)
+                });
+                match r {
+                    Ok(n) => unc_values += n,
+                    Err(e) => failures.push(format!("gpu {version:?} uncertainty: {e}")),
                 }
             }
         }
@@ -664,6 +833,9 @@ fn conformance_cpu_and_gpu() {
         cpu_fail,
         gpu_runs,
         failures.len() - cpu_fail
+    );
+    eprintln!(
+        "uncertainty: {unc_runs} GPU runs with entropy/top1/margin/disagreement, {unc_values} values compared with the core"
     );
     for f in failures.iter().take(20) {
         eprintln!("  {f}");

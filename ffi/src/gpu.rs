@@ -451,6 +451,7 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
                 argmax: (o.argmax != 0).then(|| DeviceSliceMut::from_raw(o.argmax, o.argmax_len)),
                 log_normalizer: (o.log_normalizer != 0)
                     .then(|| DeviceSliceMut::from_raw(o.log_normalizer, o.log_normalizer_len)),
+                ..Default::default()
             }
         };
         // SAFETY: the workspace too passed Region::device and
