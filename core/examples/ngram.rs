@@ -387,7 +387,10 @@ fn main() {
         verdict(em.log_likelihood_after >= em.log_likelihood_before)
     );
     let dev_bits = |cfg: &Config<'_>| bits_per_char(&combined(&dev_a, &dev_b, dev.len(), cfg), &dev);
-    let (de, dh) = (dev_bits(&Config::linear(&w_em)), dev_bits(&Config::linear(&[0.5, 0.5])));
+    let (de, dh) = (
+        dev_bits(&Config::linear(&w_em)),
+        dev_bits(&Config::linear(&[0.5, 0.5])),
+    );
     println!(
         "EM-fitted weights beat fixed 0.5/0.5 on the dev split they were fitted on ({de:.3} vs {dh:.3}): {}",
         verdict(de < dh)

@@ -813,13 +813,11 @@ fn loglinear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch
         if let Some(t) = thr {
             apply_plausibility(plan, b, lo, acc, t, &mut s.conv);
         }
-        if plan.want_entropy {
-            online.push_ent(acc, 1.0, &mut ent);
-        } else {
-            online.push(acc, 1.0);
-        }
-        if plan.want_top {
-            merge_top2(&mut top, acc);
+        match (plan.want_entropy, plan.want_top) {
+            (false, false) => online.push(acc, 1.0),
+            (true, false) => online.push_unc::<true, false>(acc, 1.0, &mut ent, &mut top),
+            (false, true) => online.push_unc::<false, true>(acc, 1.0, &mut ent, &mut top),
+            (true, true) => online.push_unc::<true, true>(acc, 1.0, &mut ent, &mut top),
         }
         if online.bad {
             break;

@@ -91,7 +91,9 @@ pub(crate) fn sum_exp_ent(t: &[f32], m: f32, inv_t: f32, mut out: Option<&mut [f
             let y = (c[j] - m) * inv_t;
             e[j] = exp_nonpos(y);
             acc[j] += e[j];
-            ent[j] += if e[j] > 0.0 { e[j] * y } else { 0.0 };
+            // exp is 0 below -104, so clamping y there changes no term and
+            // turns 0 * -inf into 0 * -104.
+            ent[j] += e[j] * max_fast(y, -104.0);
         }
         if let Some(o) = out.as_deref_mut() {
             o[pos..pos + LANES].copy_from_slice(&e);
@@ -103,7 +105,7 @@ pub(crate) fn sum_exp_ent(t: &[f32], m: f32, inv_t: f32, mut out: Option<&mut [f
         let y = (x - m) * inv_t;
         let e = exp_nonpos(y);
         s += e;
-        h += if e > 0.0 { e * y } else { 0.0 };
+        h += e * max_fast(y, -104.0);
         if let Some(o) = out.as_deref_mut() {
             o[pos + i] = e;
         }
@@ -131,6 +133,41 @@ pub(crate) fn ln_inplace_ent(a: &mut [f32]) -> f32 {
         *x = l;
     }
     pairwise_sum(&acc) + h
+}
+
+/// [`max_and_bad`] that also returns the second largest value (counting
+/// multiplicity): `(max, second, bad)`.
+#[inline(always)]
+pub(crate) fn max2_and_bad(t: &[f32]) -> (f32, f32, bool) {
+    let mut m1 = [f32::NEG_INFINITY; LANES];
+    let mut m2 = [f32::NEG_INFINITY; LANES];
+    let mut bad = [0u32; LANES];
+    let mut it = t.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            let x = c[j];
+            let lo = if x < m1[j] { x } else { m1[j] };
+            m2[j] = max_fast(lo, m2[j]);
+            m1[j] = max_fast(x, m1[j]);
+            bad[j] |= (!(x < f32::INFINITY) & (x != f32::NEG_INFINITY)) as u32;
+        }
+    }
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let mut bd = 0u32;
+    let mut fold = |v1: f32, v2: f32| {
+        let lo = if v1 < a { v1 } else { a };
+        b = max_fast(max_fast(lo, v2), b);
+        a = max_fast(v1, a);
+    };
+    for j in 0..LANES {
+        fold(m1[j], m2[j]);
+        bd |= bad[j];
+    }
+    for &x in it.remainder() {
+        fold(x, f32::NEG_INFINITY);
+        bd |= (!(x < f32::INFINITY) & (x != f32::NEG_INFINITY)) as u32;
+    }
+    (a, b, bd != 0)
 }
 
 /// The largest and second largest values of `x` counting multiplicity
@@ -232,6 +269,53 @@ impl Online {
             let (s, h) = sum_exp_ent(t, self.max, inv_t, None);
             self.sum += s;
             *ent += h;
+        }
+    }
+
+    /// [`Online::push`] with the per-row uncertainty statistics in the same
+    /// passes: `ent` as in [`Online::push_ent`] when `ENT`, and the running
+    /// two largest values `top` (merged like [`top2`]) when `TOP`, taken
+    /// from the pass that finds the tile's maximum.
+    #[inline(always)]
+    pub(crate) fn push_unc<const ENT: bool, const TOP: bool>(
+        &mut self,
+        t: &[f32],
+        inv_t: f32,
+        ent: &mut f32,
+        top: &mut (f32, f32),
+    ) {
+        let (cm, cbad) = if TOP {
+            let (a1, a2, bad) = max2_and_bad(t);
+            let lo = if a1 < top.0 { a1 } else { top.0 };
+            top.1 = max_fast(max_fast(lo, a2), top.1);
+            top.0 = max_fast(a1, top.0);
+            (a1, bad)
+        } else {
+            max_and_bad(t)
+        };
+        if cbad {
+            self.bad = true;
+            return;
+        }
+        if cm > self.max {
+            if ENT && self.sum > 0.0 {
+                let d = (self.max - cm) * inv_t;
+                let e = exp(d);
+                *ent = e * (*ent + d * self.sum);
+                self.sum *= e;
+            } else {
+                self.sum *= exp((self.max - cm) * inv_t);
+            }
+            self.max = cm;
+        }
+        if self.max > f32::NEG_INFINITY {
+            if ENT {
+                let (s, h) = sum_exp_ent(t, self.max, inv_t, None);
+                self.sum += s;
+                *ent += h;
+            } else {
+                self.sum += sum_exp_shifted(t, self.max, inv_t);
+            }
         }
     }
 
