@@ -1105,3 +1105,54 @@ fn uncertainty_errors_leave_every_output_untouched() {
     }
     assert_eq!((lp, h, short), ([9.0; 4], [9.0; 2], [9.0; 2]));
 }
+
+/// Long rows (a 256k vocabulary, many tokens in the deep tail): the
+/// entropies and the disagreement stay within 1e-5 of f64.
+#[test]
+fn uncertainty_of_long_rows_matches_f64() {
+    let v = 256_000;
+    // The last case is the GPU conformance suite's "M=2 B=1 V=256000 linear"
+    // (seed 15, 1% masked tokens, bf16-rounded, weights 1 and 2).
+    for (seed, scale, p_mask, w) in [
+        (1u64, 10.0, 0.0, [0.4f32, 0.6]),
+        (2, 3.0, 0.0, [0.4, 0.6]),
+        (15, 10.0, 0.01, [1.0, 2.0]),
+    ] {
+        let mut g = Gen(seed);
+        let data: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                (0..v)
+                    .map(|_| bf16::from_f32(g.logit(scale, p_mask)).to_f32())
+                    .collect()
+            })
+            .collect();
+        let models = simple_models(&data, v);
+        let [h, t1, _, js] = uncertainty(&models, &Config::linear(&w), 1, v).unwrap();
+        let refs: Vec<RefModel> = data
+            .iter()
+            .map(|d| RefModel {
+                rows: vec![d.iter().map(|&x| x as f64).collect()],
+                t: 1.0,
+            })
+            .collect();
+        let w64 = [w[0] as f64, w[1] as f64];
+        let (want_lp, _) =
+            ref_row(&refs, 0, &w64, RefMode::Linear { mask_any: false }, 1.0, None, v).unwrap();
+        let (want_h, want_t1, _) = ref_uncertainty(&want_lp);
+        let want_js = ref_disagreement(&refs, 0, &w64, v).unwrap();
+        eprintln!(
+            "seed {seed}: entropy {} vs {want_h}, disagreement {} vs {want_js}",
+            h[0], js[0]
+        );
+        let rel = |got: f32, want: f64| (got as f64 - want).abs() / want.abs().max(1e-3);
+        assert!(rel(h[0], want_h) < 1e-5, "entropy {} vs {want_h}", h[0]);
+        assert!(rel(t1[0], want_t1) < 1e-5, "top1 {} vs {want_t1}", t1[0]);
+        // The disagreement is a difference of entropies: its error scales
+        // with them.
+        assert!(
+            (js[0] as f64 - want_js).abs() < 1e-5 * want_h,
+            "disagreement {} vs {want_js}",
+            js[0]
+        );
+    }
+}
