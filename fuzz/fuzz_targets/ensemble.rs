@@ -3,7 +3,10 @@
 //! subnormal). Asserts: no panic; an error leaves outputs untouched; on
 //! success every row is exactly one of "NaN row" (all NaN, counted),
 //! "masked row" (all -inf, counted) or a valid distribution (no NaN, log-probs
-//! <= 0 up to rounding, probabilities summing to 1 within 1e-4).
+//! <= 0 up to rounding, probabilities summing to 1 within 1e-4). The per-row
+//! uncertainty outputs are NaN exactly on NaN and masked rows, else within
+//! their ranges: entropy in [0, ln V], top-1 in (0, 1], margin in
+//! [0, top-1], disagreement (linear) in [0, ln M].
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -105,15 +108,24 @@ fuzz_target!(|data: &[u8]| {
     let mut p = vec![SENTINEL; b * v];
     let mut am = vec![7u32; b];
     let mut lz = vec![SENTINEL; b];
+    let want_unc = r.u8() % 2 == 0;
+    // Disagreement is asked for in either mode: log-linear must refuse it.
+    let want_dis = want_unc && r.u8() % 2 == 0;
+    let [mut h, mut t1, mut mg, mut js] = [(); 4].map(|_| vec![SENTINEL; b]);
     let out = Output {
         log_probs: want_log.then(|| RowsMut::dense(&mut lp, b, v).unwrap()),
         probs: want_prob.then(|| RowsMut::dense(&mut p, b, v).unwrap()),
         argmax: Some(&mut am),
         log_normalizer: Some(&mut lz),
+        entropy: want_unc.then_some(&mut h[..]),
+        top1_prob: want_unc.then_some(&mut t1[..]),
+        margin: want_unc.then_some(&mut mg[..]),
+        disagreement: want_dis.then_some(&mut js[..]),
     };
     match combine(&models, &cfg, out) {
         Err(_) => {
             assert!(lp.iter().chain(&p).chain(&lz).all(|&x| x == SENTINEL));
+            assert!(h.iter().chain(&t1).chain(&mg).chain(&js).all(|&x| x == SENTINEL));
             assert!(am.iter().all(|&x| x == 7));
         }
         Ok(report) => {
@@ -126,6 +138,12 @@ fuzz_target!(|data: &[u8]| {
                     assert!(main.iter().all(|x| x.is_nan()), "partial NaN row");
                     assert!(lz[row].is_nan());
                     assert_eq!(am[row], u32::MAX);
+                    if want_unc {
+                        assert!(h[row].is_nan() && t1[row].is_nan() && mg[row].is_nan());
+                    }
+                    if want_dis {
+                        assert!(js[row].is_nan());
+                    }
                     nan_rows += 1;
                     continue;
                 }
@@ -143,8 +161,22 @@ fuzz_target!(|data: &[u8]| {
                 if total == 0.0 {
                     assert_eq!(am[row], u32::MAX);
                     assert_eq!(lz[row], f32::NEG_INFINITY);
+                    if want_unc {
+                        assert!(h[row].is_nan() && t1[row].is_nan() && mg[row].is_nan());
+                    }
                     masked_rows += 1;
                 } else {
+                    if want_unc {
+                        let ln_v = (v as f32).ln();
+                        assert!(h[row] >= 0.0 && h[row] <= ln_v * (1.0 + 1e-4) + 1e-4, "entropy {} of {v}", h[row]);
+                        assert!(t1[row] > 0.0 && t1[row] <= 1.0 + 1e-5, "top1 {}", t1[row]);
+                        assert!(mg[row] >= 0.0 && mg[row] <= t1[row], "margin {} top1 {}", mg[row], t1[row]);
+                    }
+                    if want_dis {
+                        assert_eq!(mode, Mode::Linear, "log-linear must refuse disagreement");
+                        let ln_m = (m as f32).ln();
+                        assert!(js[row] >= 0.0 && js[row] <= ln_m * (1.0 + 1e-4) + 1e-4, "disagreement {}", js[row]);
+                    }
                     assert!((total - 1.0).abs() < 1e-4, "row sums to {total}");
                     assert!((am[row] as usize) < v);
                     assert!(!lz[row].is_nan());
