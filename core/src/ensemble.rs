@@ -1135,7 +1135,7 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
 /// `plausibility.alpha` outside `[0, 1]`), [`Error::ZeroSum`] (linear
 /// weights of a row summing to 0), [`Error::IndexOutOfBounds`]
 /// (`plausibility.model`), [`Error::Unsupported`] (neither `log_probs` nor
-/// `probs` given).
+/// `probs` given, or `disagreement` asked for in log-linear mode).
 ///
 /// ```
 /// use medley_core::{Rows, RowsMut, ensemble::{combine, Config, Model, Output}};
@@ -1152,6 +1152,33 @@ fn linear_row(plan: &Plan<'_, '_>, b: usize, out: &mut [f32], s: &mut Scratch) -
 /// assert!(lp[3].is_finite());
 /// let total: f32 = lp.iter().map(|x| x.exp()).sum();
 /// assert!((total - 1.0).abs() < 1e-6);
+/// ```
+///
+/// The per-row uncertainty of the same combination, fused into the call:
+///
+/// ```
+/// use medley_core::{Rows, RowsMut, ensemble::{combine, Config, Model, Output}};
+/// let a = [2.0f32, 1.0, 0.0, f32::NEG_INFINITY];
+/// let b = [0.0f32, 1.0, 2.0, 3.0];
+/// let models = [Model::new(Rows::single(&a)), Model::new(Rows::single(&b))];
+/// let mut lp = [0.0f32; 4];
+/// let (mut h, mut top, mut margin, mut js) = ([0.0f32], [0.0f32], [0.0f32], [0.0f32]);
+/// let out = Output {
+///     log_probs: Some(RowsMut::single(&mut lp)),
+///     entropy: Some(&mut h),
+///     top1_prob: Some(&mut top),
+///     margin: Some(&mut margin),
+///     disagreement: Some(&mut js),
+///     ..Default::default()
+/// };
+/// combine(&models, &Config::linear(&[0.5, 0.5]), out).unwrap();
+/// let p: Vec<f32> = lp.iter().map(|x| x.exp()).collect();
+/// let want_h: f32 = -p.iter().zip(&lp).map(|(p, l)| p * l).sum::<f32>();
+/// assert!((h[0] - want_h).abs() < 1e-5);
+/// assert!((top[0] - p.iter().cloned().fold(0.0, f32::max)).abs() < 1e-6);
+/// assert!(margin[0] >= 0.0 && margin[0] <= top[0]);
+/// // The two models disagree (a prefers token 0, b token 3): 0 < JS <= ln 2.
+/// assert!(js[0] > 0.0 && js[0] <= 2f32.ln());
 /// ```
 pub fn combine(models: &[Model<'_>], cfg: &Config<'_>, mut out: Output<'_>) -> Result<Report, Error> {
     let (rows, vocab) = match (&out.log_probs, &out.probs) {
