@@ -14,27 +14,31 @@
 //! - the negative margin `-(P(top1) - P(top2))`;
 //! - for an ensemble, the disagreement of its members (below).
 //!
-//! [`ensemble::Output`](crate::ensemble::Output) is gaining per-row
-//! `entropy`, `top1_prob`, `margin` and `disagreement` outputs (the
-//! generalized Jensen-Shannon divergence of the models of a linear
-//! mixture), computed in the same pass as the combination; pass `entropy`
-//! (or `disagreement`) straight to [`defer`], or negate `top1_prob` /
-//! `margin` first. The examples here compute the entropy by hand.
+//! [`ensemble::Output`](crate::ensemble::Output) computes these per row
+//! in the same pass as the combination: `entropy`, `top1_prob`, `margin`
+//! and, for linear mixtures, `disagreement` (the generalized Jensen-Shannon
+//! divergence of the members). Pass `entropy` (or `disagreement`) straight
+//! to [`defer`], or negate `top1_prob` / `margin` first. Rows without a
+//! distribution (fully masked, NaN) have NaN there, so they escalate.
 //!
 //! # Recipe: a two-model cascade at a 25% escalation rate
 //!
 //! ```
 //! use medley_core::cascade::{defer, defer_scratch_len, Threshold};
-//! use medley_core::softmax::softmax;
+//! use medley_core::ensemble::{combine, Config, Model, Output};
 //! use medley_core::{Rows, RowsMut};
 //! let (rows, v) = (4, 3);
 //! // The small model's logits: sure on rows 0, 1, 3, unsure on row 2.
 //! let small = [5.0f32, 0.0, 0.0,  0.0, 5.0, 0.0,  1.0, 1.1, 0.9,  0.0, 0.0, 4.0];
+//! // Its distribution and per-row entropy in one call (one "model").
 //! let mut p = [0.0f32; 12];
-//! softmax(Rows::dense(&small, rows, v)?, 1.0, RowsMut::dense(&mut p, rows, v)?)?;
-//! let entropy: Vec<f32> = p.chunks(v)
-//!     .map(|r| -r.iter().filter(|&&x| x > 0.0).map(|&x| x * x.ln()).sum::<f32>())
-//!     .collect();
+//! let mut entropy = [0.0f32; 4];
+//! let out = Output {
+//!     probs: Some(RowsMut::dense(&mut p, rows, v)?),
+//!     entropy: Some(&mut entropy),
+//!     ..Default::default()
+//! };
+//! combine(&[Model::new(Rows::dense(&small, rows, v)?)], &Config::linear(&[1.0]), out)?;
 //! // Escalate the 25% most uncertain rows.
 //! let rate = Threshold::Rate(0.25);
 //! let mut scratch = vec![0.0f32; defer_scratch_len(rows, rate)];
