@@ -171,32 +171,11 @@ pub(crate) fn max2_and_bad(t: &[f32]) -> (f32, f32, bool) {
 }
 
 /// The largest and second largest values of `x` counting multiplicity
-/// (`-inf` where there are none). NaN-blind.
+/// (`-inf` where there are none). Meaningless when `x` holds a NaN: the
+/// callers' rows are NaN rows then, and their top-2 is discarded.
 #[inline(always)]
 pub(crate) fn top2(x: &[f32]) -> (f32, f32) {
-    let mut m1 = [f32::NEG_INFINITY; LANES];
-    let mut m2 = [f32::NEG_INFINITY; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for j in 0..LANES {
-            let lo = if c[j] < m1[j] { c[j] } else { m1[j] };
-            m2[j] = max_fast(lo, m2[j]);
-            m1[j] = max_fast(c[j], m1[j]);
-        }
-    }
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    let mut fold = |v1: f32, v2: f32| {
-        // Merge the pair (v1 >= v2) into (a >= b).
-        let lo = if v1 < a { v1 } else { a };
-        b = max_fast(max_fast(lo, v2), b);
-        a = max_fast(v1, a);
-    };
-    for j in 0..LANES {
-        fold(m1[j], m2[j]);
-    }
-    for &v in it.remainder() {
-        fold(v, f32::NEG_INFINITY);
-    }
+    let (a, b, _) = max2_and_bad(x);
     (a, b)
 }
 
