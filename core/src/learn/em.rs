@@ -4,6 +4,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::math64::{exp64, ln64};
+use super::{check_table_width, normalized};
 use crate::ensemble::MAX_MODELS;
 use crate::error::{Error, ensure, ensure_len};
 use crate::rows::Rows;
@@ -142,16 +143,8 @@ pub fn fit_linear_em(
     weights: &mut [f32],
 ) -> Result<EmReport, Error> {
     let (rows, m) = (log_probs.rows(), log_probs.len());
-    ensure(rows > 0 && m > 0, Error::Empty { arg: "log_probs" })?;
-    ensure(
-        m <= MAX_MODELS,
-        Error::TooLarge {
-            arg: "log_probs.len",
-            index: 0,
-            max: MAX_MODELS,
-            got: m,
-        },
-    )?;
+    ensure(rows > 0, Error::Empty { arg: "log_probs" })?;
+    check_table_width(m)?;
     ensure_len("weights", m, weights.len())?;
     ensure(
         opts.tolerance.is_finite(),
@@ -172,34 +165,7 @@ pub fn fit_linear_em(
         None => w[..m].fill(1.0 / m as f64),
         Some(init) => {
             ensure_len("initial", m, init.len())?;
-            let mut sum = 0.0f64;
-            for (i, &x) in init.iter().enumerate() {
-                ensure(
-                    x.is_finite(),
-                    Error::NonFinite {
-                        arg: "initial",
-                        index: i,
-                    },
-                )?;
-                ensure(
-                    x >= 0.0,
-                    Error::OutOfRange {
-                        arg: "initial",
-                        index: i,
-                    },
-                )?;
-                sum += x as f64;
-            }
-            ensure(
-                sum > 0.0,
-                Error::ZeroSum {
-                    arg: "initial",
-                    index: 0,
-                },
-            )?;
-            for (d, &x) in w.iter_mut().zip(init) {
-                *d = x as f64 / sum;
-            }
+            normalized("initial", init, &mut w[..m])?;
         }
     }
     for b in 0..rows {

@@ -86,6 +86,37 @@ fn check_models(models: &[Model<'_>], rows: usize, max: usize) -> Result<[f32; M
 }
 
 /// Checks that every target is below `bound`; the error's `index` is the row.
+/// Checks the width `m` of a `B x M` table of per-model log-probabilities:
+/// at least one model, at most [`MAX_MODELS`].
+fn check_table_width(m: usize) -> Result<(), Error> {
+    ensure(m > 0, Error::Empty { arg: "log_probs" })?;
+    ensure(
+        m <= MAX_MODELS,
+        Error::TooLarge {
+            arg: "log_probs.len",
+            index: 0,
+            max: MAX_MODELS,
+            got: m,
+        },
+    )
+}
+
+/// Checks `v` (finite, `>= 0`, positive sum; errors name `arg`) and writes
+/// `v / sum v` into `out[..v.len()]`.
+fn normalized(arg: &'static str, v: &[f32], out: &mut [f64]) -> Result<(), Error> {
+    let mut sum = 0.0f64;
+    for (i, &x) in v.iter().enumerate() {
+        ensure(x.is_finite(), Error::NonFinite { arg, index: i })?;
+        ensure(x >= 0.0, Error::OutOfRange { arg, index: i })?;
+        sum += x as f64;
+    }
+    ensure(sum > 0.0, Error::ZeroSum { arg, index: 0 })?;
+    for (d, &x) in out.iter_mut().zip(v) {
+        *d = x as f64 / sum;
+    }
+    Ok(())
+}
+
 fn check_targets(targets: &[u32], bound: usize) -> Result<(), Error> {
     for (b, &y) in targets.iter().enumerate() {
         ensure(

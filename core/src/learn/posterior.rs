@@ -4,6 +4,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::math64::{exp64, ln64};
+use super::{check_table_width, normalized};
 use crate::ensemble::MAX_MODELS;
 use crate::error::{Error, ensure, ensure_len};
 use crate::rows::{Rows, RowsMut};
@@ -128,16 +129,7 @@ pub fn posterior_weights(
     mut weights: RowsMut<'_, f32>,
 ) -> Result<(), Error> {
     let (rows, m) = (log_probs.rows(), log_probs.len());
-    ensure(m > 0, Error::Empty { arg: "log_probs" })?;
-    ensure(
-        m <= MAX_MODELS,
-        Error::TooLarge {
-            arg: "log_probs.len",
-            index: 0,
-            max: MAX_MODELS,
-            got: m,
-        },
-    )?;
+    check_table_width(m)?;
     ensure_len("weights.rows", rows, weights.rows())?;
     ensure_len("weights.len", m, weights.len())?;
     // ln prior and the normalized prior.
@@ -150,34 +142,9 @@ pub fn posterior_weights(
         }
         Some(p) => {
             ensure_len("prior", m, p.len())?;
-            let mut sum = 0.0f64;
-            for (i, &x) in p.iter().enumerate() {
-                ensure(
-                    x.is_finite(),
-                    Error::NonFinite {
-                        arg: "prior",
-                        index: i,
-                    },
-                )?;
-                ensure(
-                    x >= 0.0,
-                    Error::OutOfRange {
-                        arg: "prior",
-                        index: i,
-                    },
-                )?;
-                sum += x as f64;
-            }
-            ensure(
-                sum > 0.0,
-                Error::ZeroSum {
-                    arg: "prior",
-                    index: 0,
-                },
-            )?;
-            for ((l, w), &x) in lp.iter_mut().zip(prior_w.iter_mut()).zip(p) {
-                *w = x as f64 / sum;
-                *l = ln64(*w);
+            normalized("prior", p, &mut prior_w[..m])?;
+            for (l, &w) in lp.iter_mut().zip(&prior_w[..m]) {
+                *l = ln64(w);
             }
         }
     }
