@@ -49,6 +49,27 @@
 #endif
 
 /**
+ * Major version of the C ABI: changes only with an incompatible change
+ * (a function or field removed or changed); see "ABI policy" in
+ * ffi/README.md.
+ */
+#define MEDLEY_ABI_VERSION_MAJOR 1
+
+/**
+ * Minor version of the C ABI: grows with every added function, enum
+ * value, status or struct field (each struct layout keeps its
+ * `MEDLEY_*_SIZE_V<n>` constant).
+ */
+#define MEDLEY_ABI_VERSION_MINOR 1
+
+/**
+ * `MEDLEY_ABI_VERSION_MAJOR << 16 | MEDLEY_ABI_VERSION_MINOR`, what
+ * `medley_abi_version()` returns for the header the library was built
+ * with.
+ */
+#define MEDLEY_ABI_VERSION ((MEDLEY_ABI_VERSION_MAJOR << 16) | MEDLEY_ABI_VERSION_MINOR)
+
+/**
  * The argmax of a row with no valid token (fully masked or NaN).
  */
 #define MEDLEY_NO_TOKEN 4294967295
@@ -86,6 +107,48 @@
  * Most models one merge takes.
  */
 #define MEDLEY_MERGE_MAX_MODELS 64
+
+/**
+ * Size of the first `medley_report` layout (ABI 1.0): `struct_size`,
+ * `masked_rows`, `nan_rows`.
+ */
+#define MEDLEY_REPORT_SIZE_V1 24
+
+/**
+ * Size of the first `medley_ensemble_output` layout (ABI 1.0): up to and
+ * including `log_normalizer_len`.
+ */
+#define MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1 88
+
+/**
+ * Size of the second layout (ABI 1.1): layout 1 and the four per-row
+ * uncertainty outputs.
+ */
+#define MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2 152
+
+/**
+ * Size of the first `medley_ensemble_config` layout (ABI 1.0).
+ */
+#define MEDLEY_ENSEMBLE_CONFIG_SIZE_V1 64
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Size of the first `medley_cuda_ensemble_output` layout (ABI 1.0).
+ */
+#define MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1 88
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Size of the second layout (ABI 1.1, the uncertainty outputs added).
+ */
+#define MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2 152
+#endif
+
+/**
+ * Size of the first `medley_ties_options` layout (ABI 1.0).
+ */
+#define MEDLEY_TIES_OPTIONS_SIZE_V1 40
 
 /**
  * What a medley call returns. `MEDLEY_STATUS_OK` is 0; every failure has
@@ -161,6 +224,14 @@ enum medley_status
    * An output buffer overlaps another output or an input.
    */
   MEDLEY_STATUS_OVERLAP = 7008,
+  /**
+   * A versioned struct's `struct_size` is not a layout this library
+   * knows (below the first published size, between two published sizes,
+   * or above 4096), or a struct from a newer header sets a field this
+   * library does not have (nonzero bytes past its layout). See the ABI
+   * policy in ffi/README.md.
+   */
+  MEDLEY_STATUS_STRUCT_SIZE = 7009,
   /**
    * A CUDA driver call failed; `medley_last_cuda_error()` gives its raw
    * `CUresult` (34: the stub driver, 100: no device, 700: illegal
@@ -368,12 +439,41 @@ typedef struct medley_cuda_engine medley_cuda_engine;
 #endif
 
 /**
+ * What a row-wise call found: rows with no surviving token and rows made
+ * NaN by NaN or `+inf` inputs. Written only on success. A versioned
+ * output struct: the caller sets `struct_size` (`medley_report_init`) and
+ * the library writes the fields of that layout, nothing past it.
+ */
+typedef struct medley_report {
+  /**
+   * `sizeof(medley_report)` of the caller's header (set by
+   * `medley_report_init`); never written by the library.
+   */
+  size_t struct_size;
+  /**
+   * Fully masked rows (log-probabilities all `-inf`, probabilities 0,
+   * argmax `MEDLEY_NO_TOKEN`).
+   */
+  size_t masked_rows;
+  /**
+   * Rows whose outputs are NaN (argmax `MEDLEY_NO_TOKEN`).
+   */
+  size_t nan_rows;
+} medley_report;
+
+/**
  * Parameters of a combination, for `medley_ensemble_combine` and
- * `medley_cuda_ensemble_combine`. `medley_ensemble_config_default()`
- * gives a linear combination at `T_out = 1` with no mask and no weights
- * (set `weights` and `weights_len`).
+ * `medley_cuda_ensemble_combine`. A versioned struct: fill it with
+ * `medley_ensemble_config_init(&cfg, sizeof cfg)` (a linear combination
+ * at `T_out = 1` with no mask and no weights), then set `weights` and
+ * `weights_len`.
  */
 typedef struct medley_ensemble_config {
+  /**
+   * `sizeof(medley_ensemble_config)` of the caller's header (set by
+   * `medley_ensemble_config_init`).
+   */
+  size_t struct_size;
   /**
    * A `medley_mode` value.
    */
@@ -425,6 +525,104 @@ typedef struct medley_ensemble_config {
 } medley_ensemble_config;
 
 /**
+ * Where `medley_ensemble_combine` writes (host memory). Each output is
+ * optional: a null pointer means "not requested" (its length and stride
+ * are then ignored). At least one of `log_probs` and `probs` must be
+ * given. No output may overlap another output or an input. A versioned
+ * struct: start from `medley_ensemble_output_init(&out, sizeof out)` (no
+ * outputs requested).
+ */
+typedef struct medley_ensemble_output {
+  /**
+   * `sizeof(medley_ensemble_output)` of the caller's header (set by
+   * `medley_ensemble_output_init`). Layout 1 (`MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1`)
+   * ends after `log_normalizer_len`; layout 2 adds the per-row
+   * uncertainty outputs.
+   */
+  size_t struct_size;
+  /**
+   * `rows x vocab` log-probabilities (nullable).
+   */
+  float *log_probs;
+  /**
+   * Elements writable at `log_probs`.
+   */
+  size_t log_probs_len;
+  /**
+   * Row stride of `log_probs` (0 means `vocab`).
+   */
+  size_t log_probs_stride;
+  /**
+   * `rows x vocab` probabilities (nullable).
+   */
+  float *probs;
+  /**
+   * Elements writable at `probs`.
+   */
+  size_t probs_len;
+  /**
+   * Row stride of `probs` (0 means `vocab`).
+   */
+  size_t probs_stride;
+  /**
+   * `rows` argmax token ids (nullable; `MEDLEY_NO_TOKEN` for masked and
+   * NaN rows; the lowest index among ties).
+   */
+  uint32_t *argmax;
+  /**
+   * Elements writable at `argmax` (must be `rows`).
+   */
+  size_t argmax_len;
+  /**
+   * `rows` log-normalizers `ln Z` (nullable): `log_probs = u - ln Z`
+   * with `u` the unnormalized log-score.
+   */
+  float *log_normalizer;
+  /**
+   * Elements writable at `log_normalizer` (must be `rows`).
+   */
+  size_t log_normalizer_len;
+  /**
+   * Layout 2: `rows` entropies (nats) of the combined distribution
+   * (nullable; NaN for masked and NaN rows).
+   */
+  float *entropy;
+  /**
+   * Elements writable at `entropy` (must be `rows`).
+   */
+  size_t entropy_len;
+  /**
+   * Layout 2: `rows` probabilities of the argmax token (nullable; NaN
+   * for masked and NaN rows).
+   */
+  float *top1_prob;
+  /**
+   * Elements writable at `top1_prob` (must be `rows`).
+   */
+  size_t top1_prob_len;
+  /**
+   * Layout 2: `rows` margins `p(top1) - p(top2)` (nullable; NaN for
+   * masked and NaN rows; `p(top1)` when one token survives).
+   */
+  float *margin;
+  /**
+   * Elements writable at `margin` (must be `rows`).
+   */
+  size_t margin_len;
+  /**
+   * Layout 2: `rows` model disagreements, the mutual information
+   * `H(mixture) - sum_m w_m H(P_m)` in nats (nullable; linear mode only,
+   * `MEDLEY_STATUS_UNSUPPORTED` in log-linear mode; NaN for masked and
+   * NaN rows).
+   */
+  float *disagreement;
+  /**
+   * Elements writable at `disagreement` (must be `rows`).
+   */
+  size_t disagreement_len;
+} medley_ensemble_output;
+
+/**
  * A strided view of `rows x len` elements in host memory: row `i` starts at
  * element `i * stride` of `data`.
  */
@@ -473,19 +671,27 @@ typedef struct medley_model {
   float temperature;
 } medley_model;
 
+#if defined(MEDLEY_CUDA)
 /**
- * Where `medley_ensemble_combine` writes (host memory). Each output is
- * optional: a null pointer means "not requested" (its length and stride
- * are then ignored). At least one of `log_probs` and `probs` must be
- * given. No output may overlap another output or an input.
+ * Where `medley_cuda_ensemble_combine` writes (device memory; `float`
+ * outputs 4-byte aligned). A zero address means "not requested". At least
+ * one of `log_probs` and `probs` must be given. A versioned struct: start
+ * from `medley_cuda_ensemble_output_init(&out, sizeof out)`.
  */
-typedef struct medley_ensemble_output {
+typedef struct medley_cuda_ensemble_output {
   /**
-   * `rows x vocab` log-probabilities (nullable).
+   * `sizeof(medley_cuda_ensemble_output)` of the caller's header (set
+   * by `medley_cuda_ensemble_output_init`). Layout 1
+   * (`MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1`) ends after
+   * `log_normalizer_len`; layout 2 adds the per-row uncertainty outputs.
    */
-  float *log_probs;
+  size_t struct_size;
   /**
-   * Elements writable at `log_probs`.
+   * `rows x vocab` log-probabilities (0: none).
+   */
+  uint64_t log_probs;
+  /**
+   * Elements at `log_probs`.
    */
   size_t log_probs_len;
   /**
@@ -493,11 +699,11 @@ typedef struct medley_ensemble_output {
    */
   size_t log_probs_stride;
   /**
-   * `rows x vocab` probabilities (nullable).
+   * `rows x vocab` probabilities (0: none).
    */
-  float *probs;
+  uint64_t probs;
   /**
-   * Elements writable at `probs`.
+   * Elements at `probs`.
    */
   size_t probs_len;
   /**
@@ -505,40 +711,56 @@ typedef struct medley_ensemble_output {
    */
   size_t probs_stride;
   /**
-   * `rows` argmax token ids (nullable; `MEDLEY_NO_TOKEN` for masked and
-   * NaN rows; the lowest index among ties).
+   * `rows` argmax token ids, `uint32_t` (0: none).
    */
-  uint32_t *argmax;
+  uint64_t argmax;
   /**
-   * Elements writable at `argmax` (must be `rows`).
+   * Elements at `argmax` (must be `rows`).
    */
   size_t argmax_len;
   /**
-   * `rows` log-normalizers `ln Z` (nullable): `log_probs = u - ln Z`
-   * with `u` the unnormalized log-score.
+   * `rows` log-normalizers, `float` (0: none).
    */
-  float *log_normalizer;
+  uint64_t log_normalizer;
   /**
-   * Elements writable at `log_normalizer` (must be `rows`).
+   * Elements at `log_normalizer` (must be `rows`).
    */
   size_t log_normalizer_len;
-} medley_ensemble_output;
-
-/**
- * What a row-wise call found: rows with no surviving token and rows made
- * NaN by NaN or `+inf` inputs. Written only on success.
- */
-typedef struct medley_report {
   /**
-   * Fully masked rows (log-probabilities all `-inf`, probabilities 0,
-   * argmax `MEDLEY_NO_TOKEN`).
+   * Layout 2: `rows` entropies, `float` (0: none); as the CPU output.
    */
-  size_t masked_rows;
+  uint64_t entropy;
   /**
-   * Rows whose outputs are NaN (argmax `MEDLEY_NO_TOKEN`).
+   * Elements at `entropy` (must be `rows`).
    */
-  size_t nan_rows;
-} medley_report;
+  size_t entropy_len;
+  /**
+   * Layout 2: `rows` argmax probabilities, `float` (0: none).
+   */
+  uint64_t top1_prob;
+  /**
+   * Elements at `top1_prob` (must be `rows`).
+   */
+  size_t top1_prob_len;
+  /**
+   * Layout 2: `rows` top-1 minus top-2 margins, `float` (0: none).
+   */
+  uint64_t margin;
+  /**
+   * Elements at `margin` (must be `rows`).
+   */
+  size_t margin_len;
+  /**
+   * Layout 2: `rows` model disagreements, `float` (0: none; linear mode
+   * only).
+   */
+  uint64_t disagreement;
+  /**
+   * Elements at `disagreement` (must be `rows`).
+   */
+  size_t disagreement_len;
+} medley_cuda_ensemble_output;
+#endif
 
 #if defined(MEDLEY_CUDA)
 /**
@@ -591,61 +813,17 @@ typedef struct medley_cuda_model {
 } medley_cuda_model;
 #endif
 
-#if defined(MEDLEY_CUDA)
 /**
- * Where `medley_cuda_ensemble_combine` writes (device memory; `float`
- * outputs 4-byte aligned). A zero address means "not requested". At least
- * one of `log_probs` and `probs` must be given.
- */
-typedef struct medley_cuda_ensemble_output {
-  /**
-   * `rows x vocab` log-probabilities (0: none).
-   */
-  uint64_t log_probs;
-  /**
-   * Elements at `log_probs`.
-   */
-  size_t log_probs_len;
-  /**
-   * Row stride of `log_probs` (0 means `vocab`).
-   */
-  size_t log_probs_stride;
-  /**
-   * `rows x vocab` probabilities (0: none).
-   */
-  uint64_t probs;
-  /**
-   * Elements at `probs`.
-   */
-  size_t probs_len;
-  /**
-   * Row stride of `probs` (0 means `vocab`).
-   */
-  size_t probs_stride;
-  /**
-   * `rows` argmax token ids, `uint32_t` (0: none).
-   */
-  uint64_t argmax;
-  /**
-   * Elements at `argmax` (must be `rows`).
-   */
-  size_t argmax_len;
-  /**
-   * `rows` log-normalizers, `float` (0: none).
-   */
-  uint64_t log_normalizer;
-  /**
-   * Elements at `log_normalizer` (must be `rows`).
-   */
-  size_t log_normalizer_len;
-} medley_cuda_ensemble_output;
-#endif
-
-/**
- * Options of a TIES merge. `medley_ties_options_default()` is mergekit's
- * `ties`; `medley_ties_options_paper()` the paper's variant.
+ * Options of a TIES merge. A versioned struct:
+ * `medley_ties_options_init(&o, sizeof o)` fills in mergekit's `ties`,
+ * `medley_ties_options_init_paper(&o, sizeof o)` the paper's variant.
  */
 typedef struct medley_ties_options {
+  /**
+   * `sizeof(medley_ties_options)` of the caller's header (set by the
+   * init functions).
+   */
+  size_t struct_size;
   /**
    * A `medley_ties_consensus` value.
    */
@@ -704,10 +882,39 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * A linear combination at `T_out = 1`, `MEDLEY_MASK_ALL`, no plausibility
- * mask, no weights yet (`weights = NULL`, `weights_len = 0`).
+ * Fills `*report` with zero counts and sets its `struct_size` to
+ * `struct_size` (pass `sizeof *report`): call it on every
+ * `medley_report` before passing it. Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE` (a size this library does not know).
+ *
+ * # Safety
+ * `report` must be writable for `struct_size` bytes.
  */
-struct medley_ensemble_config medley_ensemble_config_default(void);
+medley_status medley_report_init(struct medley_report *report, size_t struct_size);
+
+/**
+ * Fills `*config` with the defaults (a linear combination at `T_out = 1`,
+ * `MEDLEY_MASK_ALL`, no plausibility mask, no weights) and sets its
+ * `struct_size` to `struct_size` (pass `sizeof *config`). Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `config` must be writable for `struct_size` bytes.
+ */
+medley_status medley_ensemble_config_init(struct medley_ensemble_config *config,
+                                          size_t struct_size);
+
+/**
+ * Fills `*out` with no outputs requested (every pointer null) and sets its
+ * `struct_size` to `struct_size` (pass `sizeof *out`). Returns as
+ * `medley_ensemble_config_init`.
+ *
+ * # Safety
+ * `out` must be writable for `struct_size` bytes.
+ */
+medley_status medley_ensemble_output_init(struct medley_ensemble_output *out, size_t struct_size);
 
 /**
  * Combines the next-token distributions of `n_models` models into one
@@ -799,6 +1006,20 @@ medley_status medley_moe_keep_topk_softmax(const struct medley_rows *logits,
                                            float *weights,
                                            size_t weights_len,
                                            struct medley_report *report);
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Fills `*out` with no outputs requested and sets its `struct_size` to
+ * `struct_size` (pass `sizeof *out`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `out` must be writable for `struct_size` bytes.
+ */
+medley_status medley_cuda_ensemble_output_init(struct medley_cuda_ensemble_output *out,
+                                               size_t struct_size);
+#endif
 
 #if defined(MEDLEY_CUDA)
 /**
@@ -985,16 +1206,27 @@ medley_status medley_cuda_moe_keep_topk_softmax(const struct medley_cuda_engine 
 #endif
 
 /**
- * mergekit's `ties`: weighted votes, sum consensus, weight-sum divisor,
- * normalized, `lambda = 1`, trim over the whole tensor.
+ * Fills `*options` with mergekit's `ties` (weighted votes, sum
+ * consensus, weight-sum divisor, normalized, `lambda = 1`, trim over the
+ * whole tensor) and sets its `struct_size` to `struct_size` (pass
+ * `sizeof *options`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
  */
-struct medley_ties_options medley_ties_options_default(void);
+medley_status medley_ties_options_init(struct medley_ties_options *options, size_t struct_size);
 
 /**
- * TIES as in the paper (Yadav et al. 2023): unweighted votes and the
- * disjoint mean over the agreeing models; otherwise as the default.
+ * As `medley_ties_options_init`, with TIES as in the paper (Yadav et al.
+ * 2023): unweighted votes and the disjoint mean over the agreeing models.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
  */
-struct medley_ties_options medley_ties_options_paper(void);
+medley_status medley_ties_options_init_paper(struct medley_ties_options *options,
+                                             size_t struct_size);
 
 /**
  * The `u32` scratch elements `medley_merge_ties` needs for these models,
@@ -1028,7 +1260,7 @@ medley_status medley_merge_ties_scratch_len(const struct medley_merge_model *mod
  * - `models`, `n_models`: 1 to 64 models, each with `n = base_len`
  *   elements of `dtype`, a weight and a density.
  * - `base`, `base_len`: the base model's tensor (`dtype`).
- * - `options`: required (`medley_ties_options_default()`).
+ * - `options`: required (`medley_ties_options_init`).
  * - `out`, `out_len`: `n` elements of `out_dtype` (any `medley_dtype`).
  * - `scratch`, `scratch_len`: at least `medley_merge_ties_scratch_len`
  *   `uint32_t` elements (null with 0 when none is needed).
@@ -1117,6 +1349,16 @@ medley_status medley_last_error_message(char *buf, size_t len, size_t *out_len);
  * present in both builds.
  */
 bool medley_has_cuda(void);
+
+/**
+ * The ABI version of the linked library, `MEDLEY_ABI_VERSION_MAJOR << 16 |
+ * MEDLEY_ABI_VERSION_MINOR` of the header it was built with. A program
+ * compiled against a header of the same major version and a minor version
+ * at most the library's gets every function and struct field it was
+ * compiled with (ffi/README.md, "ABI policy"); compare with
+ * `MEDLEY_ABI_VERSION` at start-up to refuse a mismatched library early.
+ */
+uint32_t medley_abi_version(void);
 
 /**
  * medley's version, as a static NUL-terminated string (`"0.1.0"`).

@@ -268,6 +268,175 @@ pub(crate) fn at_most(arg: &'static str, got: usize, max: usize) -> Result<(), F
     Ok(())
 }
 
+/// Most bytes a caller's struct may declare (`struct_size`): a bound on
+/// how far past the library's own layout the zero-tail check reads.
+pub(crate) const MAX_STRUCT_SIZE: usize = 4096;
+
+/// A struct that can grow (an options or output struct of the ABI policy):
+/// its first field is `struct_size` (a `size_t`), which the caller sets to
+/// `sizeof` the struct in the header it was compiled with.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, start with a `usize` field `struct_size`,
+/// and every field accepts any bit pattern (integers, floats, raw
+/// pointers; enums are passed as `u32`), so that a byte copy of a prefix
+/// over [`Versioned::DEFAULT`] is a valid value.
+pub(crate) unsafe trait Versioned: Copy {
+    /// The library's defaults, `struct_size` = `size_of::<Self>()`.
+    const DEFAULT: Self;
+    /// The sizes of every published layout, ascending; the last is
+    /// `size_of::<Self>()`.
+    const SIZES: &'static [usize];
+}
+
+/// Checks a caller's `struct_size` against the published layouts of `T`:
+/// one of [`Versioned::SIZES`] (an older or the current header), or larger
+/// than the current layout (a newer header) up to [`MAX_STRUCT_SIZE`].
+fn check_size<T: Versioned>(size: usize, arg: &'static str) -> Result<(), Fail> {
+    let cur = size_of::<T>();
+    if T::SIZES.contains(&size) || (size > cur && size <= MAX_STRUCT_SIZE) {
+        return Ok(());
+    }
+    Err(Fail::StructSize {
+        arg,
+        got: size,
+        min: T::SIZES[0],
+        max: cur,
+    })
+}
+
+/// Reads a versioned struct (see [`Versioned`] and the ABI policy in
+/// ffi/README.md): `struct_size` names the layout the caller was compiled
+/// with. An older layout is accepted and the fields it lacks take their
+/// defaults; a newer, larger one is accepted when every byte the library
+/// does not know is zero (the caller asked for nothing this library
+/// lacks); any other size is `Fail::StructSize`. Returns a copy, so no
+/// reference into caller memory outlives the call's checks.
+///
+/// # Safety
+/// When non-null and aligned, `p` must be readable for `struct_size` bytes
+/// (the value of its first `size_t`).
+pub(crate) unsafe fn versioned<T: Versioned>(p: *const T, arg: &'static str) -> Result<T, Fail> {
+    if p.is_null() {
+        return Err(Fail::Null { arg, index: 0 });
+    }
+    if !p.is_aligned() {
+        return Err(Fail::Misaligned {
+            arg,
+            index: 0,
+            align: align_of::<T>(),
+        });
+    }
+    // SAFETY: non-null and aligned for T, whose first field is a usize at
+    // offset 0 (Versioned's contract); every layout holds it.
+    let size = unsafe { p.cast::<usize>().read() };
+    check_size::<T>(size, arg)?;
+    let cur = size_of::<T>();
+    let base = p.cast::<u8>();
+    if size > cur {
+        // SAFETY: the caller guarantees `size` readable bytes at p.
+        let tail = unsafe { core::slice::from_raw_parts(base.add(cur), size - cur) };
+        if let Some(at) = tail.iter().position(|&b| b != 0) {
+            return Err(Fail::StructTail {
+                arg,
+                offset: cur + at,
+                size,
+            });
+        }
+    }
+    let mut out = T::DEFAULT;
+    // SAFETY: min(size, cur) bytes are readable at p (the caller) and
+    // writable in `out` (a T of `cur` bytes); the regions are distinct
+    // (a local and caller memory); any bytes form a valid T (Versioned).
+    unsafe {
+        core::ptr::copy_nonoverlapping(base, (&raw mut out).cast::<u8>(), size.min(cur));
+    }
+    Ok(out)
+}
+
+/// Writes a versioned output struct (`medley_report`) into caller memory
+/// whose `struct_size` the caller set: the bytes of `value` that the
+/// caller's layout has (its first `min(struct_size, size_of::<T>())`
+/// bytes), leaving `struct_size` and any newer tail as they are. Returns
+/// the caller's size after checking it as [`versioned`] does.
+///
+/// # Safety
+/// When non-null and aligned, `p` must be writable for `struct_size` bytes
+/// and not accessed by anyone else during the call.
+pub(crate) unsafe fn versioned_out_size<T: Versioned>(p: *mut T, arg: &'static str) -> Result<usize, Fail> {
+    if !p.is_aligned() {
+        return Err(Fail::Misaligned {
+            arg,
+            index: 0,
+            align: align_of::<T>(),
+        });
+    }
+    // SAFETY: non-null (the callers check) and aligned; see `versioned`.
+    let size = unsafe { p.cast::<usize>().read() };
+    check_size::<T>(size, arg)?;
+    Ok(size)
+}
+
+/// Completes [`versioned_out_size`]: writes `value` after the
+/// `struct_size` field, up to the caller's `size`.
+///
+/// # Safety
+/// `p` and `size` passed `versioned_out_size`; writable (the caller).
+pub(crate) unsafe fn write_versioned<T: Versioned>(p: *mut T, size: usize, value: &T) {
+    let n = size.min(size_of::<T>());
+    let skip = size_of::<usize>();
+    if n > skip {
+        // SAFETY: bytes [skip, n) lie in the caller's struct (n <= size)
+        // and in `value`; distinct memory (a local and caller memory).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (value as *const T).cast::<u8>().add(skip),
+                p.cast::<u8>().add(skip),
+                n - skip,
+            );
+        }
+    }
+}
+
+/// The body of every `medley_*_init(p, struct_size)`: writes the library's
+/// defaults into the caller's struct of `struct_size` bytes (one of the
+/// published sizes, or larger, the tail beyond the library's layout then
+/// zeroed) and sets `struct_size`.
+///
+/// # Safety
+/// When non-null and aligned, `p` must be writable for `struct_size` bytes.
+pub(crate) unsafe fn init_versioned<T: Versioned>(
+    p: *mut T,
+    size: usize,
+    arg: &'static str,
+) -> Result<(), Fail> {
+    if p.is_null() {
+        return Err(Fail::Null { arg, index: 0 });
+    }
+    if !p.is_aligned() {
+        return Err(Fail::Misaligned {
+            arg,
+            index: 0,
+            align: align_of::<T>(),
+        });
+    }
+    check_size::<T>(size, arg)?;
+    let cur = size_of::<T>();
+    let d = T::DEFAULT;
+    let base = p.cast::<u8>();
+    // SAFETY: `size` writable bytes at p (the caller); the first
+    // min(size, cur) come from the defaults, the rest are zeroed; then the
+    // size field (a usize at offset 0, aligned) is set.
+    unsafe {
+        core::ptr::copy_nonoverlapping((&raw const d).cast::<u8>(), base, size.min(cur));
+        if size > cur {
+            core::ptr::write_bytes(base.add(cur), 0, size - cur);
+        }
+        p.cast::<usize>().write(size);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

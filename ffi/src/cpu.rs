@@ -2,7 +2,10 @@
 //! (`medley_ensemble_combine`) and top-k gating (`medley_moe_topk_softmax`,
 //! `medley_moe_keep_topk_softmax`).
 
-use crate::args::{Region, Regions, at_most, dtype, get, out_ptr, slice, slice_mut, stride_or};
+use crate::args::{
+    Region, Regions, Versioned, at_most, dtype, get, init_versioned, slice, slice_mut, stride_or, versioned,
+    versioned_out_size, write_versioned,
+};
 use crate::status::{Fail, medley_status};
 use core::ffi::c_void;
 use medley_core::ensemble::{
@@ -73,11 +76,16 @@ pub struct medley_model {
 }
 
 /// What a row-wise call found: rows with no surviving token and rows made
-/// NaN by NaN or `+inf` inputs. Written only on success.
+/// NaN by NaN or `+inf` inputs. Written only on success. A versioned
+/// output struct: the caller sets `struct_size` (`medley_report_init`) and
+/// the library writes the fields of that layout, nothing past it.
 #[repr(C)]
 #[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct medley_report {
+    /// `sizeof(medley_report)` of the caller's header (set by
+    /// `medley_report_init`); never written by the library.
+    pub struct_size: usize,
     /// Fully masked rows (log-probabilities all `-inf`, probabilities 0,
     /// argmax `MEDLEY_NO_TOKEN`).
     pub masked_rows: usize,
@@ -90,18 +98,72 @@ impl From<Report> for medley_report {
         medley_report {
             masked_rows: r.masked_rows,
             nan_rows: r.nan_rows,
+            ..medley_report::DEFAULT
         }
     }
 }
 
+/// Size of the first `medley_report` layout (ABI 1.0): `struct_size`,
+/// `masked_rows`, `nan_rows`.
+pub const MEDLEY_REPORT_SIZE_V1: usize = 24;
+
+// SAFETY: repr(C), `struct_size: usize` first, integer fields only.
+unsafe impl Versioned for medley_report {
+    const DEFAULT: Self = medley_report {
+        struct_size: size_of::<medley_report>(),
+        masked_rows: 0,
+        nan_rows: 0,
+    };
+    const SIZES: &'static [usize] = &[MEDLEY_REPORT_SIZE_V1];
+}
+
+/// Fills `*report` with zero counts and sets its `struct_size` to
+/// `struct_size` (pass `sizeof *report`): call it on every
+/// `medley_report` before passing it. Returns `MEDLEY_STATUS_OK`,
+/// `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+/// `MEDLEY_STATUS_STRUCT_SIZE` (a size this library does not know).
+///
+/// # Safety
+/// `report` must be writable for `struct_size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_report_init(report: *mut medley_report, struct_size: usize) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(report, struct_size, "report") } })
+}
+
+/// A nullable report out-pointer, checked (`struct_size` included) before
+/// anything runs: `(pointer, caller's size)`.
+pub(crate) fn report_out(p: *mut medley_report) -> Result<Option<(*mut medley_report, usize)>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-null; the caller of the entry point guarantees
+    // struct_size writable bytes.
+    let size = unsafe { versioned_out_size(p, "report") }?;
+    Ok(Some((p, size)))
+}
+
+/// Writes a report checked by [`report_out`].
+///
+/// # Safety
+/// `r` came from `report_out` and overlaps no other buffer of the call.
+pub(crate) unsafe fn write_report(r: (*mut medley_report, usize), rep: Report) {
+    // SAFETY: see above.
+    unsafe { write_versioned(r.0, r.1, &rep.into()) }
+}
+
 /// Parameters of a combination, for `medley_ensemble_combine` and
-/// `medley_cuda_ensemble_combine`. `medley_ensemble_config_default()`
-/// gives a linear combination at `T_out = 1` with no mask and no weights
-/// (set `weights` and `weights_len`).
+/// `medley_cuda_ensemble_combine`. A versioned struct: fill it with
+/// `medley_ensemble_config_init(&cfg, sizeof cfg)` (a linear combination
+/// at `T_out = 1` with no mask and no weights), then set `weights` and
+/// `weights_len`.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
 pub struct medley_ensemble_config {
+    /// `sizeof(medley_ensemble_config)` of the caller's header (set by
+    /// `medley_ensemble_config_init`).
+    pub struct_size: usize,
     /// A `medley_mode` value.
     pub mode: u32,
     /// A `medley_mask_rule` value (linear mode).
@@ -137,11 +199,18 @@ pub struct medley_ensemble_config {
 /// Where `medley_ensemble_combine` writes (host memory). Each output is
 /// optional: a null pointer means "not requested" (its length and stride
 /// are then ignored). At least one of `log_probs` and `probs` must be
-/// given. No output may overlap another output or an input.
+/// given. No output may overlap another output or an input. A versioned
+/// struct: start from `medley_ensemble_output_init(&out, sizeof out)` (no
+/// outputs requested).
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
 pub struct medley_ensemble_output {
+    /// `sizeof(medley_ensemble_output)` of the caller's header (set by
+    /// `medley_ensemble_output_init`). Layout 1 (`MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1`)
+    /// ends after `log_normalizer_len`; layout 2 adds the per-row
+    /// uncertainty outputs.
+    pub struct_size: usize,
     /// `rows x vocab` log-probabilities (nullable).
     pub log_probs: *mut f32,
     /// Elements writable at `log_probs`.
@@ -164,16 +233,112 @@ pub struct medley_ensemble_output {
     pub log_normalizer: *mut f32,
     /// Elements writable at `log_normalizer` (must be `rows`).
     pub log_normalizer_len: usize,
+    /// Layout 2: `rows` entropies (nats) of the combined distribution
+    /// (nullable; NaN for masked and NaN rows).
+    pub entropy: *mut f32,
+    /// Elements writable at `entropy` (must be `rows`).
+    pub entropy_len: usize,
+    /// Layout 2: `rows` probabilities of the argmax token (nullable; NaN
+    /// for masked and NaN rows).
+    pub top1_prob: *mut f32,
+    /// Elements writable at `top1_prob` (must be `rows`).
+    pub top1_prob_len: usize,
+    /// Layout 2: `rows` margins `p(top1) - p(top2)` (nullable; NaN for
+    /// masked and NaN rows; `p(top1)` when one token survives).
+    pub margin: *mut f32,
+    /// Elements writable at `margin` (must be `rows`).
+    pub margin_len: usize,
+    /// Layout 2: `rows` model disagreements, the mutual information
+    /// `H(mixture) - sum_m w_m H(P_m)` in nats (nullable; linear mode only,
+    /// `MEDLEY_STATUS_UNSUPPORTED` in log-linear mode; NaN for masked and
+    /// NaN rows).
+    pub disagreement: *mut f32,
+    /// Elements writable at `disagreement` (must be `rows`).
+    pub disagreement_len: usize,
 }
 
-/// A linear combination at `T_out = 1`, `MEDLEY_MASK_ALL`, no plausibility
-/// mask, no weights yet (`weights = NULL`, `weights_len = 0`).
+/// Size of the first `medley_ensemble_output` layout (ABI 1.0): up to and
+/// including `log_normalizer_len`.
+pub const MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1: usize = 88;
+/// Size of the second layout (ABI 1.1): layout 1 and the four per-row
+/// uncertainty outputs.
+pub const MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2: usize = 152;
+/// Size of the first `medley_ensemble_config` layout (ABI 1.0).
+pub const MEDLEY_ENSEMBLE_CONFIG_SIZE_V1: usize = 64;
+
+const _: () = assert!(size_of::<medley_ensemble_config>() == MEDLEY_ENSEMBLE_CONFIG_SIZE_V1);
+
+const _: () = assert!(size_of::<medley_ensemble_output>() == MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2);
+const _: () = assert!(size_of::<medley_report>() == MEDLEY_REPORT_SIZE_V1);
+
+// SAFETY: repr(C), `struct_size: usize` first; integers, floats and raw
+// pointers only.
+unsafe impl Versioned for medley_ensemble_config {
+    const DEFAULT: Self = DEFAULT_CONFIG;
+    const SIZES: &'static [usize] = &[MEDLEY_ENSEMBLE_CONFIG_SIZE_V1];
+}
+
+// SAFETY: as above.
+unsafe impl Versioned for medley_ensemble_output {
+    const DEFAULT: Self = medley_ensemble_output {
+        struct_size: size_of::<medley_ensemble_output>(),
+        log_probs: core::ptr::null_mut(),
+        log_probs_len: 0,
+        log_probs_stride: 0,
+        probs: core::ptr::null_mut(),
+        probs_len: 0,
+        probs_stride: 0,
+        argmax: core::ptr::null_mut(),
+        argmax_len: 0,
+        log_normalizer: core::ptr::null_mut(),
+        log_normalizer_len: 0,
+        entropy: core::ptr::null_mut(),
+        entropy_len: 0,
+        top1_prob: core::ptr::null_mut(),
+        top1_prob_len: 0,
+        margin: core::ptr::null_mut(),
+        margin_len: 0,
+        disagreement: core::ptr::null_mut(),
+        disagreement_len: 0,
+    };
+    const SIZES: &'static [usize] = &[MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1, MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2];
+}
+
+/// Fills `*config` with the defaults (a linear combination at `T_out = 1`,
+/// `MEDLEY_MASK_ALL`, no plausibility mask, no weights) and sets its
+/// `struct_size` to `struct_size` (pass `sizeof *config`). Returns
+/// `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+/// `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_STRUCT_SIZE`.
+///
+/// # Safety
+/// `config` must be writable for `struct_size` bytes.
 #[unsafe(no_mangle)]
-pub extern "C" fn medley_ensemble_config_default() -> medley_ensemble_config {
-    ffi_boundary!(default = DEFAULT_CONFIG, { DEFAULT_CONFIG })
+pub unsafe extern "C" fn medley_ensemble_config_init(
+    config: *mut medley_ensemble_config,
+    struct_size: usize,
+) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(config, struct_size, "config") } })
 }
 
-const DEFAULT_CONFIG: medley_ensemble_config = medley_ensemble_config {
+/// Fills `*out` with no outputs requested (every pointer null) and sets its
+/// `struct_size` to `struct_size` (pass `sizeof *out`). Returns as
+/// `medley_ensemble_config_init`.
+///
+/// # Safety
+/// `out` must be writable for `struct_size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_ensemble_output_init(
+    out: *mut medley_ensemble_output,
+    struct_size: usize,
+) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(out, struct_size, "out") } })
+}
+
+/// The defaults of `medley_ensemble_config_init`.
+pub(crate) const DEFAULT_CONFIG: medley_ensemble_config = medley_ensemble_config {
+    struct_size: size_of::<medley_ensemble_config>(),
     mode: medley_mode::Linear as u32,
     mask_rule: medley_mask_rule::All as u32,
     out_temperature: 1.0,
@@ -346,10 +511,10 @@ pub unsafe extern "C" fn medley_ensemble_combine(
     ffi_boundary!({
         // SAFETY: the caller guarantees the struct pointers (checked for
         // null and alignment by `get`); both are copied out at once.
-        let cfg = *unsafe { get(config, "config") }?;
+        let cfg = unsafe { versioned(config, "config") }?;
         // SAFETY: as above.
-        let o = *unsafe { get(out, "out") }?;
-        let report = out_ptr(report, "report")?;
+        let o = unsafe { versioned(out, "out") }?;
+        let report = report_out(report)?;
         let fill = medley_model {
             logits: NO_ROWS,
             temperature: 1.0,
@@ -398,11 +563,22 @@ pub unsafe extern "C" fn medley_ensemble_combine(
                 0,
             )?);
         }
-        if let Some(r) = report {
-            regions.written(Region::host(r.cast_const(), 1, "report", 0)?);
+        let row_outs = [
+            (o.entropy, o.entropy_len, "out.entropy"),
+            (o.top1_prob, o.top1_prob_len, "out.top1_prob"),
+            (o.margin, o.margin_len, "out.margin"),
+            (o.disagreement, o.disagreement_len, "out.disagreement"),
+        ];
+        for &(p, len, arg) in &row_outs {
+            if !p.is_null() {
+                regions.written(Region::host(p, len, arg, 0)?);
+            }
+        }
+        if let Some((r, size)) = report {
+            regions.written(Region::host(r.cast_const().cast::<u8>(), size, "report", 0)?);
         }
         regions.check()?;
-        // SAFETY (the four outputs): each non-null output passed
+        // SAFETY (the outputs): each non-null output passed
         // Region::host and overlaps no other buffer of the call
         // (Regions::check); writable (the caller).
         let rows_mut = |p: *mut f32, len: usize, stride: usize, arg: &'static str| {
@@ -423,8 +599,15 @@ pub unsafe extern "C" fn medley_ensemble_combine(
             // SAFETY: see above.
             log_normalizer: (!o.log_normalizer.is_null())
                 .then(|| unsafe { slice_mut(o.log_normalizer, o.log_normalizer_len) }),
-            // The per-row uncertainty outputs are not in the C ABI yet.
-            ..Default::default()
+            // SAFETY: see above.
+            entropy: (!o.entropy.is_null()).then(|| unsafe { slice_mut(o.entropy, o.entropy_len) }),
+            // SAFETY: see above.
+            top1_prob: (!o.top1_prob.is_null()).then(|| unsafe { slice_mut(o.top1_prob, o.top1_prob_len) }),
+            // SAFETY: see above.
+            margin: (!o.margin.is_null()).then(|| unsafe { slice_mut(o.margin, o.margin_len) }),
+            // SAFETY: see above.
+            disagreement: (!o.disagreement.is_null())
+                .then(|| unsafe { slice_mut(o.disagreement, o.disagreement_len) }),
         };
         if output.log_probs.is_none() && output.probs.is_none() {
             // The core reports this too; checking here keeps `rows` and
@@ -443,9 +626,9 @@ pub unsafe extern "C" fn medley_ensemble_combine(
         };
         let rep = combine(&ms[..n], &config, output)?;
         if let Some(r) = report {
-            // SAFETY: non-null, aligned (out_ptr), disjoint from every other
+            // SAFETY: checked by report_out, disjoint from every other
             // buffer (Regions::check), writable (the caller).
-            unsafe { r.write(rep.into()) };
+            unsafe { write_report(r, rep) };
         }
         Ok(())
     })
@@ -475,14 +658,14 @@ unsafe fn gate(
 ) -> Result<(), Fail> {
     // SAFETY: the caller guarantees the struct pointer; copied at once.
     let r = *unsafe { get(logits, "logits") }?;
-    let report = out_ptr(report, "report")?;
+    let report = report_out(report)?;
     let mut regions = Regions::new();
     // SAFETY: the caller guarantees the logits buffer.
     let x = unsafe { host_rows(&r, "logits", 0, &mut regions) }?;
     regions.written(Region::host(ids, ids_len, "ids", 0)?);
     regions.written(Region::host(weights, weights_len, "weights", 0)?);
-    if let Some(p) = report {
-        regions.written(Region::host(p.cast_const(), 1, "report", 0)?);
+    if let Some((p, size)) = report {
+        regions.written(Region::host(p.cast_const().cast::<u8>(), size, "report", 0)?);
     }
     regions.check()?;
     // SAFETY: both outputs passed Region::host and overlap nothing else
@@ -501,9 +684,10 @@ unsafe fn gate(
         Logits::F16(rows) => run!(rows),
         Logits::BF16(rows) => run!(rows),
     }?;
-    if let Some(p) = report {
-        // SAFETY: non-null, aligned, disjoint from the outputs, writable.
-        unsafe { p.write(rep.into()) };
+    if let Some(r) = report {
+        // SAFETY: checked by report_out, disjoint from the outputs,
+        // writable (the caller).
+        unsafe { write_report(r, rep) };
     }
     Ok(())
 }

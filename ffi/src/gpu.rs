@@ -2,7 +2,9 @@
 //! CUDA context), the GPU ensemble combination and top-k gating on the
 //! caller's stream over the caller's device memory.
 
-use crate::args::{Region, Regions, at_most, dtype, get, req_out_ptr, slice, stride_or};
+use crate::args::{
+    Region, Regions, Versioned, at_most, dtype, get, init_versioned, req_out_ptr, slice, stride_or, versioned,
+};
 use crate::cpu::{at, copy_list, medley_ensemble_config, scalars};
 use crate::status::{Fail, medley_status};
 use core::ffi::c_void;
@@ -78,11 +80,17 @@ pub struct medley_cuda_model {
 
 /// Where `medley_cuda_ensemble_combine` writes (device memory; `float`
 /// outputs 4-byte aligned). A zero address means "not requested". At least
-/// one of `log_probs` and `probs` must be given.
+/// one of `log_probs` and `probs` must be given. A versioned struct: start
+/// from `medley_cuda_ensemble_output_init(&out, sizeof out)`.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
 pub struct medley_cuda_ensemble_output {
+    /// `sizeof(medley_cuda_ensemble_output)` of the caller's header (set
+    /// by `medley_cuda_ensemble_output_init`). Layout 1
+    /// (`MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1`) ends after
+    /// `log_normalizer_len`; layout 2 adds the per-row uncertainty outputs.
+    pub struct_size: usize,
     /// `rows x vocab` log-probabilities (0: none).
     pub log_probs: u64,
     /// Elements at `log_probs`.
@@ -103,6 +111,75 @@ pub struct medley_cuda_ensemble_output {
     pub log_normalizer: u64,
     /// Elements at `log_normalizer` (must be `rows`).
     pub log_normalizer_len: usize,
+    /// Layout 2: `rows` entropies, `float` (0: none); as the CPU output.
+    pub entropy: u64,
+    /// Elements at `entropy` (must be `rows`).
+    pub entropy_len: usize,
+    /// Layout 2: `rows` argmax probabilities, `float` (0: none).
+    pub top1_prob: u64,
+    /// Elements at `top1_prob` (must be `rows`).
+    pub top1_prob_len: usize,
+    /// Layout 2: `rows` top-1 minus top-2 margins, `float` (0: none).
+    pub margin: u64,
+    /// Elements at `margin` (must be `rows`).
+    pub margin_len: usize,
+    /// Layout 2: `rows` model disagreements, `float` (0: none; linear mode
+    /// only).
+    pub disagreement: u64,
+    /// Elements at `disagreement` (must be `rows`).
+    pub disagreement_len: usize,
+}
+
+/// Size of the first `medley_cuda_ensemble_output` layout (ABI 1.0).
+pub const MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1: usize = 88;
+/// Size of the second layout (ABI 1.1, the uncertainty outputs added).
+pub const MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2: usize = 152;
+
+const _: () = assert!(size_of::<medley_cuda_ensemble_output>() == MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2);
+
+// SAFETY: repr(C), `struct_size: usize` first, integer fields only.
+unsafe impl Versioned for medley_cuda_ensemble_output {
+    const DEFAULT: Self = medley_cuda_ensemble_output {
+        struct_size: size_of::<medley_cuda_ensemble_output>(),
+        log_probs: 0,
+        log_probs_len: 0,
+        log_probs_stride: 0,
+        probs: 0,
+        probs_len: 0,
+        probs_stride: 0,
+        argmax: 0,
+        argmax_len: 0,
+        log_normalizer: 0,
+        log_normalizer_len: 0,
+        entropy: 0,
+        entropy_len: 0,
+        top1_prob: 0,
+        top1_prob_len: 0,
+        margin: 0,
+        margin_len: 0,
+        disagreement: 0,
+        disagreement_len: 0,
+    };
+    const SIZES: &'static [usize] = &[
+        MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1,
+        MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2,
+    ];
+}
+
+/// Fills `*out` with no outputs requested and sets its `struct_size` to
+/// `struct_size` (pass `sizeof *out`). Returns `MEDLEY_STATUS_OK`,
+/// `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+/// `MEDLEY_STATUS_STRUCT_SIZE`.
+///
+/// # Safety
+/// `out` must be writable for `struct_size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_ensemble_output_init(
+    out: *mut medley_cuda_ensemble_output,
+    struct_size: usize,
+) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(out, struct_size, "out") } })
 }
 
 /// Whether a usable CUDA driver and device are present: `cuInit(0)`.
@@ -339,9 +416,9 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
         // SAFETY: the caller guarantees a live handle.
         let e = unsafe { get(engine, "engine") }?;
         // SAFETY: the caller guarantees the struct pointers; copied at once.
-        let cfg = *unsafe { get(config, "config") }?;
+        let cfg = unsafe { versioned(config, "config") }?;
         // SAFETY: as above.
-        let o = *unsafe { get(out, "out") }?;
+        let o = unsafe { versioned(out, "out") }?;
         let fill = medley_cuda_model {
             logits: medley_cuda_rows {
                 data: 0,
@@ -432,6 +509,16 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
             "out.log_normalizer",
             &mut regions,
         )?;
+        dev_out(o.entropy, o.entropy_len, 4, "out.entropy", &mut regions)?;
+        dev_out(o.top1_prob, o.top1_prob_len, 4, "out.top1_prob", &mut regions)?;
+        dev_out(o.margin, o.margin_len, 4, "out.margin", &mut regions)?;
+        dev_out(
+            o.disagreement,
+            o.disagreement_len,
+            4,
+            "out.disagreement",
+            &mut regions,
+        )?;
         dev_out(workspace, workspace_len, 1, "workspace", &mut regions)?;
         regions.check()?;
         // SAFETY: each output passed Region::device and overlaps no other
@@ -451,7 +538,11 @@ pub unsafe extern "C" fn medley_cuda_ensemble_combine(
                 argmax: (o.argmax != 0).then(|| DeviceSliceMut::from_raw(o.argmax, o.argmax_len)),
                 log_normalizer: (o.log_normalizer != 0)
                     .then(|| DeviceSliceMut::from_raw(o.log_normalizer, o.log_normalizer_len)),
-                ..Default::default()
+                entropy: (o.entropy != 0).then(|| DeviceSliceMut::from_raw(o.entropy, o.entropy_len)),
+                top1_prob: (o.top1_prob != 0).then(|| DeviceSliceMut::from_raw(o.top1_prob, o.top1_prob_len)),
+                margin: (o.margin != 0).then(|| DeviceSliceMut::from_raw(o.margin, o.margin_len)),
+                disagreement: (o.disagreement != 0)
+                    .then(|| DeviceSliceMut::from_raw(o.disagreement, o.disagreement_len)),
             }
         };
         // SAFETY: the workspace too passed Region::device and

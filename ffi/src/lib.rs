@@ -39,6 +39,11 @@
 //! - State is kept only in opaque, Box-owned handles created and destroyed
 //!   explicitly (`medley_cuda_engine`); destroy reports errors.
 
+// The published struct sizes (`MEDLEY_*_SIZE_V<n>`) are those of a 64-bit
+// target, the only kind CUDA and medley's kernels support.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("medley-ffi supports 64-bit targets only (its struct sizes are published for them)");
+
 #[macro_use]
 mod boundary;
 pub mod args;
@@ -50,25 +55,41 @@ pub mod status;
 
 pub use args::medley_dtype;
 pub use cpu::{
-    medley_ensemble_combine, medley_ensemble_config, medley_ensemble_config_default, medley_ensemble_output,
-    medley_mask_rule, medley_mode, medley_model, medley_moe_keep_topk_softmax, medley_moe_topk_softmax,
-    medley_report, medley_rows,
+    MEDLEY_ENSEMBLE_CONFIG_SIZE_V1, MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1, MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2,
+    MEDLEY_REPORT_SIZE_V1, medley_ensemble_combine, medley_ensemble_config, medley_ensemble_config_init,
+    medley_ensemble_output, medley_ensemble_output_init, medley_mask_rule, medley_mode, medley_model,
+    medley_moe_keep_topk_softmax, medley_moe_topk_softmax, medley_report, medley_report_init, medley_rows,
 };
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    medley_cuda_engine, medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
-    medley_cuda_ensemble_output, medley_cuda_ensemble_workspace_bytes, medley_cuda_kernel, medley_cuda_model,
-    medley_cuda_moe_keep_topk_softmax, medley_cuda_moe_topk_softmax, medley_cuda_probe, medley_cuda_rows,
+    MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1, MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2, medley_cuda_engine,
+    medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
+    medley_cuda_ensemble_output, medley_cuda_ensemble_output_init, medley_cuda_ensemble_workspace_bytes,
+    medley_cuda_kernel, medley_cuda_model, medley_cuda_moe_keep_topk_softmax, medley_cuda_moe_topk_softmax,
+    medley_cuda_probe, medley_cuda_rows,
 };
 pub use merge::{
-    medley_merge_model, medley_merge_ties, medley_merge_ties_scratch_len, medley_ties_consensus,
-    medley_ties_divisor, medley_ties_options, medley_ties_options_default, medley_ties_options_paper,
-    medley_ties_votes,
+    MEDLEY_TIES_OPTIONS_SIZE_V1, medley_merge_model, medley_merge_ties, medley_merge_ties_scratch_len,
+    medley_ties_consensus, medley_ties_divisor, medley_ties_options, medley_ties_options_init,
+    medley_ties_options_init_paper, medley_ties_votes,
 };
 pub use status::{
-    Fail, medley_has_cuda, medley_last_cuda_error, medley_last_error_message, medley_status,
-    medley_status_name, medley_version,
+    Fail, medley_abi_version, medley_has_cuda, medley_last_cuda_error, medley_last_error_message,
+    medley_status, medley_status_name, medley_version,
 };
+
+/// Major version of the C ABI: changes only with an incompatible change
+/// (a function or field removed or changed); see "ABI policy" in
+/// ffi/README.md.
+pub const MEDLEY_ABI_VERSION_MAJOR: u32 = 1;
+/// Minor version of the C ABI: grows with every added function, enum
+/// value, status or struct field (each struct layout keeps its
+/// `MEDLEY_*_SIZE_V<n>` constant).
+pub const MEDLEY_ABI_VERSION_MINOR: u32 = 1;
+/// `MEDLEY_ABI_VERSION_MAJOR << 16 | MEDLEY_ABI_VERSION_MINOR`, what
+/// `medley_abi_version()` returns for the header the library was built
+/// with.
+pub const MEDLEY_ABI_VERSION: u32 = (MEDLEY_ABI_VERSION_MAJOR << 16) | MEDLEY_ABI_VERSION_MINOR;
 
 /// The argmax of a row with no valid token (fully masked or NaN).
 pub const MEDLEY_NO_TOKEN: u32 = 0xFFFF_FFFF;

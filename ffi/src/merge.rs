@@ -1,7 +1,7 @@
 //! TIES weight merging (trim, elect sign, disjoint merge) of one tensor over
 //! host memory: `medley_merge_ties` and its scratch-size query.
 
-use crate::args::{Region, Regions, get, req_out_ptr, slice, slice_mut};
+use crate::args::{Region, Regions, Versioned, init_versioned, req_out_ptr, slice, slice_mut, versioned};
 use crate::cpu::copy_list;
 use crate::status::{Fail, medley_status};
 use core::ffi::c_void;
@@ -46,12 +46,16 @@ pub enum medley_ties_divisor {
     Count = 1,
 }
 
-/// Options of a TIES merge. `medley_ties_options_default()` is mergekit's
-/// `ties`; `medley_ties_options_paper()` the paper's variant.
+/// Options of a TIES merge. A versioned struct:
+/// `medley_ties_options_init(&o, sizeof o)` fills in mergekit's `ties`,
+/// `medley_ties_options_init_paper(&o, sizeof o)` the paper's variant.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
 pub struct medley_ties_options {
+    /// `sizeof(medley_ties_options)` of the caller's header (set by the
+    /// init functions).
+    pub struct_size: usize,
     /// A `medley_ties_consensus` value.
     pub consensus: u32,
     /// A `medley_ties_votes` value.
@@ -130,8 +134,20 @@ fn options(o: &medley_ties_options) -> Result<GtaOptions, Fail> {
     })
 }
 
+/// Size of the first `medley_ties_options` layout (ABI 1.0).
+pub const MEDLEY_TIES_OPTIONS_SIZE_V1: usize = 40;
+
+const _: () = assert!(size_of::<medley_ties_options>() == MEDLEY_TIES_OPTIONS_SIZE_V1);
+
+// SAFETY: repr(C), `struct_size: usize` first; integers and floats only.
+unsafe impl Versioned for medley_ties_options {
+    const DEFAULT: Self = TIES_FALLBACK;
+    const SIZES: &'static [usize] = &[MEDLEY_TIES_OPTIONS_SIZE_V1];
+}
+
 fn from_gta(g: &GtaOptions) -> medley_ties_options {
     medley_ties_options {
+        struct_size: size_of::<medley_ties_options>(),
         consensus: match g.consensus {
             Consensus::Count => medley_ties_consensus::Count as u32,
             _ => medley_ties_consensus::Sum as u32,
@@ -150,16 +166,29 @@ fn from_gta(g: &GtaOptions) -> medley_ties_options {
     }
 }
 
-/// mergekit's `ties`: weighted votes, sum consensus, weight-sum divisor,
-/// normalized, `lambda = 1`, trim over the whole tensor.
+/// Fills `*options` with mergekit's `ties` (weighted votes, sum
+/// consensus, weight-sum divisor, normalized, `lambda = 1`, trim over the
+/// whole tensor) and sets its `struct_size` to `struct_size` (pass
+/// `sizeof *options`). Returns `MEDLEY_STATUS_OK`,
+/// `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+/// `MEDLEY_STATUS_STRUCT_SIZE`.
+///
+/// # Safety
+/// `options` must be writable for `struct_size` bytes.
 #[unsafe(no_mangle)]
-pub extern "C" fn medley_ties_options_default() -> medley_ties_options {
-    ffi_boundary!(default = TIES_FALLBACK, { from_gta(&GtaOptions::ties()) })
+pub unsafe extern "C" fn medley_ties_options_init(
+    options: *mut medley_ties_options,
+    struct_size: usize,
+) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(options, struct_size, "options") } })
 }
 
-/// What the option constructors return if they ever panicked: mergekit's
-/// `ties` spelled out.
+/// mergekit's `ties` spelled out: the defaults of
+/// `medley_ties_options_init` (checked against the core's preset in the
+/// tests).
 const TIES_FALLBACK: medley_ties_options = medley_ties_options {
+    struct_size: size_of::<medley_ties_options>(),
     consensus: medley_ties_consensus::Sum as u32,
     votes: medley_ties_votes::Weighted as u32,
     divisor: medley_ties_divisor::WeightSum as u32,
@@ -168,11 +197,25 @@ const TIES_FALLBACK: medley_ties_options = medley_ties_options {
     row_len: 0,
 };
 
-/// TIES as in the paper (Yadav et al. 2023): unweighted votes and the
-/// disjoint mean over the agreeing models; otherwise as the default.
+/// As `medley_ties_options_init`, with TIES as in the paper (Yadav et al.
+/// 2023): unweighted votes and the disjoint mean over the agreeing models.
+///
+/// # Safety
+/// `options` must be writable for `struct_size` bytes.
 #[unsafe(no_mangle)]
-pub extern "C" fn medley_ties_options_paper() -> medley_ties_options {
-    ffi_boundary!(default = TIES_FALLBACK, { from_gta(&GtaOptions::ties_paper()) })
+pub unsafe extern "C" fn medley_ties_options_init_paper(
+    options: *mut medley_ties_options,
+    struct_size: usize,
+) -> medley_status {
+    ffi_boundary!({
+        // SAFETY: the caller guarantees struct_size writable bytes.
+        unsafe { init_versioned(options, struct_size, "options") }?;
+        let paper = from_gta(&GtaOptions::ties_paper());
+        // SAFETY: init_versioned checked the pointer and the size, which
+        // holds at least the first layout (every field of paper's).
+        unsafe { crate::args::write_versioned(options, struct_size, &paper) };
+        Ok(())
+    })
 }
 
 const NO_MODEL: medley_merge_model = medley_merge_model {
@@ -211,7 +254,7 @@ pub unsafe extern "C" fn medley_merge_ties_scratch_len(
 ) -> medley_status {
     ffi_boundary!({
         // SAFETY: the caller guarantees the struct pointers.
-        let opts = self::options(unsafe { get(options, "options") }?)?;
+        let opts = self::options(&unsafe { versioned(options, "options") }?)?;
         let out = req_out_ptr(scratch_len, "scratch_len")?;
         // SAFETY: the caller guarantees `models` holds n_models structs.
         let (list, k) = unsafe { copy_list(models, n_models, MAX_MODELS, NO_MODEL, "models") }?;
@@ -280,7 +323,7 @@ unsafe fn run<T: Element, O: Element>(
 /// - `models`, `n_models`: 1 to 64 models, each with `n = base_len`
 ///   elements of `dtype`, a weight and a density.
 /// - `base`, `base_len`: the base model's tensor (`dtype`).
-/// - `options`: required (`medley_ties_options_default()`).
+/// - `options`: required (`medley_ties_options_init`).
 /// - `out`, `out_len`: `n` elements of `out_dtype` (any `medley_dtype`).
 /// - `scratch`, `scratch_len`: at least `medley_merge_ties_scratch_len`
 ///   `uint32_t` elements (null with 0 when none is needed).
@@ -314,7 +357,7 @@ pub unsafe extern "C" fn medley_merge_ties(
 ) -> medley_status {
     ffi_boundary!({
         // SAFETY: the caller guarantees the struct pointer.
-        let opts = self::options(unsafe { get(options, "options") }?)?;
+        let opts = self::options(&unsafe { versioned(options, "options") }?)?;
         // SAFETY: the caller guarantees `models` holds n_models structs.
         let (list, k) = unsafe { copy_list(models, n_models, MAX_MODELS, NO_MODEL, "models") }?;
         let t = crate::args::dtype("dtype", dtype)?;
@@ -353,5 +396,9 @@ mod tests {
             assert_eq!(options(&from_gta(&g)).unwrap(), g);
         }
         assert_eq!(options(&TIES_FALLBACK).unwrap(), GtaOptions::ties());
+        assert_eq!(
+            from_gta(&GtaOptions::ties()).struct_size,
+            TIES_FALLBACK.struct_size
+        );
     }
 }

@@ -63,6 +63,12 @@ pub enum medley_status {
     Misaligned = 7007,
     /// An output buffer overlaps another output or an input.
     Overlap = 7008,
+    /// A versioned struct's `struct_size` is not a layout this library
+    /// knows (below the first published size, between two published sizes,
+    /// or above 4096), or a struct from a newer header sets a field this
+    /// library does not have (nonzero bytes past its layout). See the ABI
+    /// policy in ffi/README.md.
+    StructSize = 7009,
     /// A CUDA driver call failed; `medley_last_cuda_error()` gives its raw
     /// `CUresult` (34: the stub driver, 100: no device, 700: illegal
     /// address, ...).
@@ -77,7 +83,7 @@ pub enum medley_status {
 }
 
 /// Every status, for the name table and tests.
-pub(crate) const ALL_STATUSES: [medley_status; 12] = [
+pub(crate) const ALL_STATUSES: [medley_status; 13] = [
     medley_status::Ok,
     medley_status::NullArgument,
     medley_status::BadShape,
@@ -87,6 +93,7 @@ pub(crate) const ALL_STATUSES: [medley_status; 12] = [
     medley_status::Panic,
     medley_status::Misaligned,
     medley_status::Overlap,
+    medley_status::StructSize,
     medley_status::Driver,
     medley_status::DeviceUnsupported,
     medley_status::WrongContext,
@@ -105,6 +112,7 @@ impl medley_status {
             medley_status::Panic => c"MEDLEY_STATUS_PANIC",
             medley_status::Misaligned => c"MEDLEY_STATUS_MISALIGNED",
             medley_status::Overlap => c"MEDLEY_STATUS_OVERLAP",
+            medley_status::StructSize => c"MEDLEY_STATUS_STRUCT_SIZE",
             medley_status::Driver => c"MEDLEY_STATUS_DRIVER",
             medley_status::DeviceUnsupported => c"MEDLEY_STATUS_DEVICE_UNSUPPORTED",
             medley_status::WrongContext => c"MEDLEY_STATUS_WRONG_CONTEXT",
@@ -151,6 +159,26 @@ pub enum Fail {
         written: &'static str,
         /// The buffer it overlaps.
         other: &'static str,
+    },
+    /// A versioned struct's `struct_size` is not a known layout.
+    StructSize {
+        /// The struct argument.
+        arg: &'static str,
+        /// The `struct_size` given.
+        got: usize,
+        /// The first published size.
+        min: usize,
+        /// This library's size.
+        max: usize,
+    },
+    /// A struct from a newer header sets a field this library lacks.
+    StructTail {
+        /// The struct argument.
+        arg: &'static str,
+        /// The first nonzero byte past this library's layout.
+        offset: usize,
+        /// The `struct_size` given.
+        size: usize,
     },
     /// An enum argument holds a value with no meaning.
     BadEnum {
@@ -219,6 +247,7 @@ impl Fail {
             Fail::Overflow { .. } => medley_status::Overflow,
             Fail::Overlap { .. } => medley_status::Overlap,
             Fail::BadEnum { .. } => medley_status::BadParameter,
+            Fail::StructSize { .. } | Fail::StructTail { .. } => medley_status::StructSize,
             Fail::Core(e) | Fail::At { err: e, .. } => core_status(e),
             #[cfg(feature = "cuda")]
             Fail::Cuda(c) => match c {
@@ -274,6 +303,17 @@ impl fmt::Display for Fail {
                 write!(f, "output `{written}` overlaps `{other}`")
             }
             Fail::BadEnum { arg, value } => write!(f, "`{arg}` = {value} is not a valid value"),
+            Fail::StructSize { arg, got, min, max } => write!(
+                f,
+                "`{arg}.struct_size` = {got} is not a layout this library knows (published sizes from {min} to \
+                 {max} bytes, or larger with a zero tail); set it to sizeof the struct, or call its _init function"
+            ),
+            Fail::StructTail { arg, offset, size } => write!(
+                f,
+                "`{arg}` (struct_size {size}) sets byte {offset}, a field this library (medley {}) does not have: \
+                 link a newer medley or leave the new fields zero",
+                env!("CARGO_PKG_VERSION")
+            ),
             Fail::Core(e) => write!(f, "{e}"),
             Fail::At { arg: a, index, err } => {
                 arg(f, a, index)?;
@@ -436,6 +476,17 @@ pub unsafe extern "C" fn medley_last_error_message(
 #[unsafe(no_mangle)]
 pub extern "C" fn medley_has_cuda() -> bool {
     cfg!(feature = "cuda")
+}
+
+/// The ABI version of the linked library, `MEDLEY_ABI_VERSION_MAJOR << 16 |
+/// MEDLEY_ABI_VERSION_MINOR` of the header it was built with. A program
+/// compiled against a header of the same major version and a minor version
+/// at most the library's gets every function and struct field it was
+/// compiled with (ffi/README.md, "ABI policy"); compare with
+/// `MEDLEY_ABI_VERSION` at start-up to refuse a mismatched library early.
+#[unsafe(no_mangle)]
+pub extern "C" fn medley_abi_version() -> u32 {
+    crate::MEDLEY_ABI_VERSION
 }
 
 /// medley's version, as a static NUL-terminated string (`"0.1.0"`).

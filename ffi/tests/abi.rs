@@ -11,6 +11,15 @@ use medley_core::moe::gating::topk_softmax;
 use medley_core::{Rows, RowsMut, bf16};
 use medley_ffi::*;
 
+/// A versioned struct filled by its `_init` function at this header's size.
+fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
+    let mut v = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: v is writable for size_of::<T>() bytes.
+    assert_eq!(unsafe { f(v.as_mut_ptr(), size_of::<T>()) }, medley_status::Ok);
+    // SAFETY: the init function wrote every byte of T (zeroed before).
+    unsafe { v.assume_init() }
+}
+
 const SENTINEL: f32 = -12345.0;
 const SENTINEL_ID: u32 = 0xDEAD_BEEF;
 
@@ -106,7 +115,7 @@ impl Fixture {
             mode: mode as u32,
             weights: self.weights.as_ptr(),
             weights_len: 2,
-            ..medley_ensemble_config_default()
+            ..init(medley_ensemble_config_init)
         }
     }
 
@@ -144,6 +153,7 @@ impl Outs {
             am: vec![SENTINEL_ID; 2],
             lz: vec![SENTINEL; 2],
             rep: medley_report {
+                struct_size: size_of::<medley_report>(),
                 masked_rows: 777,
                 nan_rows: 777,
             },
@@ -162,6 +172,7 @@ impl Outs {
             argmax_len: 2,
             log_normalizer: self.lz.as_mut_ptr(),
             log_normalizer_len: 2,
+            ..init(medley_ensemble_output_init)
         }
     }
 
@@ -498,11 +509,23 @@ fn struct_and_output_failures_leave_outputs_untouched() {
             medley_status::Overlap
         );
         assert_eq!(inplace, f.a);
+        // A report over an output: its struct_size (read first) is the
+        // output's bits, not a layout; with a valid struct_size, the
+        // report's bytes overlap the output.
         d = o.desc();
         assert_eq!(
             medley_ensemble_combine(ms.as_ptr(), 2, &cfg, 2, 5, &d, o.lz.as_mut_ptr().cast()),
+            medley_status::StructSize
+        );
+        let mut shared = [0usize; 4];
+        shared[0] = size_of::<medley_report>();
+        d = o.desc();
+        d.argmax = shared[1..].as_mut_ptr().cast();
+        assert_eq!(
+            medley_ensemble_combine(ms.as_ptr(), 2, &cfg, 2, 5, &d, shared.as_mut_ptr().cast()),
             medley_status::Overlap
         );
+        assert_eq!(shared, [size_of::<medley_report>(), 0, 0, 0]);
         // A misaligned report pointer.
         assert_eq!(
             medley_ensemble_combine(
@@ -530,7 +553,7 @@ fn topk_gating_matches_the_core_and_fails_cleanly() {
     let logits: Vec<f32> = (0..3 * 7).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
     let r = rows_f32(&logits, 3, 7, 0);
     let (mut ids, mut w) = (vec![SENTINEL_ID; 6], vec![SENTINEL; 6]);
-    let mut rep = medley_report::default();
+    let mut rep = init(medley_report_init);
     for renorm in [0u32, 1] {
         // SAFETY: buffers are live with the lengths given.
         let s = unsafe {
@@ -610,7 +633,7 @@ fn status_names_messages_and_version() {
     // overwriting the recorded failure.
     std::thread::spawn(|| {
         assert_eq!(message(), "no error");
-        let cfg = medley_ensemble_config_default();
+        let cfg = init(medley_ensemble_config_init);
         // SAFETY: null models with n_models 0 are allowed; out is null.
         let s = unsafe { medley_ensemble_combine(null(), 0, &cfg, 0, 0, null(), null_mut()) };
         assert_eq!(s, medley_status::NullArgument);
@@ -680,7 +703,7 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
             medley_status::NullArgument
         );
         assert_eq!(bytes, 99);
-        let cfg = medley_ensemble_config_default();
+        let cfg = init(medley_ensemble_config_init);
         let out = medley_cuda_ensemble_output {
             log_probs: 0,
             log_probs_len: 0,
@@ -692,6 +715,7 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
             argmax_len: 0,
             log_normalizer: 0,
             log_normalizer_len: 0,
+            ..init(medley_cuda_ensemble_output_init)
         };
         assert_eq!(
             medley_cuda_ensemble_combine(null(), null_mut(), null(), 0, &cfg, 0, 0, &out, 0, 0, 0),
@@ -760,8 +784,8 @@ fn ties_merge_matches_the_core_and_fails_cleanly() {
         TaskParams::new(0.4).with_density(0.75),
     ];
     for (opts, core_opts) in [
-        (medley_ties_options_default(), GtaOptions::ties()),
-        (medley_ties_options_paper(), GtaOptions::ties_paper()),
+        (init(medley_ties_options_init), GtaOptions::ties()),
+        (init(medley_ties_options_init_paper), GtaOptions::ties_paper()),
     ] {
         let mut len = 0usize;
         // SAFETY: live structs and out-pointer.
@@ -792,7 +816,7 @@ fn ties_merge_matches_the_core_and_fails_cleanly() {
         assert_eq!(out, want);
     }
     // bf16 output of f32 inputs.
-    let opts = medley_ties_options_default();
+    let opts = init(medley_ties_options_init);
     let mut scratch = vec![0u32; 4096];
     let mut out16 = vec![0xFFFFu16; n];
     // SAFETY: as above.

@@ -1,4 +1,4 @@
-//! Builds the C++ consumer (`tests/cpp/consumer.cpp`) with the system C++
+//! Builds the C++ consumer (`tests/cpp/*.cpp`, `main` in `consumer.cpp`) with the system C++
 //! compiler against the static library cargo built for this test, runs it,
 //! and asserts that it exits with 0. Also checks that the header compiles
 //! as strict C99.
@@ -35,6 +35,19 @@ const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 /// The C runtime libraries the static library needs besides the CUDA
 /// driver (`rustc --print native-static-libs`).
 const C_RUNTIME: [&str; 7] = ["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+
+/// The consumer's translation units: every `tests/cpp/*.cpp`, sorted.
+fn consumer_sources() -> Vec<PathBuf> {
+    let dir = Path::new(MANIFEST).join("tests/cpp");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/cpp")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cpp"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 3, "consumer sources missing in {dir:?}: {v:?}");
+    v
+}
 
 /// The target profile directory (`target/debug`) this test runs from.
 fn profile_dir() -> PathBuf {
@@ -162,7 +175,7 @@ fn cpp_consumer_passes() {
     cc.args(["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
         .arg(Path::new(MANIFEST).join("include"))
-        .arg(Path::new(MANIFEST).join("tests/cpp/consumer.cpp"))
+        .args(consumer_sources())
         .arg(&lib);
     if let Some(d) = &cuda {
         cc.arg("-L").arg(d);
@@ -230,7 +243,7 @@ fn cpp_consumer_links_without_libcuda() {
     ])
     .arg("-I")
     .arg(Path::new(MANIFEST).join("include"))
-    .arg(Path::new(MANIFEST).join("tests/cpp/consumer.cpp"))
+    .args(consumer_sources())
     .arg(&lib)
     // The C runtime only: no -lcuda, no -L to a stub.
     .args(C_RUNTIME)
@@ -265,7 +278,8 @@ fn header_is_strict_c99() {
          #error \"MEDLEY_CUDA is not defined as expected\"\n\
          #endif\n\
          int main(void) {\n\
-           medley_ensemble_config c = medley_ensemble_config_default();\n\
+           medley_ensemble_config c;\n\
+           if (medley_ensemble_config_init(&c, sizeof c) != MEDLEY_STATUS_OK) return 2;\n\
            bool gpu = medley_has_cuda();\n\
          #if defined(MEDLEY_CUDA)\n\
            medley_cuda_kernel k = MEDLEY_CUDA_KERNEL_AUTO;\n\

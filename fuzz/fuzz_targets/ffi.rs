@@ -16,6 +16,15 @@ use core::ptr::{null, null_mut};
 use libfuzzer_sys::fuzz_target;
 use medley_ffi::*;
 
+/// A versioned struct filled by its `_init` function at this header's size.
+fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
+    let mut v = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: v is writable for size_of::<T>() bytes.
+    assert_eq!(unsafe { f(v.as_mut_ptr(), size_of::<T>()) }, medley_status::Ok);
+    // SAFETY: the init function wrote every byte of T (zeroed before).
+    unsafe { v.assume_init() }
+}
+
 struct Bytes<'a>(&'a [u8]);
 
 impl Bytes<'_> {
@@ -214,6 +223,7 @@ fn ensemble(r: &mut Bytes<'_>) {
         argmax_len: 0,
         log_normalizer: null_mut(),
         log_normalizer_len: 0,
+        ..init(medley_ensemble_output_init)
     };
     if r.u8() % 4 != 0 {
         (out.log_probs, out.log_probs_len) = lp.arg(r);
@@ -234,6 +244,7 @@ fn ensemble(r: &mut Bytes<'_>) {
         out.log_probs_len = first.v.len() - GUARD;
     }
     let mut rep = medley_report {
+        struct_size: size_of::<medley_report>(),
         masked_rows: 99,
         nan_rows: 99,
     };
@@ -325,7 +336,7 @@ fn ties(r: &mut Bytes<'_>) {
         row_len: if r.u8() % 4 == 0 { r.size() } else { 0 },
     };
     if r.u8() % 4 != 0 {
-        opts = medley_ties_options_default();
+        opts = init(medley_ties_options_init);
     }
     let out_dtype = r.enum_value(3);
     let mut out = Buf::new(n, 0x5A5A_5A5Au32);
@@ -389,7 +400,7 @@ fn cuda(r: &mut Bytes<'_>) {
             }
         },
         _ => unsafe {
-            let cfg = medley_ensemble_config_default();
+            let cfg = init(medley_ensemble_config_init);
             medley_cuda_ensemble_combine(
                 null(),
                 null_mut(),

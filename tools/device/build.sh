@@ -18,7 +18,7 @@ for l in sys.stdin:
 for t in $(ls cuda/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//'); do
   cp "$(pick test -p medley-cuda --test "$t" --no-run | tail -1)" ".device/test-$t"
 done
-# The C API's C++ consumer (ffi/tests/cpp/consumer.cpp), statically linked
+# The C API's C++ consumer (ffi/tests/cpp/*.cpp), statically linked
 # against libmedley_ffi.a (cargo builds the staticlib with the lib the ffi
 # tests use) and the driver medley-cuda's build script linked (the stub
 # here; the GPU machine loads its real libcuda.so.1). Named test-* so run.sh
@@ -36,7 +36,7 @@ for l in sys.stdin:
         cuda = next((p.split("=", 1)[-1] for p in m["linked_paths"]), cuda)
 print(lib, cuda)')
 [ -n "$ffi_lib" ] || { echo "build.sh: cargo did not build libmedley_ffi.a" >&2; exit 1; }
-c++ -std=c++17 -O2 -Wall -Wextra -Werror -static-libstdc++ -I ffi/include ffi/tests/cpp/consumer.cpp "$ffi_lib" \
+c++ -std=c++17 -O2 -Wall -Wextra -Werror -static-libstdc++ -I ffi/include ffi/tests/cpp/*.cpp "$ffi_lib" \
   ${cuda_dir:+-L"$cuda_dir"} -lcuda -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o .device/test-ffi_cpp_consumer
 ex=$(pick build -p medley-cuda --features testing --example gpu_tour | tail -1)
 [ -n "$ex" ] && cp "$ex" .device/gpu_tour

@@ -28,101 +28,7 @@
 // Arguments are ignored (tools/device/run.sh passes --nocapture to every
 // test binary it runs).
 
-#include "medley.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstdio>
-#include <cstring>
-#include <limits>
-#include <numeric>
-#include <string>
-#include <vector>
-
-#if defined(MEDLEY_CUDA)
-// ---------------------------------------------------------------------------
-// The CUDA driver API entry points this program uses (ABI-stable names).
-extern "C" {
-typedef int CUresult;
-typedef int CUdevice;
-typedef struct CUctx_st *CUcontext;
-typedef struct CUstream_st *CUstream;
-typedef unsigned long long CUdeviceptr;
-CUresult cuInit(unsigned int flags);
-CUresult cuDeviceGet(CUdevice *device, int ordinal);
-CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice device);
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device);
-CUresult cuCtxPushCurrent_v2(CUcontext ctx);
-CUresult cuCtxPopCurrent_v2(CUcontext *ctx);
-CUresult cuStreamCreate(CUstream *stream, unsigned int flags);
-CUresult cuStreamDestroy_v2(CUstream stream);
-CUresult cuStreamSynchronize(CUstream stream);
-CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes);
-CUresult cuMemFree_v2(CUdeviceptr ptr);
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
-CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
-CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, CUstream stream);
-}
-static const unsigned int CU_STREAM_NON_BLOCKING = 1;
-#endif  // MEDLEY_CUDA
-
-// ---------------------------------------------------------------------------
-// Checking helpers.
-
-static int g_failures = 0;
-static int g_checks = 0;
-
-#define CHECK(cond, ...)                                                   \
-  do {                                                                     \
-    ++g_checks;                                                            \
-    if (!(cond)) {                                                         \
-      ++g_failures;                                                        \
-      std::fprintf(stderr, "FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                   \
-      std::fprintf(stderr, "\n");                                          \
-    }                                                                      \
-  } while (0)
-
-static std::string last_message() {
-  char buf[512];
-  size_t n = 0;
-  medley_status s = medley_last_error_message(buf, sizeof buf, &n);
-  if (s != MEDLEY_STATUS_OK) return "<medley_last_error_message failed>";
-  return std::string(buf);
-}
-
-#define CHECK_STATUS(call, want)                                                    \
-  do {                                                                              \
-    medley_status s_ = (call);                                                      \
-    CHECK(s_ == (want), "%s returned %s (%d), want %s: %s", #call,                  \
-          medley_status_name(s_), (int)s_, medley_status_name(want), last_message().c_str()); \
-  } while (0)
-
-static const double NEG_INF = -std::numeric_limits<double>::infinity();
-
-// |got - want| <= abs + rel |want|, with -inf matching -inf only.
-static bool close_to(double got, double want, double abs_tol, double rel_tol) {
-  if (std::isinf(want) || std::isinf(got)) return got == want;
-  if (std::isnan(got) || std::isnan(want)) return false;
-  return std::fabs(got - want) <= abs_tol + rel_tol * std::fabs(want);
-}
-
-// bfloat16 round-to-nearest-even, and back.
-static uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static float from_bf16(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
+#include "common.h"
 
 // ---------------------------------------------------------------------------
 // Ensemble test data: B rows, vocabulary V, three models with their own
@@ -236,7 +142,7 @@ struct CpuResult {
 };
 
 static medley_ensemble_config make_config(medley_mode mode, const float *w, size_t n) {
-  medley_ensemble_config cfg = medley_ensemble_config_default();
+  medley_ensemble_config cfg = medley_init(medley_ensemble_config_init);
   cfg.mode = mode;
   cfg.weights = w;
   cfg.weights_len = n;
@@ -251,9 +157,18 @@ static CpuResult cpu_ensemble(const EnsembleData &d, medley_mode mode, const flo
   r.probs.assign(B * V, 7.0f);
   r.log_z.assign(B, 7.0f);
   r.argmax.assign(B, 7u);
-  medley_ensemble_output out{r.log_probs.data(), r.log_probs.size(), OUT_STRIDE, r.probs.data(), r.probs.size(), 0,
-                             r.argmax.data(), B, r.log_z.data(), B};
-  medley_report rep{99, 99};
+  medley_ensemble_output out = medley_init(medley_ensemble_output_init);
+  out.log_probs = r.log_probs.data();
+  out.log_probs_len = r.log_probs.size();
+  out.log_probs_stride = OUT_STRIDE;
+  out.probs = r.probs.data();
+  out.probs_len = r.probs.size();
+  out.argmax = r.argmax.data();
+  out.argmax_len = B;
+  out.log_normalizer = r.log_z.data();
+  out.log_normalizer_len = B;
+  medley_report rep = medley_init(medley_report_init);
+  rep.masked_rows = rep.nan_rows = 99;
   CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &out, &rep), MEDLEY_STATUS_OK);
   CHECK(rep.masked_rows == 0 && rep.nan_rows == 0, "report %zu masked, %zu NaN", rep.masked_rows, rep.nan_rows);
   return r;
@@ -305,7 +220,8 @@ static void test_gating_cpu() {
   for (int renorm = 0; renorm < 2; ++renorm) {
     std::vector<uint32_t> ids(T * K, 77);
     std::vector<float> w(T * K, 77.0f);
-    medley_report rep{99, 99};
+    medley_report rep = medley_init(medley_report_init);
+    rep.masked_rows = rep.nan_rows = 99;
     CHECK_STATUS(medley_moe_topk_softmax(&x, K, renorm, ids.data(), ids.size(), w.data(), w.size(), &rep),
                  MEDLEY_STATUS_OK);
     CHECK(rep.masked_rows == 0 && rep.nan_rows == 0, "gating report");
@@ -348,91 +264,6 @@ static void test_gating_cpu() {
 }
 
 // ---------------------------------------------------------------------------
-// TIES merging.
-
-// TIES of one tensor, element by element (mergekit's definition): trim each
-// task vector to its floor(density * n) largest magnitudes (ties to the
-// lower index), elect a sign per element from the votes, sum the agreeing
-// weighted deltas and divide by the agreeing weights (or count).
-static std::vector<double> reference_ties(const std::vector<float> &base, const std::vector<std::vector<float>> &xs,
-                                          const float *w, const double *density, bool weighted_votes,
-                                          bool count_divisor) {
-  const size_t n = base.size(), m = xs.size();
-  std::vector<std::vector<float>> trimmed(m, std::vector<float>(n, 0.0f));
-  for (size_t i = 0; i < m; ++i) {
-    std::vector<float> delta(n);
-    for (size_t j = 0; j < n; ++j) delta[j] = xs[i][j] - base[j];
-    std::vector<size_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&delta](size_t a, size_t b) { return std::fabs(delta[a]) > std::fabs(delta[b]); });
-    size_t keep = (size_t)std::floor(density[i] * (double)n);
-    for (size_t r = 0; r < keep; ++r) trimmed[i][order[r]] = delta[order[r]];
-  }
-  std::vector<double> out(n);
-  for (size_t j = 0; j < n; ++j) {
-    double votes = 0;
-    for (size_t i = 0; i < m; ++i) votes += (weighted_votes ? w[i] : 1.0) * trimmed[i][j];
-    double sign = votes >= 0 ? 1.0 : -1.0, sum = 0, div = 0;
-    for (size_t i = 0; i < m; ++i) {
-      double v = (weighted_votes ? w[i] : 1.0) * trimmed[i][j];
-      if (v * sign > 0) {
-        sum += w[i] * (double)trimmed[i][j];
-        div += count_divisor ? 1.0 : w[i];
-      }
-    }
-    out[j] = base[j] + sum / (div == 0 ? 1.0 : div);
-  }
-  return out;
-}
-
-static void test_ties_cpu() {
-  const size_t n = 96, m = 3;
-  std::vector<float> base(n);
-  std::vector<std::vector<float>> xs(m, std::vector<float>(n));
-  uint32_t s = 777;
-  auto next = [&s]() {
-    s = s * 1664525u + 1013904223u;
-    return ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
-  };
-  for (size_t j = 0; j < n; ++j) base[j] = next();
-  for (size_t i = 0; i < m; ++i)
-    for (size_t j = 0; j < n; ++j) xs[i][j] = base[j] + next() * (float)(i + 1);
-  const float w[3] = {0.5f, 0.3f, 0.2f};
-  const double density[3] = {0.5, 0.25, 1.0};
-  medley_merge_model models[3];
-  for (size_t i = 0; i < m; ++i) models[i] = medley_merge_model{xs[i].data(), n, w[i], density[i]};
-  for (int paper = 0; paper < 2; ++paper) {
-    medley_ties_options opts = paper ? medley_ties_options_paper() : medley_ties_options_default();
-    size_t scratch_len = 0;
-    CHECK_STATUS(medley_merge_ties_scratch_len(models, m, n, &opts, &scratch_len), MEDLEY_STATUS_OK);
-    std::vector<uint32_t> scratch(scratch_len);
-    std::vector<float> out(n, 42.0f);
-    CHECK_STATUS(medley_merge_ties(models, m, base.data(), n, MEDLEY_DTYPE_F32, &opts, out.data(), n,
-                                   MEDLEY_DTYPE_F32, scratch.data(), scratch.size()),
-                 MEDLEY_STATUS_OK);
-    std::vector<double> want = reference_ties(base, xs, w, density, !paper, paper);
-    for (size_t j = 0; j < n; ++j)
-      CHECK(close_to(out[j], want[j], 1e-6, 1e-6), "TIES (%s) element %zu: %.9g, want %.9g",
-            paper ? "paper" : "mergekit", j, out[j], want[j]);
-  }
-  // Failures leave the output untouched: density 0, a short scratch.
-  medley_ties_options opts = medley_ties_options_default();
-  std::vector<float> out(n, 42.0f);
-  std::vector<uint32_t> scratch(4);
-  medley_merge_model bad[3] = {models[0], models[1], models[2]};
-  bad[2].density = 0.0;
-  CHECK_STATUS(medley_merge_ties(bad, m, base.data(), n, MEDLEY_DTYPE_F32, &opts, out.data(), n, MEDLEY_DTYPE_F32,
-                                 scratch.data(), scratch.size()),
-               MEDLEY_STATUS_BAD_PARAMETER);
-  CHECK_STATUS(medley_merge_ties(models, m, base.data(), n, MEDLEY_DTYPE_F32, &opts, out.data(), n,
-                                 MEDLEY_DTYPE_F32, scratch.data(), scratch.size()),
-               MEDLEY_STATUS_BAD_SHAPE);
-  for (float x : out) CHECK(x == 42.0f, "TIES output written by a failed call");
-  std::printf("cpu: TIES merge (mergekit and paper variants) matches the C++ reference\n");
-}
-
-// ---------------------------------------------------------------------------
 // The error contract.
 
 static void test_errors_cpu(const EnsembleData &d) {
@@ -445,8 +276,13 @@ static void test_errors_cpu(const EnsembleData &d) {
   medley_model models[3] = {d.model(0), d.model(1), d.model(2)};
   std::vector<float> lp(B * V, 42.0f);
   std::vector<uint32_t> am(B, 42u);
-  medley_ensemble_output out{lp.data(), lp.size(), 0, nullptr, 0, 0, am.data(), am.size(), nullptr, 0};
-  medley_report rep{42, 42};
+  medley_ensemble_output out = medley_init(medley_ensemble_output_init);
+  out.log_probs = lp.data();
+  out.log_probs_len = lp.size();
+  out.argmax = am.data();
+  out.argmax_len = am.size();
+  medley_report rep = medley_init(medley_report_init);
+  rep.masked_rows = rep.nan_rows = 42;
   auto untouched = [&]() {
     for (float x : lp)
       if (x != 42.0f) return false;
@@ -499,16 +335,6 @@ static void test_errors_cpu(const EnsembleData &d) {
 #if defined(MEDLEY_CUDA)
 // ---------------------------------------------------------------------------
 // GPU part.
-
-#define CU(call)                                                                 \
-  do {                                                                           \
-    CUresult r_ = (call);                                                        \
-    if (r_ != 0) {                                                               \
-      std::fprintf(stderr, "FAILED %s:%d: %s returned %d\n", __FILE__, __LINE__, #call, r_); \
-      ++g_failures;                                                              \
-      return;                                                                    \
-    }                                                                            \
-  } while (0)
 
 struct DeviceBuffers {
   std::vector<CUdeviceptr> ptrs;
@@ -590,7 +416,14 @@ static void gpu_part(const EnsembleData &d) {
         {{d1, d.m1_f32.size(), MEDLEY_DTYPE_F32, B, V1, STRIDE1}, d.temps[1]},
         {{d2, d.m2.size(), MEDLEY_DTYPE_F32, B, V, STRIDE2}, d.temps[2]},
     };
-    medley_cuda_ensemble_output out{dlp, B * OUT_STRIDE, OUT_STRIDE, 0, 0, 0, dam, B, dlz, B};
+    medley_cuda_ensemble_output out = medley_init(medley_cuda_ensemble_output_init);
+    out.log_probs = dlp;
+    out.log_probs_len = B * OUT_STRIDE;
+    out.log_probs_stride = OUT_STRIDE;
+    out.argmax = dam;
+    out.argmax_len = B;
+    out.log_normalizer = dlz;
+    out.log_normalizer_len = B;
     size_t ws_bytes = 0;
     CHECK_STATUS(medley_cuda_ensemble_workspace_bytes(engine, B, V, 3, MEDLEY_DTYPE_F32, &ws_bytes),
                  MEDLEY_STATUS_OK);
@@ -642,8 +475,14 @@ static void gpu_part(const EnsembleData &d) {
       cpu.log_probs.assign(B * OUT_STRIDE, 0.0f);
       cpu.log_z.assign(B, 0.0f);
       cpu.argmax.assign(B, 0u);
-      medley_ensemble_output cout_{cpu.log_probs.data(), cpu.log_probs.size(), OUT_STRIDE, nullptr, 0, 0,
-                                   cpu.argmax.data(), B, cpu.log_z.data(), B};
+      medley_ensemble_output cout_ = medley_init(medley_ensemble_output_init);
+      cout_.log_probs = cpu.log_probs.data();
+      cout_.log_probs_len = cpu.log_probs.size();
+      cout_.log_probs_stride = OUT_STRIDE;
+      cout_.argmax = cpu.argmax.data();
+      cout_.argmax_len = B;
+      cout_.log_normalizer = cpu.log_z.data();
+      cout_.log_normalizer_len = B;
       CHECK_STATUS(medley_ensemble_combine(cm, 3, &cfg, B, V, &cout_, nullptr), MEDLEY_STATUS_OK);
       cfg.weights = nullptr;
       cfg.weights_len = B * 4;
@@ -753,11 +592,13 @@ int main() {
   EnsembleData d;
   test_ensemble_cpu(d);
   test_gating_cpu();
-  test_ties_cpu();
+  test_merge_cpu();
+  test_moe_cpu();
   test_errors_cpu(d);
 #if defined(MEDLEY_CUDA)
   CHECK(medley_has_cuda(), "medley_has_cuda() is false: a CPU-only library, compile with -DMEDLEY_NO_CUDA");
   gpu_part(d);
+  test_moe_gpu();
 #else
   CHECK(!medley_has_cuda(), "medley_has_cuda() is true with MEDLEY_NO_CUDA defined");
   std::printf("gpu: not built (MEDLEY_NO_CUDA)\n");
