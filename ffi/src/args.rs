@@ -291,10 +291,12 @@ pub(crate) unsafe trait Versioned: Copy {
 
 /// Checks a caller's `struct_size` against the published layouts of `T`:
 /// one of [`Versioned::SIZES`] (an older or the current header), or larger
-/// than the current layout (a newer header) up to [`MAX_STRUCT_SIZE`].
+/// than the current layout (a newer header) up to [`MAX_STRUCT_SIZE`] and a
+/// multiple of the struct's alignment (as every C struct's size is).
 fn check_size<T: Versioned>(size: usize, arg: &'static str) -> Result<(), Fail> {
     let cur = size_of::<T>();
-    if T::SIZES.contains(&size) || (size > cur && size <= MAX_STRUCT_SIZE) {
+    let newer = size > cur && size <= MAX_STRUCT_SIZE && size.is_multiple_of(align_of::<T>());
+    if T::SIZES.contains(&size) || newer {
         return Ok(());
     }
     Err(Fail::StructSize {

@@ -65,7 +65,7 @@ pub enum medley_status {
     Overlap = 7008,
     /// A versioned struct's `struct_size` is not a layout this library
     /// knows (below the first published size, between two published sizes,
-    /// or above 4096), or a struct from a newer header sets a field this
+    /// above 4096 or larger but not a multiple of 8), or a struct from a newer header sets a field this
     /// library does not have (nonzero bytes past its layout). See the ABI
     /// policy in ffi/README.md.
     StructSize = 7009,

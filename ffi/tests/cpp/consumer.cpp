@@ -174,6 +174,171 @@ static CpuResult cpu_ensemble(const EnsembleData &d, medley_mode mode, const flo
   return r;
 }
 
+// ---------------------------------------------------------------------------
+// Per-row uncertainty (layout 2 of medley_ensemble_output) and the ABI
+// policy (struct_size of older, newer and unknown layouts).
+
+// Entropy of a distribution given by log-probabilities (nats).
+static double entropy_of(const std::vector<double> &lp) {
+  double h = 0;
+  for (double l : lp)
+    if (l != NEG_INF) h -= std::exp(l) * l;
+  return h;
+}
+
+struct Uncertainty {
+  double entropy, top1, margin, disagreement;
+};
+
+// The reference uncertainty of row b: from the combined log-probabilities,
+// and (linear) the mutual information H(mix) - sum_m w_m H(P_m) with the
+// normalized weights.
+static Uncertainty reference_uncertainty(const EnsembleData &d, size_t b, medley_mode mode, const float *w) {
+  double lz;
+  std::vector<double> lp = reference_row(d, b, mode, w, &lz);
+  Uncertainty u;
+  u.entropy = entropy_of(lp);
+  std::vector<double> p(V);
+  for (size_t v = 0; v < V; ++v) p[v] = std::exp(lp[v]);
+  std::vector<double> sorted = p;
+  std::sort(sorted.begin(), sorted.end(), [](double a, double c) { return a > c; });
+  u.top1 = sorted[0];
+  u.margin = sorted[0] - sorted[1];
+  u.disagreement = 0;
+  if (mode == MEDLEY_MODE_LINEAR) {
+    double wsum = 0, mean_h = 0;
+    for (int m = 0; m < 3; ++m) wsum += w[m];
+    for (int m = 0; m < 3; ++m) {
+      if (w[m] == 0) continue;
+      std::vector<double> s(V);
+      for (size_t v = 0; v < V; ++v) s[v] = d.z(m, b, v) / d.temps[m];
+      double l = lse(s);
+      for (size_t v = 0; v < V; ++v) s[v] -= l;
+      mean_h += w[m] / wsum * entropy_of(s);
+    }
+    u.disagreement = u.entropy - mean_h;
+  }
+  return u;
+}
+
+static void test_uncertainty_and_abi_cpu(const EnsembleData &d) {
+  CHECK(medley_abi_version() == MEDLEY_ABI_VERSION, "medley_abi_version() = %#x, header %#x",
+        (unsigned)medley_abi_version(), (unsigned)MEDLEY_ABI_VERSION);
+  CHECK(sizeof(medley_ensemble_output) == MEDLEY_ENSEMBLE_OUTPUT_SIZE_V2, "output layout 2 size");
+  medley_model models[3] = {d.model(0), d.model(1), d.model(2)};
+  const float lin_w[3] = {0.5f, 0.3f, 0.2f};
+  const float log_w[3] = {1.0f, -0.5f, 0.5f};
+  for (int mode = 0; mode < 2; ++mode) {
+    medley_mode md = mode == 0 ? MEDLEY_MODE_LINEAR : MEDLEY_MODE_LOG_LINEAR;
+    const float *w = mode == 0 ? lin_w : log_w;
+    medley_ensemble_config cfg = make_config(md, w, 3);
+    std::vector<float> lp(B * V, 5.0f), h(B, 5.0f), t1(B, 5.0f), mg(B, 5.0f), dis(B, 5.0f);
+    medley_ensemble_output out = medley_init(medley_ensemble_output_init);
+    out.log_probs = lp.data();
+    out.log_probs_len = lp.size();
+    out.entropy = h.data();
+    out.entropy_len = B;
+    out.top1_prob = t1.data();
+    out.top1_prob_len = B;
+    out.margin = mg.data();
+    out.margin_len = B;
+    if (mode == 0) {
+      out.disagreement = dis.data();
+      out.disagreement_len = B;
+    }
+    CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &out, nullptr), MEDLEY_STATUS_OK);
+    for (size_t b = 0; b < B; ++b) {
+      Uncertainty u = reference_uncertainty(d, b, md, w);
+      CHECK(close_to(h[b], u.entropy, 1e-5, 1e-5), "mode %d row %zu entropy %.7g, want %.7g", mode, b, h[b],
+            u.entropy);
+      CHECK(close_to(t1[b], u.top1, 1e-6, 1e-5), "mode %d row %zu top-1 %.7g, want %.7g", mode, b, t1[b], u.top1);
+      CHECK(close_to(mg[b], u.margin, 1e-6, 1e-5), "mode %d row %zu margin %.7g, want %.7g", mode, b, mg[b],
+            u.margin);
+      if (mode == 0)
+        CHECK(close_to(dis[b], u.disagreement, 1e-5, 1e-4), "row %zu disagreement %.7g, want %.7g", b, dis[b],
+              u.disagreement);
+    }
+    if (mode == 1) {
+      // Disagreement is for linear mixtures: refused, nothing written.
+      std::fill(h.begin(), h.end(), 5.0f);
+      out.disagreement = dis.data();
+      out.disagreement_len = B;
+      CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &out, nullptr), MEDLEY_STATUS_UNSUPPORTED);
+      for (size_t b = 0; b < B; ++b) CHECK(h[b] == 5.0f && dis[b] == 5.0f, "failed call wrote row %zu", b);
+    }
+  }
+
+  // A caller compiled against layout 1 of medley_ensemble_output (ABI
+  // 1.0): its struct ends at log_normalizer_len.
+  struct output_v1 {
+    size_t struct_size;
+    float *log_probs;
+    size_t log_probs_len, log_probs_stride;
+    float *probs;
+    size_t probs_len, probs_stride;
+    uint32_t *argmax;
+    size_t argmax_len;
+    float *log_normalizer;
+    size_t log_normalizer_len;
+  };
+  static_assert(sizeof(output_v1) == MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1, "layout 1");
+  medley_ensemble_config cfg = make_config(MEDLEY_MODE_LINEAR, lin_w, 3);
+  std::vector<float> lp(B * V, 5.0f);
+  std::vector<uint32_t> am(B, 5u);
+  output_v1 old;
+  std::memset(&old, 0, sizeof old);
+  old.struct_size = sizeof old;
+  old.log_probs = lp.data();
+  old.log_probs_len = lp.size();
+  old.argmax = am.data();
+  old.argmax_len = B;
+  CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, reinterpret_cast<medley_ensemble_output *>(&old),
+                                       nullptr),
+               MEDLEY_STATUS_OK);
+  CpuResult ref = cpu_ensemble(d, MEDLEY_MODE_LINEAR, lin_w);
+  for (size_t b = 0; b < B; ++b) CHECK(am[b] == ref.argmax[b], "layout-1 argmax row %zu", b);
+
+  // A caller compiled against a newer header: 16 more bytes. Zero: the
+  // library accepts it; a field set there: MEDLEY_STATUS_STRUCT_SIZE.
+  struct output_next {
+    medley_ensemble_output now;
+    uint64_t future[2];
+  } next;
+  std::memset(&next, 0, sizeof next);
+  next.now = medley_init(medley_ensemble_output_init);
+  next.now.struct_size = sizeof next;
+  next.now.log_probs = lp.data();
+  next.now.log_probs_len = lp.size();
+  CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &next.now, nullptr), MEDLEY_STATUS_OK);
+  next.future[1] = 1;
+  std::fill(lp.begin(), lp.end(), 5.0f);
+  CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &next.now, nullptr), MEDLEY_STATUS_STRUCT_SIZE);
+  for (float x : lp) CHECK(x == 5.0f, "refused newer layout wrote an output");
+  // Sizes that are no layout.
+  medley_ensemble_output bad = medley_init(medley_ensemble_output_init);
+  bad.log_probs = lp.data();
+  bad.log_probs_len = lp.size();
+  const size_t sizes[4] = {0, 40, MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1 + 8, 100000};
+  for (size_t sz : sizes) {
+    bad.struct_size = sz;
+    CHECK_STATUS(medley_ensemble_combine(models, 3, &cfg, B, V, &bad, nullptr), MEDLEY_STATUS_STRUCT_SIZE);
+  }
+  for (float x : lp) CHECK(x == 5.0f, "a refused struct_size wrote an output");
+  CHECK(std::strcmp(medley_status_name(MEDLEY_STATUS_STRUCT_SIZE), "MEDLEY_STATUS_STRUCT_SIZE") == 0, "name");
+  CHECK(last_message().find("struct_size") != std::string::npos, "message: %s", last_message().c_str());
+  // init at an older size writes only that many bytes.
+  alignas(8) unsigned char raw[sizeof(medley_ensemble_output) + 8];
+  std::memset(raw, 0xAB, sizeof raw);
+  CHECK_STATUS(medley_ensemble_output_init(reinterpret_cast<medley_ensemble_output *>(raw),
+                                           MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1),
+               MEDLEY_STATUS_OK);
+  bool tail = true;
+  for (size_t i = MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1; i < sizeof raw; ++i) tail = tail && raw[i] == 0xAB;
+  CHECK(tail, "init wrote past struct_size");
+  std::printf("cpu: uncertainty outputs match the C++ reference; ABI 1.1 struct_size policy (old, newer, bad "
+              "layouts) holds\n");
+}
+
 static void test_ensemble_cpu(const EnsembleData &d) {
   const float lin_w[3] = {0.5f, 0.3f, 0.2f};
   const float log_w[3] = {1.0f, -0.5f, 0.5f};
@@ -464,6 +629,59 @@ static void gpu_part(const EnsembleData &d) {
     std::printf("gpu: ensemble on our own stream (kernels v1, auto%s) matches the CPU in both modes\n",
                 ws_bytes ? ", v2" : "");
 
+    // The per-row uncertainty outputs (layout 2) on the GPU against the
+    // C++ reference, every kernel, outputs poisoned with NaN first.
+    {
+      CUdeviceptr dunc = mem.alloc(4 * B * 4);
+      CHECK(dunc != 0, "cuMemAlloc failed");
+      if (!dunc) return;
+      medley_cuda_ensemble_output uo = out;
+      uo.entropy = dunc;
+      uo.entropy_len = B;
+      uo.top1_prob = dunc + B * 4;
+      uo.top1_prob_len = B;
+      uo.margin = dunc + 2 * B * 4;
+      uo.margin_len = B;
+      int runs = 0;
+      for (int mi = 0; mi < 2; ++mi) {
+        medley_mode mode = mi == 0 ? MEDLEY_MODE_LINEAR : MEDLEY_MODE_LOG_LINEAR;
+        const float *w = mi == 0 ? lin_w : log_w;
+        medley_ensemble_config cfg = make_config(mode, w, 3);
+        uo.disagreement = mi == 0 ? dunc + 3 * B * 4 : 0;
+        uo.disagreement_len = mi == 0 ? B : 0;
+        for (int ki = 0; ki < 3; ++ki) {
+          if (kernels[ki] == MEDLEY_CUDA_KERNEL_V2 && ws_bytes == 0) continue;
+          CU(cuMemsetD8Async(dunc, 0xff, 4 * B * 4, stream));
+          medley_status s = medley_cuda_ensemble_combine(engine, stream, models, 3, &cfg, B, V, &uo, ws, ws_bytes,
+                                                         kernels[ki]);
+          CHECK(s == MEDLEY_STATUS_OK, "GPU combine with uncertainty (%s, mode %d): %s: %s", kernel_names[ki], mi,
+                medley_status_name(s), last_message().c_str());
+          std::vector<float> u(4 * B);
+          CU(cuMemcpyDtoHAsync_v2(u.data(), dunc, u.size() * 4, stream));
+          CU(cuStreamSynchronize(stream));
+          ++runs;
+          for (size_t b = 0; b < B; ++b) {
+            Uncertainty r = reference_uncertainty(d, b, mode, w);
+            const double want[4] = {r.entropy, r.top1, r.margin, r.disagreement};
+            const char *names[4] = {"entropy", "top1_prob", "margin", "disagreement"};
+            for (int q = 0; q < (mi == 0 ? 4 : 3); ++q)
+              CHECK(close_to(u[q * B + b], want[q], 1e-4, 1e-4), "GPU %s (%s, mode %d) row %zu: %.7g, want %.7g",
+                    names[q], kernel_names[ki], mi, b, u[q * B + b], want[q]);
+          }
+        }
+      }
+      // Disagreement in log-linear mode: refused before the launch.
+      medley_ensemble_config cfg = make_config(MEDLEY_MODE_LOG_LINEAR, log_w, 3);
+      uo.disagreement = dunc + 3 * B * 4;
+      uo.disagreement_len = B;
+      CHECK_STATUS(medley_cuda_ensemble_combine(engine, stream, models, 3, &cfg, B, V, &uo, ws, ws_bytes,
+                                                MEDLEY_CUDA_KERNEL_AUTO),
+                   MEDLEY_STATUS_UNSUPPORTED);
+      std::printf("gpu: uncertainty outputs (entropy, top-1, margin, disagreement) match the C++ reference in %d "
+                  "GPU runs\n",
+                  runs);
+    }
+
     // Per-row weights from device memory against the CPU's host table.
     const float table[B * 4] = {1, 0, 0, 0, 0.2f, 0.5f, 0.3f, 0, 0, 0, 1, 0};
     CU(cuMemcpyHtoDAsync_v2(dw, table, sizeof table, stream));
@@ -595,6 +813,7 @@ int main() {
   test_merge_cpu();
   test_moe_cpu();
   test_errors_cpu(d);
+  test_uncertainty_and_abi_cpu(d);
 #if defined(MEDLEY_CUDA)
   CHECK(medley_has_cuda(), "medley_has_cuda() is false: a CPU-only library, compile with -DMEDLEY_NO_CUDA");
   gpu_part(d);
