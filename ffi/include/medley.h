@@ -145,6 +145,13 @@
 #define MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2 152
 #endif
 
+#if defined(MEDLEY_CUDA)
+/**
+ * Size of the first `medley_cuda_engine_options` layout (ABI 1.1).
+ */
+#define MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1 16
+#endif
+
 /**
  * Size of the first `medley_ties_options` layout (ABI 1.0).
  */
@@ -227,7 +234,7 @@ enum medley_status
   /**
    * A versioned struct's `struct_size` is not a layout this library
    * knows (below the first published size, between two published sizes,
-   * or above 4096), or a struct from a newer header sets a field this
+   * above 4096 or larger but not a multiple of 8), or a struct from a newer header sets a field this
    * library does not have (nonzero bytes past its layout). See the ABI
    * policy in ffi/README.md.
    */
@@ -359,6 +366,63 @@ enum medley_cuda_kernel
 };
 #ifndef __cplusplus
 typedef uint32_t medley_cuda_kernel;
+#endif // __cplusplus
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Which kernel families `medley_cuda_engine_new_with` loads (the
+ * `modules` field of `medley_cuda_engine_options`, bits or-ed together).
+ * Loading fewer modules is faster: cold (no JIT cache) on an H200 the
+ * ensemble alone took 0.83 s, gating and routing 0.83 s, the expert GEMMs
+ * 9.9 s, everything 27.5 s as a process's first load (BENCHMARKS.md).
+ * A call whose kernel was not loaded returns
+ * `MEDLEY_STATUS_DEVICE_UNSUPPORTED` and says which module it needs.
+ */
+enum medley_cuda_modules
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+#if defined(MEDLEY_CUDA)
+  /**
+   * The ensemble combination (`medley_cuda_ensemble_combine`).
+   */
+  MEDLEY_CUDA_MODULES_ENSEMBLE = 1,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * Top-k gating, all variants.
+   */
+  MEDLEY_CUDA_MODULES_GATING = 2,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * The routing plan, permute and combine.
+   */
+  MEDLEY_CUDA_MODULES_ROUTING = 4,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * The expert GEMMs (GEMM1, GEMM2; most of the PTX).
+   */
+  MEDLEY_CUDA_MODULES_EXPERTS = 8,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * Everything an MoE layer runs: gating, routing and experts.
+   */
+  MEDLEY_CUDA_MODULES_MOE = 14,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * Every kernel (what `medley_cuda_engine_new` loads).
+   */
+  MEDLEY_CUDA_MODULES_ALL = 15,
+#endif
+};
+#ifndef __cplusplus
+typedef uint32_t medley_cuda_modules;
 #endif // __cplusplus
 #endif
 
@@ -764,6 +828,24 @@ typedef struct medley_cuda_ensemble_output {
 
 #if defined(MEDLEY_CUDA)
 /**
+ * Options of `medley_cuda_engine_new_with`. A versioned struct: start
+ * from `medley_cuda_engine_options_init(&o, sizeof o)` (every module).
+ */
+typedef struct medley_cuda_engine_options {
+  /**
+   * `sizeof(medley_cuda_engine_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * `medley_cuda_modules` bits: which kernel families to load (nonzero;
+   * unknown bits are `MEDLEY_STATUS_BAD_PARAMETER`).
+   */
+  uint32_t modules;
+} medley_cuda_engine_options;
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
  * A strided view of `rows x len` elements in device memory (the device
  * twin of `medley_rows`).
  */
@@ -1029,6 +1111,60 @@ medley_status medley_cuda_ensemble_output_init(struct medley_cuda_ensemble_outpu
  * links, 100: no device).
  */
 medley_status medley_cuda_probe(void);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Fills `*options` with the defaults (every module) and sets its
+ * `struct_size` (pass `sizeof *options`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_cuda_engine_options_init(struct medley_cuda_engine_options *options,
+                                              size_t struct_size);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * As `medley_cuda_engine_new`, loading only the kernel families named by
+ * `options->modules` (`medley_cuda_modules` bits): a runtime that needs
+ * the ensemble only, or the MoE path only, loads in a fraction of the
+ * time. `options` is required (`medley_cuda_engine_options_init`).
+ * Returns the statuses of `medley_cuda_engine_new`, plus
+ * `MEDLEY_STATUS_BAD_PARAMETER` (no or unknown module bits) and
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * As `medley_cuda_engine_new`; `options` must point to a struct of its
+ * `struct_size`.
+ */
+medley_status medley_cuda_engine_new_with(void *stream,
+                                          const struct medley_cuda_engine_options *options,
+                                          struct medley_cuda_engine **engine);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The JIT compiler's log of the calling thread's last failed engine
+ * creation (`medley_cuda_engine_new*`): the PTX assembler's message when
+ * the driver rejected medley's PTX (for example a driver too old for the
+ * PTX version), empty when the last creation succeeded or failed for
+ * another reason. Written as `medley_last_error_message` writes: at most
+ * `len` bytes, NUL-terminated when `len > 0`, truncated on a UTF-8
+ * boundary; `out_len` (nullable) receives the full length.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT` (`buf` null
+ * with `len > 0`) or `MEDLEY_STATUS_MISALIGNED` (`out_len`); records no
+ * failure of its own.
+ *
+ * # Safety
+ * `buf` must be writable for `len` bytes; `out_len`, when not null, must
+ * point to a writable `size_t`.
+ */
+medley_status medley_cuda_last_jit_log(char *buf, size_t len, size_t *out_len);
 #endif
 
 #if defined(MEDLEY_CUDA)

@@ -16,7 +16,7 @@ use medley_cuda::ensemble::{
 };
 use medley_cuda::gating::{Gate, Gating, RouterLogits};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut, Stream};
-use medley_cuda::{Kernels, Launch};
+use medley_cuda::{Kernels, Launch, Modules};
 
 /// medley's CUDA kernels loaded in one CUDA context: an opaque handle,
 /// created by `medley_cuda_engine_new`, released by
@@ -194,6 +194,187 @@ pub extern "C" fn medley_cuda_probe() -> medley_status {
     })
 }
 
+/// Which kernel families `medley_cuda_engine_new_with` loads (the
+/// `modules` field of `medley_cuda_engine_options`, bits or-ed together).
+/// Loading fewer modules is faster: cold (no JIT cache) on an H200 the
+/// ensemble alone took 0.83 s, gating and routing 0.83 s, the expert GEMMs
+/// 9.9 s, everything 27.5 s as a process's first load (BENCHMARKS.md).
+/// A call whose kernel was not loaded returns
+/// `MEDLEY_STATUS_DEVICE_UNSUPPORTED` and says which module it needs.
+#[repr(u32)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum medley_cuda_modules {
+    /// The ensemble combination (`medley_cuda_ensemble_combine`).
+    Ensemble = 1,
+    /// Top-k gating, all variants.
+    Gating = 2,
+    /// The routing plan, permute and combine.
+    Routing = 4,
+    /// The expert GEMMs (GEMM1, GEMM2; most of the PTX).
+    Experts = 8,
+    /// Everything an MoE layer runs: gating, routing and experts.
+    Moe = 14,
+    /// Every kernel (what `medley_cuda_engine_new` loads).
+    All = 15,
+}
+
+/// Options of `medley_cuda_engine_new_with`. A versioned struct: start
+/// from `medley_cuda_engine_options_init(&o, sizeof o)` (every module).
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy)]
+pub struct medley_cuda_engine_options {
+    /// `sizeof(medley_cuda_engine_options)` of the caller's header.
+    pub struct_size: usize,
+    /// `medley_cuda_modules` bits: which kernel families to load (nonzero;
+    /// unknown bits are `MEDLEY_STATUS_BAD_PARAMETER`).
+    pub modules: u32,
+}
+
+/// Size of the first `medley_cuda_engine_options` layout (ABI 1.1).
+pub const MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1: usize = 16;
+
+const _: () = assert!(size_of::<medley_cuda_engine_options>() == MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1);
+
+// SAFETY: repr(C), `struct_size: usize` first, integers only.
+unsafe impl Versioned for medley_cuda_engine_options {
+    const DEFAULT: Self = medley_cuda_engine_options {
+        struct_size: size_of::<medley_cuda_engine_options>(),
+        modules: medley_cuda_modules::All as u32,
+    };
+    const SIZES: &'static [usize] = &[MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1];
+}
+
+/// Fills `*options` with the defaults (every module) and sets its
+/// `struct_size` (pass `sizeof *options`). Returns `MEDLEY_STATUS_OK`,
+/// `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+/// `MEDLEY_STATUS_STRUCT_SIZE`.
+///
+/// # Safety
+/// `options` must be writable for `struct_size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_engine_options_init(
+    options: *mut medley_cuda_engine_options,
+    struct_size: usize,
+) -> medley_status {
+    // SAFETY: the caller guarantees struct_size writable bytes.
+    ffi_boundary!({ unsafe { init_versioned(options, struct_size, "options") } })
+}
+
+/// The `Modules` of a `medley_cuda_modules` bit set.
+fn modules(bits: u32) -> Result<Modules, Fail> {
+    if bits == 0 || bits & !(medley_cuda_modules::All as u32) != 0 {
+        return Err(Fail::BadEnum {
+            arg: "options.modules",
+            value: bits,
+        });
+    }
+    let table = [
+        (medley_cuda_modules::Ensemble, Modules::ENSEMBLE),
+        (medley_cuda_modules::Gating, Modules::GATING),
+        (medley_cuda_modules::Routing, Modules::ROUTING),
+        (medley_cuda_modules::Experts, Modules::EXPERTS),
+    ];
+    let mut m: Option<Modules> = None;
+    for (bit, family) in table {
+        if bits & bit as u32 != 0 {
+            m = Some(m.map_or(family, |m| m | family));
+        }
+    }
+    m.ok_or(Fail::BadEnum {
+        arg: "options.modules",
+        value: bits,
+    })
+}
+
+std::thread_local! {
+    static JIT_LOG: core::cell::RefCell<String> = const { core::cell::RefCell::new(String::new()) };
+}
+
+/// Loads `modules` for `stream` into a new engine at `out`, keeping the
+/// JIT's log of a failed load for `medley_cuda_last_jit_log`.
+///
+/// # Safety
+/// As `medley_cuda_engine_new`.
+unsafe fn new_engine(
+    stream: *mut c_void,
+    modules: Modules,
+    out: *mut *mut medley_cuda_engine,
+) -> Result<(), Fail> {
+    // SAFETY: the caller guarantees the stream handle.
+    let kernels = unsafe { Kernels::load_modules_for_stream(stream, modules) }.map_err(|e| {
+        let fail = Fail::Load {
+            error: e.error,
+            module: e.module,
+        };
+        let log = e.jit_log().to_string();
+        let _ = JIT_LOG.try_with(|l| *l.borrow_mut() = log);
+        fail
+    })?;
+    let _ = JIT_LOG.try_with(|l| l.borrow_mut().clear());
+    let raw = Box::into_raw(Box::new(medley_cuda_engine { kernels }));
+    // SAFETY: out is non-null and aligned (the callers' req_out_ptr) and
+    // writable (the caller); ownership of the box passes to the caller.
+    unsafe { out.write(raw) };
+    Ok(())
+}
+
+/// As `medley_cuda_engine_new`, loading only the kernel families named by
+/// `options->modules` (`medley_cuda_modules` bits): a runtime that needs
+/// the ensemble only, or the MoE path only, loads in a fraction of the
+/// time. `options` is required (`medley_cuda_engine_options_init`).
+/// Returns the statuses of `medley_cuda_engine_new`, plus
+/// `MEDLEY_STATUS_BAD_PARAMETER` (no or unknown module bits) and
+/// `MEDLEY_STATUS_STRUCT_SIZE`.
+///
+/// # Safety
+/// As `medley_cuda_engine_new`; `options` must point to a struct of its
+/// `struct_size`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_engine_new_with(
+    stream: *mut c_void,
+    options: *const medley_cuda_engine_options,
+    engine: *mut *mut medley_cuda_engine,
+) -> medley_status {
+    ffi_boundary!({
+        let out = req_out_ptr(engine, "engine")?;
+        // SAFETY: the caller guarantees the struct.
+        let o = unsafe { versioned(options, "options") }?;
+        let m = modules(o.modules)?;
+        // SAFETY: the caller's guarantees are new_engine's.
+        unsafe { new_engine(stream, m, out) }
+    })
+}
+
+/// The JIT compiler's log of the calling thread's last failed engine
+/// creation (`medley_cuda_engine_new*`): the PTX assembler's message when
+/// the driver rejected medley's PTX (for example a driver too old for the
+/// PTX version), empty when the last creation succeeded or failed for
+/// another reason. Written as `medley_last_error_message` writes: at most
+/// `len` bytes, NUL-terminated when `len > 0`, truncated on a UTF-8
+/// boundary; `out_len` (nullable) receives the full length.
+///
+/// Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT` (`buf` null
+/// with `len > 0`) or `MEDLEY_STATUS_MISALIGNED` (`out_len`); records no
+/// failure of its own.
+///
+/// # Safety
+/// `buf` must be writable for `len` bytes; `out_len`, when not null, must
+/// point to a writable `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn medley_cuda_last_jit_log(
+    buf: *mut core::ffi::c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> medley_status {
+    ffi_boundary!(default = medley_status::Panic, {
+        let log = JIT_LOG.try_with(|l| l.borrow().clone()).unwrap_or_default();
+        // SAFETY: the caller's guarantees are write_text's.
+        unsafe { crate::status::write_text(&log, buf, len, out_len) }
+    })
+}
+
 /// Loads medley's kernels into the CUDA context of `stream` (a `CUstream`
 /// or `cudaStream_t`; 0 (NULL) is the legacy default stream and 2 the
 /// per-thread default stream, both of which need a current context) and
@@ -219,13 +400,8 @@ pub unsafe extern "C" fn medley_cuda_engine_new(
 ) -> medley_status {
     ffi_boundary!({
         let out = req_out_ptr(engine, "engine")?;
-        // SAFETY: the caller guarantees the stream handle.
-        let kernels = unsafe { Kernels::load_for_stream(stream) }.map_err(|e| Fail::from(e.error))?;
-        let raw = Box::into_raw(Box::new(medley_cuda_engine { kernels }));
-        // SAFETY: out is non-null and aligned (req_out_ptr) and writable
-        // (the caller); ownership of the box passes to the caller.
-        unsafe { out.write(raw) };
-        Ok(())
+        // SAFETY: the caller's guarantees are new_engine's.
+        unsafe { new_engine(stream, Modules::ALL, out) }
     })
 }
 

@@ -62,6 +62,11 @@ pub use cpu::{
 };
 #[cfg(feature = "cuda")]
 pub use gpu::{
+    MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1, medley_cuda_engine_new_with, medley_cuda_engine_options,
+    medley_cuda_engine_options_init, medley_cuda_last_jit_log, medley_cuda_modules,
+};
+#[cfg(feature = "cuda")]
+pub use gpu::{
     MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V1, MEDLEY_CUDA_ENSEMBLE_OUTPUT_SIZE_V2, medley_cuda_engine,
     medley_cuda_engine_destroy, medley_cuda_engine_new, medley_cuda_ensemble_combine,
     medley_cuda_ensemble_output, medley_cuda_ensemble_output_init, medley_cuda_ensemble_workspace_bytes,

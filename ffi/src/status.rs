@@ -203,6 +203,16 @@ pub enum Fail {
     /// The CUDA layer rejected the call or the driver failed.
     #[cfg(feature = "cuda")]
     Cuda(CudaError),
+    /// Loading the kernels failed (engine creation): the error and the PTX
+    /// module being loaded; the JIT's log is kept apart
+    /// (`medley_cuda_last_jit_log`).
+    #[cfg(feature = "cuda")]
+    Load {
+        /// What failed.
+        error: CudaError,
+        /// The module (`"gating.ptx"`), when a module load failed.
+        module: Option<&'static str>,
+    },
     /// A panic was caught at the boundary.
     Panic,
 }
@@ -250,6 +260,8 @@ impl Fail {
             Fail::StructSize { .. } | Fail::StructTail { .. } => medley_status::StructSize,
             Fail::Core(e) | Fail::At { err: e, .. } => core_status(e),
             #[cfg(feature = "cuda")]
+            Fail::Load { error, .. } => Fail::Cuda(*error).status(),
+            #[cfg(feature = "cuda")]
             Fail::Cuda(c) => match c {
                 CudaError::Driver(_) => medley_status::Driver,
                 CudaError::Invalid(e) => core_status(e),
@@ -267,7 +279,12 @@ impl Fail {
     pub fn cuda_code(&self) -> i32 {
         // Always 0 in a build without the `cuda` feature (no driver calls).
         #[cfg(feature = "cuda")]
-        if let Fail::Cuda(CudaError::Driver(d)) = self {
+        if let Fail::Cuda(CudaError::Driver(d))
+        | Fail::Load {
+            error: CudaError::Driver(d),
+            ..
+        } = self
+        {
             return d.code;
         }
         0
@@ -324,6 +341,14 @@ impl fmt::Display for Fail {
             // the way cust's CudaError Display does under the stub driver.
             #[cfg(feature = "cuda")]
             Fail::Cuda(e) => write!(f, "{e}"),
+            #[cfg(feature = "cuda")]
+            Fail::Load { error, module } => {
+                write!(f, "loading medley's kernels failed: {error}")?;
+                if let Some(m) = module {
+                    write!(f, " (module {m}; medley_cuda_last_jit_log() has the JIT's log)")?;
+                }
+                Ok(())
+            }
             Fail::Panic => write!(
                 f,
                 "internal panic caught at the C boundary (a medley bug; the message went to stderr)"
@@ -429,40 +454,73 @@ pub unsafe extern "C" fn medley_last_error_message(
     out_len: *mut usize,
 ) -> medley_status {
     ffi_boundary!(default = medley_status::Panic, {
-        if buf.is_null() && len > 0 {
-            return medley_status::NullArgument;
+        // SAFETY: the caller's guarantees are write_text's.
+        unsafe {
+            write_fmt(buf, len, out_len, |w| match last() {
+                Some(f) => fmt::Write::write_fmt(w, format_args!("{f}")),
+                None => fmt::Write::write_str(w, "no error"),
+            })
         }
-        if !out_len.is_null() && !out_len.is_aligned() {
-            return medley_status::Misaligned;
-        }
-        let mut empty = [0u8; 0];
-        let dst: &mut [u8] = if len == 0 {
-            &mut empty
-        } else {
-            // SAFETY: buf is non-null (checked) and the caller guarantees it
-            // is writable for len bytes; c_char and u8 have the same layout;
-            // no other reference to that memory exists during the call.
-            unsafe { core::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
-        };
-        let mut w = Truncating {
-            buf: dst,
-            used: 0,
-            total: 0,
-        };
-        let _ = match last() {
-            Some(f) => fmt::Write::write_fmt(&mut w, format_args!("{f}")),
-            None => fmt::Write::write_str(&mut w, "no error"),
-        };
-        if !w.buf.is_empty() {
-            w.buf[w.used] = 0;
-        }
-        if !out_len.is_null() {
-            // SAFETY: out_len is non-null and aligned (checked); the caller
-            // guarantees it points to a writable size_t.
-            unsafe { out_len.write(w.total) };
-        }
-        medley_status::Ok
     })
+}
+
+/// Writes `text` as `medley_last_error_message` writes its message.
+///
+/// # Safety
+/// As `medley_last_error_message`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) unsafe fn write_text(
+    text: &str,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> medley_status {
+    // SAFETY: the caller's guarantees are write_fmt's.
+    unsafe { write_fmt(buf, len, out_len, |w| fmt::Write::write_str(w, text)) }
+}
+
+/// The body of the text queries: checks `buf` and `out_len`, writes what
+/// `f` formats, truncated and NUL-terminated, and the full length.
+///
+/// # Safety
+/// `buf` must be writable for `len` bytes; `out_len`, when not null, must
+/// point to a writable `size_t`.
+unsafe fn write_fmt(
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+    f: impl FnOnce(&mut Truncating<'_>) -> fmt::Result,
+) -> medley_status {
+    if buf.is_null() && len > 0 {
+        return medley_status::NullArgument;
+    }
+    if !out_len.is_null() && !out_len.is_aligned() {
+        return medley_status::Misaligned;
+    }
+    let mut empty = [0u8; 0];
+    let dst: &mut [u8] = if len == 0 {
+        &mut empty
+    } else {
+        // SAFETY: buf is non-null (checked) and the caller guarantees it
+        // is writable for len bytes; c_char and u8 have the same layout;
+        // no other reference to that memory exists during the call.
+        unsafe { core::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
+    };
+    let mut w = Truncating {
+        buf: dst,
+        used: 0,
+        total: 0,
+    };
+    let _ = f(&mut w);
+    if !w.buf.is_empty() {
+        w.buf[w.used] = 0;
+    }
+    if !out_len.is_null() {
+        // SAFETY: out_len is non-null and aligned (checked); the caller
+        // guarantees it points to a writable size_t.
+        unsafe { out_len.write(w.total) };
+    }
+    medley_status::Ok
 }
 
 /// Whether this library was built with the CUDA entry points (the `cuda`

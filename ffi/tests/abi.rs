@@ -697,6 +697,48 @@ fn cuda_entry_points_check_arguments_and_report_the_driver() {
             medley_cuda_engine_destroy(null_mut()),
             medley_status::NullArgument
         );
+        // Engine options: checked before any driver call.
+        let mut opts = init(medley_cuda_engine_options_init);
+        assert_eq!(opts.modules, medley_cuda_modules::All as u32);
+        let mut e2: *mut medley_cuda_engine = 0x5678 as *mut _;
+        for bad in [0u32, 16, 0x8000_0000] {
+            opts.modules = bad;
+            assert_eq!(
+                medley_cuda_engine_new_with(null_mut(), &opts, &mut e2),
+                medley_status::BadParameter
+            );
+            assert_eq!(e2 as usize, 0x5678);
+        }
+        assert_eq!(
+            medley_cuda_engine_new_with(null_mut(), null(), &mut e2),
+            medley_status::NullArgument
+        );
+        opts.struct_size = 8;
+        opts.modules = medley_cuda_modules::Ensemble as u32;
+        assert_eq!(
+            medley_cuda_engine_new_with(null_mut(), &opts, &mut e2),
+            medley_status::StructSize
+        );
+        if probe != medley_status::Ok {
+            opts.struct_size = size_of::<medley_cuda_engine_options>();
+            assert_eq!(
+                medley_cuda_engine_new_with(null_mut(), &opts, &mut e2),
+                medley_status::Driver
+            );
+            assert_eq!(e2 as usize, 0x5678);
+            // Not a JIT failure: no log.
+            let mut buf = [1 as c_char; 8];
+            let mut n = 9;
+            assert_eq!(
+                medley_cuda_last_jit_log(buf.as_mut_ptr(), buf.len(), &mut n),
+                medley_status::Ok
+            );
+            assert_eq!((n, buf[0]), (0, 0));
+        }
+        assert_eq!(
+            medley_cuda_last_jit_log(null_mut(), 1, null_mut()),
+            medley_status::NullArgument
+        );
         let mut bytes = 99usize;
         assert_eq!(
             medley_cuda_ensemble_workspace_bytes(null(), 1, 1, 1, 0, &mut bytes),

@@ -273,7 +273,7 @@ fn unknown_sizes_are_refused_before_any_work() {
         let d = o.desc();
         // The config has one layout (64 bytes): smaller sizes and huge ones
         // are refused (larger ones with a zero tail are a newer header).
-        if size < MEDLEY_ENSEMBLE_CONFIG_SIZE_V1 || size > 4096 {
+        if !(MEDLEY_ENSEMBLE_CONFIG_SIZE_V1..=4096).contains(&size) {
             assert_eq!(
                 combine_with(&f, c.as_ptr().cast(), &d),
                 medley_status::StructSize,
@@ -301,8 +301,8 @@ fn init_writes_exactly_struct_size_bytes() {
     // Layout 1 of the output: 88 bytes written, the rest untouched.
     let mut w = [0xABAB_ABAB_ABAB_ABABu64; 25];
     let p = w.as_mut_ptr().cast::<medley_ensemble_output>();
-    // SAFETY: w is writable for 200 bytes.
     assert_eq!(
+        // SAFETY: w is writable for 200 bytes.
         unsafe { medley_ensemble_output_init(p, MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1) },
         medley_status::Ok
     );
@@ -322,8 +322,8 @@ fn init_writes_exactly_struct_size_bytes() {
         assert_eq!(s, medley_status::StructSize, "{size}");
         assert!(w.iter().all(|&x| x == 7));
     }
-    // SAFETY: null is refused.
     assert_eq!(
+        // SAFETY: null is refused.
         unsafe { medley_ensemble_config_init(null_mut(), 64) },
         medley_status::NullArgument
     );

@@ -546,6 +546,12 @@ static void gpu_part(const EnsembleData &d) {
     medley_cuda_engine *engine = reinterpret_cast<medley_cuda_engine *>(0x1);
     CHECK_STATUS(medley_cuda_engine_new(nullptr, &engine), MEDLEY_STATUS_DRIVER);
     CHECK(engine == reinterpret_cast<medley_cuda_engine *>(0x1), "engine written by a failed call");
+    medley_cuda_engine_options eo = medley_init(medley_cuda_engine_options_init);
+    eo.modules = MEDLEY_CUDA_MODULES_ENSEMBLE;
+    CHECK_STATUS(medley_cuda_engine_new_with(nullptr, &eo, &engine), MEDLEY_STATUS_DRIVER);
+    eo.modules = 0;
+    CHECK_STATUS(medley_cuda_engine_new_with(nullptr, &eo, &engine), MEDLEY_STATUS_BAD_PARAMETER);
+    CHECK(engine == reinterpret_cast<medley_cuda_engine *>(0x1), "engine written by a failed call");
     return;
   }
   CUdevice dev;
@@ -628,6 +634,35 @@ static void gpu_part(const EnsembleData &d) {
     }
     std::printf("gpu: ensemble on our own stream (kernels v1, auto%s) matches the CPU in both modes\n",
                 ws_bytes ? ", v2" : "");
+
+    // An engine with the ensemble module only: the ensemble runs, gating
+    // says which module it needs, nothing is enqueued.
+    {
+      medley_cuda_engine_options eo = medley_init(medley_cuda_engine_options_init);
+      eo.modules = MEDLEY_CUDA_MODULES_ENSEMBLE;
+      medley_cuda_engine *small = nullptr;
+      CHECK_STATUS(medley_cuda_engine_new_with(stream, &eo, &small), MEDLEY_STATUS_OK);
+      if (small) {
+        CpuResult cpu = cpu_ensemble(d, MEDLEY_MODE_LINEAR, lin_w);
+        medley_ensemble_config cfg = make_config(MEDLEY_MODE_LINEAR, lin_w, 3);
+        CU(cuMemsetD8Async(dlp, 0xff, B * OUT_STRIDE * 4, stream));
+        CHECK_STATUS(medley_cuda_ensemble_combine(small, stream, models, 3, &cfg, B, V, &out, 0, 0,
+                                                  MEDLEY_CUDA_KERNEL_V1),
+                     MEDLEY_STATUS_OK);
+        read_back();
+        compare_gpu("linear/v1 (ensemble-only engine)", cpu, lp, am, lz);
+        medley_cuda_rows gr{dlp, B * OUT_STRIDE, MEDLEY_DTYPE_F32, B, 8, OUT_STRIDE};
+        CHECK_STATUS(medley_cuda_moe_topk_softmax(small, stream, &gr, 2, 1, dam, 2 * B, dlz, 2 * B),
+                     MEDLEY_STATUS_DEVICE_UNSUPPORTED);
+        CHECK_STATUS(medley_cuda_engine_destroy(small), MEDLEY_STATUS_OK);
+        char log[64];
+        size_t n = 1;
+        CHECK_STATUS(medley_cuda_last_jit_log(log, sizeof log, &n), MEDLEY_STATUS_OK);
+        CHECK(n == 0, "JIT log after a successful load: %zu bytes", n);
+        std::printf("gpu: an ensemble-only engine (medley_cuda_engine_new_with) runs the ensemble and refuses "
+                    "gating\n");
+      }
+    }
 
     // The per-row uncertainty outputs (layout 2) on the GPU against the
     // C++ reference, every kernel, outputs poisoned with NaN first.
