@@ -4,7 +4,7 @@
 //! parameter, unknown enum value, unsupported) returns its status, records
 //! a message, and leaves every output untouched.
 
-use core::ffi::{CStr, c_char};
+use core::ffi::{CStr, c_char, c_void};
 use core::ptr::{null, null_mut};
 use medley_core::ensemble::{Config, Model, Output, combine};
 use medley_core::moe::gating::topk_softmax;
@@ -946,4 +946,53 @@ fn ties_merge_matches_the_core_and_fails_cleanly() {
     };
     assert_eq!(s, medley_status::Overlap);
     assert_eq!(inplace, base);
+}
+
+/// With `MEDLEY_EXPECT_BROKEN_PTX=1` (the GPU machine's run of a library
+/// built from a routing.ptx with an invalid instruction, see
+/// tools/device/build.sh `BROKEN=1`): engine creation fails with the
+/// driver's code, names the module, and `medley_cuda_last_jit_log` returns
+/// the JIT's message. Without the variable, it checks nothing.
+#[cfg(feature = "cuda")]
+#[test]
+fn broken_ptx_reports_the_jit_log_through_c() {
+    if std::env::var_os("MEDLEY_EXPECT_BROKEN_PTX").is_none_or(|v| v != "1") {
+        return;
+    }
+    assert_eq!(medley_cuda_probe(), medley_status::Ok, "needs a GPU");
+    // Stream 0 needs a current context: the primary context of device 0,
+    // through the driver API (libcuda, which medley-cuda links; the stub
+    // has these symbols too).
+    unsafe extern "C" {
+        fn cuDeviceGet(dev: *mut i32, ordinal: i32) -> i32;
+        fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: i32) -> i32;
+        fn cuCtxPushCurrent_v2(ctx: *mut c_void) -> i32;
+    }
+    let (mut dev, mut ctx) = (0i32, null_mut::<c_void>());
+    // SAFETY: valid out-pointers; cuInit succeeded (medley_cuda_probe).
+    unsafe {
+        assert_eq!(cuDeviceGet(&mut dev, 0), 0);
+        assert_eq!(cuDevicePrimaryCtxRetain(&mut ctx, dev), 0);
+        assert_eq!(cuCtxPushCurrent_v2(ctx), 0);
+    }
+    let mut engine: *mut medley_cuda_engine = null_mut();
+    // SAFETY: stream 0 with the current context (the Gpu's); engine is a
+    // valid out-pointer.
+    let s = unsafe { medley_cuda_engine_new(null_mut(), &mut engine) };
+    assert_eq!(s, medley_status::Driver, "{}", message());
+    assert!(engine.is_null());
+    assert_eq!(medley_last_cuda_error(), 218, "CUDA_ERROR_INVALID_PTX");
+    assert!(message().contains("routing.ptx"), "{}", message());
+    let mut buf = [0 as c_char; 4096];
+    let mut n = 0;
+    // SAFETY: buf is writable for its length.
+    let s = unsafe { medley_cuda_last_jit_log(buf.as_mut_ptr(), buf.len(), &mut n) };
+    assert_eq!(s, medley_status::Ok);
+    // SAFETY: NUL-terminated within the buffer.
+    let log = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(n > 0 && log.contains("not_an_instruction"), "{log}");
+    eprintln!("broken PTX through the C ABI: {}; JIT log: {log}", message());
 }

@@ -18,6 +18,12 @@ for l in sys.stdin:
 for t in $(ls cuda/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//'); do
   cp "$(pick test -p medley-cuda --test "$t" --no-run | tail -1)" ".device/test-$t"
 done
+# The C ABI's Rust tests (their GPU parts run where cuInit succeeds), all
+# but cpp_consumer (it compiles C++ at run time; the consumer is built
+# below instead).
+for t in $(ls ffi/tests/*.rs | xargs -n1 basename | sed 's/\.rs$//' | grep -v '^cpp_consumer$'); do
+  cp "$(pick test -p medley-ffi --test "$t" --no-run | tail -1)" ".device/test-ffi-$t"
+done
 # The C API's C++ consumer (ffi/tests/cpp/*.cpp), statically linked
 # against libmedley_ffi.a (cargo builds the staticlib with the lib the ffi
 # tests use) and the driver medley-cuda's build script linked (the stub
@@ -47,6 +53,10 @@ if [ "${BROKEN:-0}" = 1 ]; then
   sed -i '0,/^\s*ret;/s//    not_an_instruction.u32 %r1;\n    ret;/' ptx/routing.ptx
   grep -q not_an_instruction ptx/routing.ptx || { echo "build.sh: could not break routing.ptx" >&2; exit 1; }
   cp "$(pick test -p medley-cuda --test moe --no-run | tail -1)" .device/broken-test-moe
+  # The same broken PTX through the C ABI: engine creation must fail with
+  # the JIT's log in medley_cuda_last_jit_log (run.sh sets
+  # MEDLEY_EXPECT_BROKEN_PTX=1 for it).
+  cp "$(pick test -p medley-ffi --test abi --no-run | tail -1)" .device/broken-ffi-abi
   cp /tmp/routing.ptx.orig ptx/routing.ptx
 fi
 cp "$(pick bench -p medley-benches --bench bench_main --no-run | tail -1)" .device/bench_main

@@ -30,6 +30,11 @@ if [ -x .device/broken-test-moe ]; then
   if .device/broken-test-moe 2>&1 | tee "$out/broken.log" | grep -m3 -E "JIT log|ptxas|error"; then :; fi
   grep -q "JIT log" "$out/broken.log" || { echo "run.sh: the broken PTX did not report the JIT log"; status=1; }
 fi
+if [ -x .device/broken-ffi-abi ]; then
+  echo "== .device/broken-ffi-abi (the C ABI reports the broken PTX's JIT log)"
+  MEDLEY_EXPECT_BROKEN_PTX=1 .device/broken-ffi-abi broken_ptx --nocapture 2>&1 | tee "$out/broken-ffi.log" | tail -4
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 if [ "${TUNE:-0}" = 1 ]; then
   # The expert-GEMM tuning harness; the benchmarks below then use its table.
   .device/tune_experts --out "$out/medley-tuning.txt" --report "$out/tuning-report.md" 2>&1 | tail -3
