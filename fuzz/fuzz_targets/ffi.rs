@@ -16,6 +16,17 @@ use core::ptr::{null, null_mut};
 use libfuzzer_sys::fuzz_target;
 use medley_ffi::*;
 
+/// A `struct_size` for a versioned struct held in a local of `full` bytes:
+/// mostly `full`, sometimes its first layout `v1`, sometimes anything up to
+/// `full` (refused unless it is a published size).
+fn size_field(r: &mut Bytes<'_>, full: usize, v1: usize) -> usize {
+    match r.u8() % 16 {
+        0 => r.below(full + 1),
+        1 => v1,
+        _ => full,
+    }
+}
+
 /// A versioned struct filled by its `_init` function at this header's size.
 fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
     let mut v = std::mem::MaybeUninit::<T>::zeroed();
@@ -194,6 +205,7 @@ fn ensemble(r: &mut Bytes<'_>) {
     let b = if r.u8() % 4 == 0 { r.size() } else { r.below(5) };
     let v = if r.u8() % 4 == 0 { r.size() } else { r.below(40) };
     let mut cfg = medley_ensemble_config {
+        struct_size: size_field(r, size_of::<medley_ensemble_config>(), MEDLEY_ENSEMBLE_CONFIG_SIZE_V1),
         mode: r.enum_value(2),
         mask_rule: r.enum_value(2),
         out_temperature: if r.u8() % 4 == 0 { r.param() } else { 1.0 },
@@ -212,6 +224,7 @@ fn ensemble(r: &mut Bytes<'_>) {
     let mut p = Buf::new(n_out, SENTINEL);
     let mut am = Buf::new(b.min(8), 7u32);
     let mut lz = Buf::new(b.min(8), SENTINEL);
+    let mut unc: [Buf<f32>; 4] = std::array::from_fn(|_| Buf::new(b.min(8), SENTINEL));
     let mut out = medley_ensemble_output {
         log_probs: null_mut(),
         log_probs_len: 0,
@@ -225,6 +238,9 @@ fn ensemble(r: &mut Bytes<'_>) {
         log_normalizer_len: 0,
         ..init(medley_ensemble_output_init)
     };
+    // Any struct_size up to this layout's (larger ones would read past
+    // this local: abi_policy.rs tests them), layout 1 now and then.
+    out.struct_size = size_field(r, size_of::<medley_ensemble_output>(), MEDLEY_ENSEMBLE_OUTPUT_SIZE_V1);
     if r.u8() % 4 != 0 {
         (out.log_probs, out.log_probs_len) = lp.arg(r);
     }
@@ -237,6 +253,19 @@ fn ensemble(r: &mut Bytes<'_>) {
     if r.u8() % 2 == 0 {
         (out.log_normalizer, out.log_normalizer_len) = lz.arg(r);
     }
+    let [ue, ut, um, ud] = &mut unc;
+    if r.u8() % 4 == 0 {
+        (out.entropy, out.entropy_len) = ue.arg(r);
+    }
+    if r.u8() % 4 == 0 {
+        (out.top1_prob, out.top1_prob_len) = ut.arg(r);
+    }
+    if r.u8() % 4 == 0 {
+        (out.margin, out.margin_len) = um.arg(r);
+    }
+    if r.u8() % 4 == 0 {
+        (out.disagreement, out.disagreement_len) = ud.arg(r);
+    }
     if r.u8() % 16 == 0 {
         // An output aliasing the first model's logits buffer (in bounds).
         let first = &mut store[0];
@@ -244,7 +273,7 @@ fn ensemble(r: &mut Bytes<'_>) {
         out.log_probs_len = first.v.len() - GUARD;
     }
     let mut rep = medley_report {
-        struct_size: size_of::<medley_report>(),
+        struct_size: size_field(r, size_of::<medley_report>(), MEDLEY_REPORT_SIZE_V1),
         masked_rows: 99,
         nan_rows: 99,
     };
@@ -255,9 +284,11 @@ fn ensemble(r: &mut Bytes<'_>) {
     known(s);
     if s != medley_status::Ok {
         assert!(lp.untouched() && p.untouched() && am.untouched() && lz.untouched(), "{s:?} wrote");
+        assert!(unc.iter().all(|u| u.untouched()), "{s:?} wrote an uncertainty output");
         assert_eq!((rep.masked_rows, rep.nan_rows), (99, 99));
     }
     assert!(lp.guard_intact() && p.guard_intact() && am.guard_intact() && lz.guard_intact());
+    assert!(unc.iter().all(|u| u.guard_intact()));
     // Inputs are never written.
     assert!(wbuf.v.iter().map(|x| x.to_bits()).eq(wfill.iter().copied()));
     models.clear();
@@ -328,6 +359,7 @@ fn ties(r: &mut Bytes<'_>) {
     let (bp, bl) = base.arg(r);
     let bl = elems(r, bl, dtype, n);
     let mut opts = medley_ties_options {
+        struct_size: size_field(r, size_of::<medley_ties_options>(), MEDLEY_TIES_OPTIONS_SIZE_V1),
         consensus: r.enum_value(2),
         votes: r.enum_value(2),
         divisor: r.enum_value(2),
