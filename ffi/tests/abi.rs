@@ -572,6 +572,10 @@ fn topk_gating_matches_the_core_and_fails_cleanly() {
         assert_eq!(ids, ids2);
         assert_eq!(w, w2);
     }
+    // Buffers as long as every length declared below (a declared length
+    // past a buffer's end could overlap another allocation).
+    let mut ids = vec![SENTINEL_ID; 24];
+    let mut w = vec![SENTINEL; 24];
     let before = (ids.clone(), w.clone());
     let bad: [(usize, usize, usize, medley_status); 5] = [
         (0, 6, 6, medley_status::BadParameter),      // k = 0
@@ -589,7 +593,7 @@ fn topk_gating_matches_the_core_and_fails_cleanly() {
                 k,
                 1,
                 ids.as_mut_ptr(),
-                il.min(6),
+                il,
                 w.as_mut_ptr(),
                 wl,
                 &mut rep,
