@@ -11,12 +11,14 @@ use std::fs;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/lib.rs");
-    // The major version is the one constant of src/lib.rs; read it here
-    // rather than repeat it.
+    // The major version is defined once, in src/lib.rs: read it there.
     let src = fs::read_to_string("src/lib.rs").expect("read src/lib.rs");
     let major: u32 = src
         .lines()
-        .find_map(|l| l.trim().strip_prefix("pub const MEDLEY_ABI_VERSION_MAJOR: u32 = "))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("pub const MEDLEY_ABI_VERSION_MAJOR: u32 = ")
+        })
         .and_then(|v| v.trim_end_matches(';').trim().parse().ok())
         .expect("src/lib.rs: `pub const MEDLEY_ABI_VERSION_MAJOR: u32 = N;` not found");
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
