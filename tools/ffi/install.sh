@@ -121,7 +121,7 @@ soname=$(readelf -d "$so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
 # a staticlib of this toolchain links (`rustc --print native-static-libs`).
 # medley's own native dependency is the CUDA driver alone (the cuda build).
 printf '// empty\n' >"$tmp/probe.rs"
-runtime=$("${RUSTC:-rustc}" --crate-type staticlib --crate-name medley_probe --print native-static-libs \
+runtime=$(cd "$repo" && "${RUSTC:-rustc}" --crate-type staticlib --crate-name medley_probe --print native-static-libs \
   -o "$tmp/libprobe.a" "$tmp/probe.rs" 2>&1 | sed -n 's/.*native-static-libs: //p' | tail -1)
 [ -n "$runtime" ] || die "rustc --print native-static-libs printed nothing"
 runtime_cmake=$(echo "$runtime" | sed 's/-l//g')
@@ -130,8 +130,8 @@ runtime_cmake=$(echo "$runtime" | sed 's/-l//g')
 # where it linked a real driver and made none, the same stub built here.
 stub=""
 if [ "$cuda" -eq 1 ]; then
-  stub=$(grep '"reason":"build-script-executed"' "$tmp/build.json" | grep '#medley-cuda@' \
-    | grep -o '"native=[^"]*/stub"' | tr -d '"' | sed 's/^native=//' | tail -1)
+  stub=$(grep '"reason":"build-script-executed"' "$tmp/build.json" \
+    | grep -o '"native=[^"]*/build/medley-cuda-[^"/]*/out/stub"' | tr -d '"' | sed 's/^native=//' | tail -1)
   if [ -z "$stub" ] || [ ! -f "$stub/libcuda.so" ]; then
     stub="$tmp/stub"
     mkdir -p "$stub"
