@@ -674,6 +674,10 @@ pub unsafe extern "C" fn medley_moe_layer(
             "scratch",
             0,
         )?);
+        if let Some((p, size)) = report {
+            regions.written(Region::host(p.cast_const().cast::<u8>(), size, "report", 0)?);
+        }
+        regions.check()?;
         if scratch_bytes > 0 && !(scratch as usize).is_multiple_of(8) {
             return Err(Fail::Misaligned {
                 arg: "scratch",
@@ -681,12 +685,22 @@ pub unsafe extern "C" fn medley_moe_layer(
                 align: 8,
             });
         }
-        if let Some((p, size)) = report {
-            regions.written(Region::host(p.cast_const().cast::<u8>(), size, "report", 0)?);
+        if ro.k == 0 {
+            return Err(Error::OutOfRange {
+                arg: "routing.k",
+                index: 0,
+            }
+            .into());
         }
-        regions.check()?;
         let t = xr.rows;
         let range: ExpertRange = ex.range.into();
+        if range.first > range.last || range.last as usize > ro.experts {
+            return Err(Error::OutOfRange {
+                arg: "experts.range",
+                index: 0,
+            }
+            .into());
+        }
         let (noff, n, nf, need) = cpu_layer_layout(t, ro.k, ex.hidden, ex.inter, range.len())?;
         if scratch_bytes < need {
             return Err(Error::BufferTooShort {
