@@ -16,6 +16,9 @@ use core::ptr::{null, null_mut};
 use libfuzzer_sys::fuzz_target;
 use medley_ffi::*;
 
+#[path = "ffi_moe.rs"]
+mod ffi_moe;
+
 /// A versioned struct filled by its `_init` function at this header's size.
 fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
     let mut v = std::mem::MaybeUninit::<T>::zeroed();
@@ -429,6 +432,7 @@ fuzz_target!(|data: &[u8]| {
             0..=3 => ensemble(&mut r),
             4 | 5 => gating(&mut r),
             6 | 7 => ties(&mut r),
+            8 => ffi_moe::fuzz(&mut r),
             _ => cuda(&mut r),
         }
         check_message(&mut r);
