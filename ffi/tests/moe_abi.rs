@@ -193,17 +193,20 @@ fn the_plan_matches_the_core_and_fails_cleanly() {
     let (mut len, mut blocks) = (0usize, 0usize);
     // SAFETY: valid out-pointers.
     assert_eq!(
+        // SAFETY: valid pointers for the lengths given; device addresses are only checked.
         unsafe { medley_moe_block_padded_len(n, l, bm, &mut len, &mut blocks) },
         medley_status::Ok
     );
     assert_eq!((len, blocks), block_padded_len(n, l, bm).unwrap());
     // SAFETY: the same pointer twice.
     assert_eq!(
+        // SAFETY: valid pointers for the lengths given; device addresses are only checked.
         unsafe { medley_moe_block_padded_len(n, l, bm, &mut len, &mut len) },
         medley_status::Overlap
     );
     // SAFETY: valid out-pointers.
     assert_eq!(
+        // SAFETY: valid pointers for the lengths given; device addresses are only checked.
         unsafe { medley_moe_block_padded_len(n, l, 0, &mut len, &mut blocks) },
         medley_status::BadParameter
     );
@@ -570,6 +573,7 @@ mod gpu {
             let mut engine = 0x1234 as *mut medley_cuda_engine;
             // SAFETY: the stream is never used (cuInit fails first).
             assert_eq!(
+                // SAFETY: valid pointers for the lengths given; device addresses are only checked.
                 unsafe { medley_cuda_engine_new(null_mut(), &mut engine) },
                 medley_status::Driver
             );
@@ -583,6 +587,7 @@ mod gpu {
         // SAFETY (every call below): host structs are valid; device
         // addresses are never dereferenced on the host, and no call gets
         // past its checks without an engine.
+        // SAFETY: valid pointers for the lengths given; device addresses are only checked.
         unsafe {
             // Grouped gating: valid arguments stop at the null engine;
             // bad ones fail on themselves first.
@@ -871,6 +876,7 @@ mod gpu {
             let p = self.alloc(size_of_val(v));
             // SAFETY: p holds the bytes; v outlives the synchronization below.
             assert_eq!(
+                // SAFETY: valid pointers for the lengths given; device addresses are only checked.
                 unsafe { cuMemcpyHtoDAsync_v2(p, v.as_ptr().cast(), size_of_val(v), st) },
                 0
             );
@@ -918,6 +924,7 @@ mod gpu {
         let mut engine: *mut medley_cuda_engine = null_mut();
         // SAFETY: a valid stream and out-pointer.
         assert_eq!(
+            // SAFETY: valid pointers for the lengths given; device addresses are only checked.
             unsafe { medley_cuda_engine_new(st, &mut engine) },
             medley_status::Ok
         );
@@ -977,12 +984,14 @@ mod gpu {
             let mut choice = init(medley_cuda_moe_choice_init);
             // SAFETY: a live engine, a valid out-struct.
             assert_eq!(
+                // SAFETY: valid pointers for the lengths given; device addresses are only checked.
                 unsafe { medley_cuda_moe_choose(engine, 2, t * k, l, 0, &mut choice) },
                 medley_status::Ok
             );
             let mut bytes = 0usize;
             // SAFETY: valid structs.
             assert_eq!(
+                // SAFETY: valid pointers for the lengths given; device addresses are only checked.
                 unsafe { medley_cuda_moe_layer_workspace_bytes(&choice, t, k, l, h, i, 2, &mut bytes) },
                 medley_status::Ok
             );
@@ -1035,6 +1044,7 @@ mod gpu {
             let mut sb = 0usize;
             // SAFETY: a valid out-pointer.
             assert_eq!(
+                // SAFETY: valid pointers for the lengths given; device addresses are only checked.
                 unsafe { medley_moe_layer_scratch_bytes(t, k, h, i, l, &mut sb) },
                 medley_status::Ok
             );
