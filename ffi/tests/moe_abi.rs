@@ -910,7 +910,7 @@ mod gpu {
     /// One layer on the GPU (grouped gating, the plan, the layer in one
     /// call) against the CPU entry points.
     fn end_to_end() {
-        let (t, e, k, h, i) = (37usize, 16usize, 4usize, 64usize, 32usize);
+        let (t, e, k, h, i) = (37usize, 16usize, 4usize, 256usize, 128usize);
         let mut dev = 0;
         let mut ctx = null_mut();
         let mut st = null_mut();
