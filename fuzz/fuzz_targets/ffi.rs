@@ -197,6 +197,7 @@ fn ensemble(r: &mut Bytes<'_>) {
     let b = if r.u8() % 4 == 0 { r.size() } else { r.below(5) };
     let v = if r.u8() % 4 == 0 { r.size() } else { r.below(40) };
     let mut cfg = medley_ensemble_config {
+        struct_size: size_of::<medley_ensemble_config>(),
         mode: r.enum_value(2),
         mask_rule: r.enum_value(2),
         out_temperature: if r.u8() % 4 == 0 { r.param() } else { 1.0 },
@@ -331,6 +332,7 @@ fn ties(r: &mut Bytes<'_>) {
     let (bp, bl) = base.arg(r);
     let bl = elems(r, bl, dtype, n);
     let mut opts = medley_ties_options {
+        struct_size: size_of::<medley_ties_options>(),
         consensus: r.enum_value(2),
         votes: r.enum_value(2),
         divisor: r.enum_value(2),
