@@ -11,7 +11,11 @@ use super::*;
 
 /// A small count, sometimes huge.
 fn count(r: &mut Bytes<'_>, small: usize) -> usize {
-    if r.u8() % 8 == 0 { r.size() } else { r.below(small + 1) }
+    if r.u8() % 8 == 0 {
+        r.size()
+    } else {
+        r.below(small + 1)
+    }
 }
 
 /// A buffer of `n` expert ids: mostly valid for `e` experts, sometimes
@@ -65,7 +69,11 @@ fn grouped(r: &mut Bytes<'_>) {
     let e = x.len.min(64);
     let mut bias = f32_buf(r, e);
     let bias_before = snapshot(&bias);
-    let (bp, bl) = if r.u8() % 3 == 0 { (null_mut(), 0) } else { bias.arg(r) };
+    let (bp, bl) = if r.u8() % 3 == 0 {
+        (null_mut(), 0)
+    } else {
+        bias.arg(r)
+    };
     let n = x.rows.min(8).saturating_mul(cfg.k.min(8));
     let mut ids = Buf::new(n, 7u32);
     let mut w = Buf::new(n, SENTINEL);
@@ -79,9 +87,17 @@ fn grouped(r: &mut Bytes<'_>) {
         masked_rows: 99,
         nan_rows: 99,
     };
-    let rp = if r.u8() % 4 == 0 { null_mut() } else { &mut rep as *mut _ };
+    let rp = if r.u8() % 4 == 0 {
+        null_mut()
+    } else {
+        &mut rep as *mut _
+    };
     let xp = if r.u8() % 32 == 0 { null() } else { &x as *const _ };
-    let cp = if r.u8() % 32 == 0 { null() } else { &cfg as *const _ };
+    let cp = if r.u8() % 32 == 0 {
+        null()
+    } else {
+        &cfg as *const _
+    };
     let s = unsafe { medley_moe_grouped_topk(xp, cp, bp.cast_const(), bl, ip, il, wp, wl, rp) };
     known(s);
     if s != medley_status::Ok {
@@ -113,19 +129,32 @@ fn padded_len(r: &mut Bytes<'_>) {
 
 fn align(r: &mut Bytes<'_>) {
     let n = count(r, 48).min(64);
-    let e = if r.u8() % 8 == 0 { r.size() } else { 1 + r.below(12) };
+    let e = if r.u8() % 8 == 0 {
+        r.size()
+    } else {
+        1 + r.below(12)
+    };
     let ids = ids_buf(r, n, e);
     let ids_before = snapshot(&ids);
     let mut ids = ids;
     let (idp, idl) = ids.arg(r);
-    let first = if r.u8() % 8 == 0 { r.u32() } else { r.below(e.min(16)) as u32 };
-    let last = if r.u8() % 8 == 0 { r.u32() } else { first.saturating_add(r.below(e.min(16) + 1) as u32) };
+    let first = if r.u8() % 8 == 0 {
+        r.u32()
+    } else {
+        r.below(e.min(16)) as u32
+    };
+    let last = if r.u8() % 8 == 0 {
+        r.u32()
+    } else {
+        first.saturating_add(r.below(e.min(16) + 1) as u32)
+    };
     let range = medley_moe_range { first, last };
     let bm = count(r, 9);
     let l = last.saturating_sub(first) as usize;
     let (len, blocks) = {
         let (mut a, mut b) = (0usize, 0usize);
-        if unsafe { medley_moe_block_padded_len(n, l, bm, &mut a, &mut b) } == medley_status::Ok && a <= 4096 {
+        if unsafe { medley_moe_block_padded_len(n, l, bm, &mut a, &mut b) } == medley_status::Ok && a <= 4096
+        {
             (a, b)
         } else {
             (r.below(64), r.below(16))
@@ -154,7 +183,11 @@ fn align(r: &mut Bytes<'_>) {
     if r.u8() % 32 == 0 {
         out.struct_size = r.size();
     }
-    let op = if r.u8() % 32 == 0 { null() } else { &out as *const _ };
+    let op = if r.u8() % 32 == 0 {
+        null()
+    } else {
+        &out as *const _
+    };
     let s = unsafe { medley_moe_align_block_size(idp.cast_const(), idl, e, range, bm, op) };
     known(s);
     if s != medley_status::Ok {
@@ -186,11 +219,23 @@ fn layer(r: &mut Bytes<'_>) {
     let k = count(r, 4);
     let e = if r.u8() % 8 == 0 { r.size() } else { 1 + r.below(8) };
     let first = r.below(e.min(8)) as u32;
-    let last = if r.u8() % 8 == 0 { r.u32() } else { first + r.below(e.min(8) - first as usize + 1) as u32 };
+    let last = if r.u8() % 8 == 0 {
+        r.u32()
+    } else {
+        first + r.below(e.min(8) - first as usize + 1) as u32
+    };
     let l = last.saturating_sub(first) as usize;
     let wdt = r.enum_value(3);
-    let n13 = l.min(8).saturating_mul(2 * i.min(64)).saturating_mul(h.min(64)).min(1 << 14);
-    let n2 = l.min(8).saturating_mul(h.min(64)).saturating_mul(i.min(64)).min(1 << 14);
+    let n13 = l
+        .min(8)
+        .saturating_mul(2 * i.min(64))
+        .saturating_mul(h.min(64))
+        .min(1 << 14);
+    let n2 = l
+        .min(8)
+        .saturating_mul(h.min(64))
+        .saturating_mul(i.min(64))
+        .min(1 << 14);
     let mk = |r: &mut Bytes<'_>, n: usize| {
         let mut b = Buf::new(n, 0u32);
         for v in b.v.iter_mut().take(n) {
@@ -231,7 +276,11 @@ fn layer(r: &mut Bytes<'_>) {
     known(s);
     let mut scratch = Buf::new(need.min(1 << 18).div_ceil(8), 0u64);
     let (sp, sl) = scratch.arg(r);
-    let sbytes = if sl > isize::MAX as usize / 8 { usize::MAX } else { (sl * 8).min(need.max(r.below(64))) };
+    let sbytes = if sl > isize::MAX as usize / 8 {
+        usize::MAX
+    } else {
+        (sl * 8).min(need.max(r.below(64)))
+    };
     let odt = r.enum_value(3);
     let on = t.min(8).saturating_mul(h.min(64));
     let mut out = Buf::new(on, 0x5A5A_5A5Au32);
@@ -248,11 +297,13 @@ fn layer(r: &mut Bytes<'_>) {
         masked_rows: 99,
         nan_rows: 99,
     };
-    let rp = if r.u8() % 4 == 0 { null_mut() } else { &mut rep as *mut _ };
-    let (w13_before, w2_before, ids_before) = (snapshot(&w13), snapshot(&w2), snapshot(&ids));
-    let s = unsafe {
-        medley_moe_layer(&x, &ex, &ro, sp.cast(), sbytes, op.cast(), ol, odt, ostride, rp)
+    let rp = if r.u8() % 4 == 0 {
+        null_mut()
+    } else {
+        &mut rep as *mut _
     };
+    let (w13_before, w2_before, ids_before) = (snapshot(&w13), snapshot(&w2), snapshot(&ids));
+    let s = unsafe { medley_moe_layer(&x, &ex, &ro, sp.cast(), sbytes, op.cast(), ol, odt, ostride, rp) };
     known(s);
     if s != medley_status::Ok {
         assert!(out.untouched(), "{s:?} wrote");
@@ -287,7 +338,10 @@ fn drows(r: &mut Bytes<'_>) -> medley_cuda_rows {
 fn gpu(r: &mut Bytes<'_>) {
     let st = null_mut();
     let ne: *const medley_cuda_engine = null();
-    let range = medley_moe_range { first: r.u32() % 20, last: r.u32() % 40 };
+    let range = medley_moe_range {
+        first: r.u32() % 20,
+        last: r.u32() % 40,
+    };
     let s = unsafe {
         match r.u8() % 9 {
             0 => {
@@ -296,7 +350,14 @@ fn gpu(r: &mut Bytes<'_>) {
                 cfg.k = count(r, 9);
                 cfg.scoring = r.enum_value(2);
                 cfg.n_group = count(r, 9);
-                let (b, bl, i, il, w, wl) = (daddr(r), count(r, 256), daddr(r), count(r, 512), daddr(r), count(r, 512));
+                let (b, bl, i, il, w, wl) = (
+                    daddr(r),
+                    count(r, 256),
+                    daddr(r),
+                    count(r, 512),
+                    daddr(r),
+                    count(r, 512),
+                );
                 medley_cuda_moe_grouped_topk(ne, st, &x, &cfg, b, bl, i, il, w, wl)
             }
             1 => {
@@ -310,7 +371,16 @@ fn gpu(r: &mut Bytes<'_>) {
                 o.offsets_len = count(r, 40);
                 o.inverse = daddr(r);
                 o.inverse_len = count(r, 512);
-                medley_cuda_moe_align(ne, st, daddr(r), count(r, 512), count(r, 40), range, count(r, 128), &o)
+                medley_cuda_moe_align(
+                    ne,
+                    st,
+                    daddr(r),
+                    count(r, 512),
+                    count(r, 40),
+                    range,
+                    count(r, 128),
+                    &o,
+                )
             }
             2 => {
                 let (x, o) = (drows(r), drows(r));
@@ -337,7 +407,18 @@ fn gpu(r: &mut Bytes<'_>) {
             }
             5 => {
                 let (y, o) = (drows(r), drows(r));
-                medley_cuda_moe_combine(ne, st, &y, count(r, 40), daddr(r), count(r, 512), daddr(r), count(r, 512), r.u32(), &o)
+                medley_cuda_moe_combine(
+                    ne,
+                    st,
+                    &y,
+                    count(r, 40),
+                    daddr(r),
+                    count(r, 512),
+                    daddr(r),
+                    count(r, 512),
+                    r.u32(),
+                    &o,
+                )
             }
             6 => {
                 let mut c = init(medley_cuda_moe_choice_init);
@@ -346,7 +427,11 @@ fn gpu(r: &mut Bytes<'_>) {
                     c.struct_size = r.size();
                 }
                 let before = c;
-                let cp = if r.u8() % 16 == 0 { null_mut() } else { &mut c as *mut _ };
+                let cp = if r.u8() % 16 == 0 {
+                    null_mut()
+                } else {
+                    &mut c as *mut _
+                };
                 let s = medley_cuda_moe_choose(ne, r.enum_value(3), r.size(), r.size(), r.enum_value(3), cp);
                 assert_eq!(c, before, "a failed choose wrote");
                 s
