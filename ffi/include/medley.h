@@ -152,10 +152,34 @@
 #define MEDLEY_CUDA_ENGINE_OPTIONS_SIZE_V1 16
 #endif
 
+#if defined(MEDLEY_CUDA)
+/**
+ * Size of the first `medley_cuda_moe_align_output` layout (ABI 1.1).
+ */
+#define MEDLEY_CUDA_MOE_ALIGN_OUTPUT_SIZE_V1 80
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Size of the first `medley_cuda_moe_choice` layout (ABI 1.1).
+ */
+#define MEDLEY_CUDA_MOE_CHOICE_SIZE_V1 32
+#endif
+
 /**
  * Size of the first `medley_ties_options` layout (ABI 1.0).
  */
 #define MEDLEY_TIES_OPTIONS_SIZE_V1 40
+
+/**
+ * Size of the first `medley_moe_grouped_config` layout (ABI 1.1).
+ */
+#define MEDLEY_MOE_GROUPED_CONFIG_SIZE_V1 48
+
+/**
+ * Size of the first `medley_moe_align_output` layout (ABI 1.1).
+ */
+#define MEDLEY_MOE_ALIGN_OUTPUT_SIZE_V1 80
 
 /**
  * What a medley call returns. `MEDLEY_STATUS_OK` is 0; every failure has
@@ -490,6 +514,85 @@ enum medley_ties_divisor
 #ifndef __cplusplus
 typedef uint32_t medley_ties_divisor;
 #endif // __cplusplus
+
+/**
+ * How `medley_moe_grouped_topk` turns router logits into scores; the
+ * `scoring` field of `medley_moe_grouped_config`.
+ */
+enum medley_moe_scoring
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * `s = softmax(x)` over the row.
+   */
+  MEDLEY_MOE_SCORING_SOFTMAX = 0,
+  /**
+   * `s = sigmoid(x)` per expert (DeepSeek-V3).
+   */
+  MEDLEY_MOE_SCORING_SIGMOID = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_moe_scoring;
+#endif // __cplusplus
+
+/**
+ * How `medley_moe_grouped_topk` scores a group of experts; the
+ * `group_score` field of `medley_moe_grouped_config`.
+ */
+enum medley_moe_group_score
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * Sum of the group's two largest selection scores (DeepSeek-V3
+   * `noaux_tc`; groups of at least 2 experts).
+   */
+  MEDLEY_MOE_GROUP_SCORE_TOP2_SUM = 0,
+  /**
+   * The group's largest selection score (DeepSeek-V2).
+   */
+  MEDLEY_MOE_GROUP_SCORE_MAX = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_moe_group_score;
+#endif // __cplusplus
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Which generation of expert-GEMM kernels `medley_cuda_moe_choose` may
+ * pick.
+ */
+enum medley_cuda_moe_generation
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+#if defined(MEDLEY_CUDA)
+  /**
+   * Any loaded one (the fastest the tuning table knows).
+   */
+  MEDLEY_CUDA_MOE_GENERATION_ANY = 0,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * `mma.sync` kernels (compute capability 8.0 and later).
+   */
+  MEDLEY_CUDA_MOE_GENERATION_MMA = 1,
+#endif
+#if defined(MEDLEY_CUDA)
+  /**
+   * `wgmma` + TMA kernels (compute capability 9.0: H100, H200).
+   */
+  MEDLEY_CUDA_MOE_GENERATION_WGMMA = 2,
+#endif
+};
+#ifndef __cplusplus
+typedef uint32_t medley_cuda_moe_generation;
+#endif // __cplusplus
+#endif
 
 #if defined(MEDLEY_CUDA)
 /**
@@ -896,6 +999,279 @@ typedef struct medley_cuda_model {
 #endif
 
 /**
+ * Parameters of grouped, bias-corrected top-k routing
+ * (`medley_moe_grouped_topk`, `medley_cuda_moe_grouped_topk`). A
+ * versioned struct: fill it with `medley_moe_grouped_config_init(&c,
+ * sizeof c)` (DeepSeek-V3's router: `k = 8`, sigmoid scores, 8 groups, 4
+ * kept, top-2-sum group score, renormalized, scaled by 2.5), then change
+ * fields by name. The bias is an argument of the functions (host or
+ * device memory).
+ */
+typedef struct medley_moe_grouped_config {
+  /**
+   * `sizeof(medley_moe_grouped_config)` of the caller's header (set by
+   * `medley_moe_grouped_config_init`).
+   */
+  size_t struct_size;
+  /**
+   * Experts per token, `1..=min(32, topk_group * E / n_group)`.
+   */
+  size_t k;
+  /**
+   * A `medley_moe_scoring` value.
+   */
+  uint32_t scoring;
+  /**
+   * A `medley_moe_group_score` value.
+   */
+  uint32_t group_score;
+  /**
+   * Number of equal contiguous expert groups (divides `E`, 1 to 256;
+   * 1 disables group limiting).
+   */
+  size_t n_group;
+  /**
+   * Groups kept per token, `1..=n_group`.
+   */
+  size_t topk_group;
+  /**
+   * Nonzero: divide the `k` unbiased scores by their sum.
+   */
+  uint32_t renormalize;
+  /**
+   * Multiplies every weight (after renormalization); finite, `> 0`.
+   */
+  float routed_scaling_factor;
+} medley_moe_grouped_config;
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Where `medley_cuda_moe_align` writes its plan (device addresses). A
+ * versioned struct: start from `medley_cuda_moe_align_output_init(&o,
+ * sizeof o)` (nothing set).
+ */
+typedef struct medley_cuda_moe_align_output {
+  /**
+   * `sizeof(medley_cuda_moe_align_output)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * `uint32_t [sorted_ids_len]`: slot ids grouped by local expert,
+   * padded with `T * k` (required).
+   */
+  uint64_t sorted_ids;
+  /**
+   * Elements at `sorted_ids` (exactly the padded length of
+   * `medley_moe_block_padded_len`).
+   */
+  size_t sorted_ids_len;
+  /**
+   * `uint32_t [blocks]`: local expert of each block, `UINT32_MAX` past
+   * the end (required).
+   */
+  uint64_t block_experts;
+  /**
+   * Elements at `block_experts` (exactly `blocks`).
+   */
+  size_t block_experts_len;
+  /**
+   * One `uint32_t`: `num_tokens_post_padded` (required; the permute and
+   * the GEMMs read it on the device).
+   */
+  uint64_t total;
+  /**
+   * `uint64_t [L + 1]`: padded starts (0: not wanted).
+   */
+  uint64_t offsets;
+  /**
+   * Elements at `offsets` (exactly `L + 1` when given).
+   */
+  size_t offsets_len;
+  /**
+   * `uint32_t [T * k]`: position of each slot, `UINT32_MAX` for unplaced
+   * slots (0: not wanted; the combine needs it).
+   */
+  uint64_t inverse;
+  /**
+   * Elements at `inverse` (exactly `T * k` when given).
+   */
+  size_t inverse_len;
+} medley_cuda_moe_align_output;
+#endif
+
+/**
+ * The local experts of a plan or a layer: global expert ids `first` to
+ * `last - 1` (`first <= last <= E`). All experts: `{0, E}`. A plain
+ * descriptor (passed by value, never grows).
+ */
+typedef struct medley_moe_range {
+  /**
+   * First local expert (inclusive).
+   */
+  uint32_t first;
+  /**
+   * End of the local experts (exclusive).
+   */
+  uint32_t last;
+} medley_moe_range;
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The block-padded plan as the expert GEMMs read it (device addresses): a
+ * plain descriptor (never grows), filled from the buffers given to
+ * `medley_cuda_moe_align`.
+ */
+typedef struct medley_cuda_moe_plan {
+  /**
+   * `uint32_t [sorted_ids_len]`: the plan's slot of each position.
+   */
+  uint64_t sorted_ids;
+  /**
+   * Elements at `sorted_ids` (a multiple of `block_m`).
+   */
+  size_t sorted_ids_len;
+  /**
+   * `uint32_t [sorted_ids_len / block_m]`: local expert of each block.
+   */
+  uint64_t block_experts;
+  /**
+   * Elements at `block_experts`.
+   */
+  size_t block_experts_len;
+  /**
+   * One `uint32_t`: `num_tokens_post_padded`.
+   */
+  uint64_t total;
+  /**
+   * The plan's block size (a multiple of the GEMM configuration's
+   * `bm`; `medley_cuda_moe_choose` gives one that suits both GEMMs).
+   */
+  size_t block_m;
+  /**
+   * `T * k`, the slots the plan was made of.
+   */
+  size_t slots;
+  /**
+   * Experts per token.
+   */
+  size_t k;
+} medley_cuda_moe_plan;
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The expert-GEMM configurations of one layer shape and the plan block
+ * size they need, from `medley_cuda_moe_choose`; the input of
+ * `medley_cuda_moe_layer`. A versioned struct: start from
+ * `medley_cuda_moe_choice_init(&c, sizeof c)`.
+ */
+typedef struct medley_cuda_moe_choice {
+  /**
+   * `sizeof(medley_cuda_moe_choice)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * GEMM1's configuration (the `gemm` of `medley_cuda_moe_gemm1`).
+   */
+  uint32_t gemm1;
+  /**
+   * GEMM2's configuration (the `gemm` of `medley_cuda_moe_gemm2`).
+   */
+  uint32_t gemm2;
+  /**
+   * The plan's `block_m` (a multiple of both configurations' `bm`).
+   */
+  size_t block_m;
+  /**
+   * GEMM1's generation, a `medley_cuda_moe_generation` value (wgmma:
+   * GEMM1 needs `x` permuted into plan order first). Informative: the
+   * layer ignores it.
+   */
+  uint32_t generation1;
+  /**
+   * GEMM2's generation (informative).
+   */
+  uint32_t generation2;
+} medley_cuda_moe_choice;
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The expert weights of a GPU layer (device addresses): a plain
+ * descriptor (never grows), the device twin of `medley_moe_experts`.
+ */
+typedef struct medley_cuda_moe_experts {
+  /**
+   * `[L, 2I, H]` gate rows then up rows per local expert (16-byte
+   * aligned).
+   */
+  uint64_t w13;
+  /**
+   * Elements at `w13` (exactly `L * 2I * H`).
+   */
+  size_t w13_len;
+  /**
+   * `[L, H, I]` down projections (16-byte aligned).
+   */
+  uint64_t w2;
+  /**
+   * Elements at `w2` (exactly `L * H * I`).
+   */
+  size_t w2_len;
+  /**
+   * A `medley_dtype` value: bf16 or f16 (the activations' too).
+   */
+  uint32_t dtype;
+  /**
+   * Hidden size `H` (a multiple of 8).
+   */
+  size_t hidden;
+  /**
+   * Intermediate size `I` (a multiple of 8).
+   */
+  size_t inter;
+  /**
+   * The local experts these weights hold (`L >= 1`).
+   */
+  struct medley_moe_range range;
+} medley_cuda_moe_experts;
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The routing of a GPU layer (device addresses): a plain descriptor, the
+ * device twin of `medley_moe_routing`.
+ */
+typedef struct medley_cuda_moe_routing {
+  /**
+   * `uint32_t [T * k]` global expert ids (an id outside the local range,
+   * `UINT32_MAX` included, is not placed).
+   */
+  uint64_t ids;
+  /**
+   * Elements at `ids` (exactly `T * k`).
+   */
+  size_t ids_len;
+  /**
+   * `float [T * k]` routing weights.
+   */
+  uint64_t weights;
+  /**
+   * Elements at `weights` (exactly `T * k`).
+   */
+  size_t weights_len;
+  /**
+   * Experts per token (1 to 32).
+   */
+  size_t k;
+  /**
+   * `E`, all experts over all ranks.
+   */
+  size_t experts;
+} medley_cuda_moe_routing;
+#endif
+
+/**
  * Options of a TIES merge. A versioned struct:
  * `medley_ties_options_init(&o, sizeof o)` fills in mergekit's `ties`,
  * `medley_ties_options_init_paper(&o, sizeof o)` the paper's variant.
@@ -958,6 +1334,132 @@ typedef struct medley_merge_model {
    */
   double density;
 } medley_merge_model;
+
+/**
+ * Where `medley_moe_align_block_size` writes its plan (host memory). A
+ * versioned struct: start from `medley_moe_align_output_init(&o, sizeof
+ * o)` (nothing set), then set the buffers.
+ */
+typedef struct medley_moe_align_output {
+  /**
+   * `sizeof(medley_moe_align_output)` of the caller's header (set by
+   * `medley_moe_align_output_init`).
+   */
+  size_t struct_size;
+  /**
+   * Slot ids grouped by local expert, each expert's run padded to a
+   * multiple of `block_m` with the sentinel `T * k` (required;
+   * `sorted_ids_len` from `medley_moe_block_padded_len`).
+   */
+  uint32_t *sorted_ids;
+  /**
+   * Elements at `sorted_ids` (exactly the padded length).
+   */
+  size_t sorted_ids_len;
+  /**
+   * Local expert of each block of `block_m` positions, `UINT32_MAX`
+   * (`-1`) for blocks past the end (required).
+   */
+  uint32_t *block_experts;
+  /**
+   * Elements at `block_experts` (exactly `blocks`).
+   */
+  size_t block_experts_len;
+  /**
+   * `local_experts + 1` padded starts of the experts' runs (required on
+   * the CPU: the core uses them as cursors).
+   */
+  uint64_t *offsets;
+  /**
+   * Elements at `offsets` (exactly `local_experts + 1`).
+   */
+  size_t offsets_len;
+  /**
+   * Position of each slot in `sorted_ids`, `UINT32_MAX` for slots not
+   * placed (nullable).
+   */
+  uint32_t *inverse;
+  /**
+   * Elements at `inverse` (exactly `T * k` when given).
+   */
+  size_t inverse_len;
+  /**
+   * One `uint32_t`: `num_tokens_post_padded`, the positions in use
+   * (nullable).
+   */
+  uint32_t *total;
+} medley_moe_align_output;
+
+/**
+ * The expert weights of a CPU layer (host memory): a plain descriptor
+ * (never grows). Local expert `l` is global expert `range.first + l`.
+ */
+typedef struct medley_moe_experts {
+  /**
+   * `[L, 2I, H]` row-major: each local expert's gate rows `0..I`, then
+   * its up rows `I..2I` (vLLM's `w13`).
+   */
+  const void *w13;
+  /**
+   * Elements at `w13` (exactly `L * 2I * H`).
+   */
+  size_t w13_len;
+  /**
+   * `[L, H, I]` row-major down projections (vLLM's `w2`).
+   */
+  const void *w2;
+  /**
+   * Elements at `w2` (exactly `L * H * I`).
+   */
+  size_t w2_len;
+  /**
+   * A `medley_dtype` value (both tensors).
+   */
+  uint32_t dtype;
+  /**
+   * Hidden size `H`.
+   */
+  size_t hidden;
+  /**
+   * Intermediate size `I`.
+   */
+  size_t inter;
+  /**
+   * The local experts these weights hold (`L = last - first`).
+   */
+  struct medley_moe_range range;
+} medley_moe_experts;
+
+/**
+ * The routing of a CPU layer (host memory): a plain descriptor.
+ */
+typedef struct medley_moe_routing {
+  /**
+   * `[T, k]` global expert ids (`< experts`, or `UINT32_MAX`: routed
+   * nowhere).
+   */
+  const uint32_t *ids;
+  /**
+   * Elements at `ids` (exactly `T * k`).
+   */
+  size_t ids_len;
+  /**
+   * `[T, k]` routing weights.
+   */
+  const float *weights;
+  /**
+   * Elements at `weights` (exactly `T * k`).
+   */
+  size_t weights_len;
+  /**
+   * Experts per token.
+   */
+  size_t k;
+  /**
+   * `E`, all experts over all ranks.
+   */
+  size_t experts;
+} medley_moe_routing;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1341,6 +1843,362 @@ medley_status medley_cuda_moe_keep_topk_softmax(const struct medley_cuda_engine 
                                                 size_t weights_len);
 #endif
 
+#if defined(MEDLEY_CUDA)
+/**
+ * `medley_moe_grouped_topk` on the GPU: DeepSeek-V3 style group-limited,
+ * bias-corrected top-k routing, enqueued on `stream` without waiting.
+ * Ids and weights equal the CPU function's bit for bit. No report: NaN
+ * rows have NaN weights, fully masked rows zero weights; the bias lives
+ * in device memory, so a non-finite bias value makes its rows NaN rows
+ * instead of an error. At most `MEDLEY_MOE_MAX_DEVICE_EXPERTS` experts.
+ *
+ * - `logits`: host struct describing `T x E` router logits in device
+ *   memory (any `medley_dtype`).
+ * - `config`: the routing parameters (host, required).
+ * - `bias`, `bias_len`: device address of `E` `float` biases, or 0 and 0.
+ * - `ids`, `weights`: device addresses of `T * k` `uint32_t` / `float`.
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns the
+ * statuses of `medley_moe_grouped_topk` (without the bias values) plus
+ * `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * `engine` must be a live handle; `stream` a valid stream of its context;
+ * the device addresses device memory of that context holding the lengths
+ * given, not used by other work while the kernel may run.
+ */
+medley_status medley_cuda_moe_grouped_topk(const struct medley_cuda_engine *engine,
+                                           void *stream,
+                                           const struct medley_cuda_rows *logits,
+                                           const struct medley_moe_grouped_config *config,
+                                           uint64_t bias,
+                                           size_t bias_len,
+                                           uint64_t ids,
+                                           size_t ids_len,
+                                           uint64_t weights,
+                                           size_t weights_len);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Fills `*out` with nothing set and sets its `struct_size` to
+ * `struct_size` (pass `sizeof *out`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `out` must be writable for `struct_size` bytes.
+ */
+medley_status medley_cuda_moe_align_output_init(struct medley_cuda_moe_align_output *out,
+                                                size_t struct_size);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * `medley_moe_align_block_size` on the GPU (one block, deterministic:
+ * equal to the CPU's plan bit for bit), enqueued on `stream` without
+ * waiting, so that the plan, the permute, the GEMMs and the combine can
+ * be captured in one CUDA graph. Differences from the CPU function: the
+ * ids in device memory cannot be checked before the launch, so an id
+ * outside `range` (including one `>= experts`) is simply not placed, as
+ * `UINT32_MAX` is; `offsets` is optional; at most 1024 local experts.
+ *
+ * - `ids`, `ids_len`: device address of the `T * k` expert ids.
+ * - `experts`, `range`, `block_m`: as for the CPU function.
+ * - `out`: the device buffers (host struct, required).
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns the
+ * statuses of `medley_moe_align_block_size` plus `MEDLEY_STATUS_DRIVER`
+ * and `MEDLEY_STATUS_DEVICE_UNSUPPORTED` (too little shared memory for
+ * this many local experts).
+ *
+ * # Safety
+ * `engine` must be a live handle; `stream` a valid stream of its context;
+ * the device addresses device memory of that context holding the lengths
+ * given, not used by other work while the kernel may run.
+ */
+medley_status medley_cuda_moe_align(const struct medley_cuda_engine *engine,
+                                    void *stream,
+                                    uint64_t ids,
+                                    size_t ids_len,
+                                    size_t experts,
+                                    struct medley_moe_range range,
+                                    size_t block_m,
+                                    const struct medley_cuda_moe_align_output *out);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Gathers token rows into plan order on the GPU (enqueued on `stream`):
+ * row `p` of `out` (`sorted_ids_len` rows of `H`) is row `sorted_ids[p] /
+ * k` of `x` for `p < total[0]` and a real slot, zero for padding rows and
+ * rows past `total`. `total` is read on the device (no synchronization).
+ *
+ * - `x`: `T x H` token rows (device, any `medley_dtype`).
+ * - `k`: experts per token (`>= 1`).
+ * - `sorted_ids`, `sorted_ids_len`, `total`: the plan of
+ *   `medley_cuda_moe_align` (`total` one `uint32_t`).
+ * - `out`: `sorted_ids_len x H` rows of `x`'s dtype (device, written).
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE`,
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`k` 0, dtype),
+ * `MEDLEY_STATUS_UNSUPPORTED` (`x` and `out` of different dtypes) or
+ * `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_align`.
+ */
+medley_status medley_cuda_moe_permute(const struct medley_cuda_engine *engine,
+                                      void *stream,
+                                      const struct medley_cuda_rows *x,
+                                      size_t k,
+                                      uint64_t sorted_ids,
+                                      size_t sorted_ids_len,
+                                      uint64_t total,
+                                      const struct medley_cuda_rows *out);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * GEMM1 of the experts with SwiGLU fused (enqueued on `stream`): for
+ * every plan position `p` of a real slot, `out[p, n] = silu(g) * u` with
+ * `g = x_row . w13[e][n]`, `u = x_row . w13[e][I + n]` (`e` the block's
+ * local expert, `x_row` token `sorted_ids[p] / k` of `x`, or row `p` when
+ * `x_in_plan_order` is nonzero, as `medley_cuda_moe_permute` writes it),
+ * accumulated in `f32` by the tensor cores and rounded once to the
+ * activation dtype. Rows of padding positions are not written; experts
+ * with no slot cost nothing.
+ *
+ * - `gemm`: a configuration index (`medley_cuda_moe_choose`'s `gemm1`): a
+ *   SwiGLU entry of the data's dtype whose `bm` divides `plan->block_m`.
+ * - `x`: `T x H` (or `sorted_ids_len x H` in plan order; the wgmma
+ *   generation requires plan order), bf16 or f16, 16-byte aligned, `H`
+ *   and the row stride multiples of 8.
+ * - `plan`: the plan (host struct of device addresses).
+ * - `w13`: `L * 2I` dense rows of `H` (each expert's gate rows, then its
+ *   up rows), `x`'s dtype.
+ * - `out`: `sorted_ids_len x I` of `x`'s dtype (written; `I` a multiple
+ *   of 8).
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED` (16-byte alignment), `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE` (lengths),
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`gemm`, sizes not multiples of 8,
+ * dtypes, `block_m`), `MEDLEY_STATUS_UNSUPPORTED` (f32 data, a
+ * configuration of the other epilogue), `MEDLEY_STATUS_DEVICE_UNSUPPORTED`
+ * (a configuration this device did not load, gathering with wgmma) or
+ * `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_align`.
+ */
+medley_status medley_cuda_moe_gemm1(const struct medley_cuda_engine *engine,
+                                    void *stream,
+                                    uint32_t gemm,
+                                    const struct medley_cuda_rows *x,
+                                    uint32_t x_in_plan_order,
+                                    const struct medley_cuda_moe_plan *plan,
+                                    const struct medley_cuda_rows *w13,
+                                    const struct medley_cuda_rows *out);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * GEMM2 of the experts with the routing weight (enqueued on `stream`):
+ * for every plan position `p` of a real slot `s`, `out[p, h] =
+ * weights[s] * (act[p] . w2[e][h])` as `float`. Rows of padding positions
+ * are not written.
+ *
+ * - `gemm`: a configuration index (`medley_cuda_moe_choose`'s `gemm2`): a
+ *   down entry of the data's dtype whose `bm` divides `plan->block_m`.
+ * - `act`: `sorted_ids_len x I` in plan order (GEMM1's output).
+ * - `plan`: the plan.
+ * - `w2`: `L * H` dense rows of `I`, `act`'s dtype.
+ * - `weights`, `weights_len`: device address of the `T * k` routing
+ *   weights (`float`; `weights_len` = `plan->slots`).
+ * - `out`: `sorted_ids_len x H` `float` (written; the row stride even).
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns the
+ * statuses of `medley_cuda_moe_gemm1`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_align`.
+ */
+medley_status medley_cuda_moe_gemm2(const struct medley_cuda_engine *engine,
+                                    void *stream,
+                                    uint32_t gemm,
+                                    const struct medley_cuda_rows *act,
+                                    const struct medley_cuda_moe_plan *plan,
+                                    const struct medley_cuda_rows *w2,
+                                    uint64_t weights,
+                                    size_t weights_len,
+                                    const struct medley_cuda_rows *out);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The weighted k-way combine back to token order (enqueued on `stream`):
+ * `out[t, h] = sum_j weights[t*k + j] * y[inverse[t*k + j], h]`, the
+ * terms added in `j` order in `float` (deterministic, batch-invariant),
+ * skipping unplaced slots (`UINT32_MAX`) and zero weights; a token with
+ * no term gets a zero row; a NaN weight makes its row NaN; a position at
+ * or past `y`'s rows (a plan that does not belong to `y`) makes that
+ * token's row NaN instead of reading out of bounds. With `prescaled`
+ * nonzero the rows of `y` already hold `weights * y` (as
+ * `medley_cuda_moe_gemm2` writes them) and are only summed.
+ *
+ * - `y`: one row of `H` per plan position (device, any `medley_dtype`).
+ * - `k`: experts per token, 1 to 32.
+ * - `inverse`, `weights`: device addresses of the `T * k` plan inverse
+ *   (`uint32_t`) and routing weights (`float`).
+ * - `out`: `T x H` `float` (written).
+ *
+ * Checked before the launch; on failure nothing is enqueued. Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE`,
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`k` 0, dtype),
+ * `MEDLEY_STATUS_UNSUPPORTED` (a non-float `out`) or
+ * `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_align`.
+ */
+medley_status medley_cuda_moe_combine(const struct medley_cuda_engine *engine,
+                                      void *stream,
+                                      const struct medley_cuda_rows *y,
+                                      size_t k,
+                                      uint64_t inverse,
+                                      size_t inverse_len,
+                                      uint64_t weights,
+                                      size_t weights_len,
+                                      uint32_t prescaled,
+                                      const struct medley_cuda_rows *out);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Fills `*choice` with zeros (no choice made) and sets its `struct_size`
+ * to `struct_size` (pass `sizeof *choice`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `choice` must be writable for `struct_size` bytes.
+ */
+medley_status medley_cuda_moe_choice_init(struct medley_cuda_moe_choice *choice,
+                                          size_t struct_size);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Picks the expert GEMMs of a layer for `slots = T * k` slots over
+ * `local_experts` experts of `dtype` (bf16 or f16) on the engine's device:
+ * the fastest loaded configurations of the tuning table (the file
+ * `MEDLEY_GEMM_TUNING` names, else the built-in H100 table), restricted
+ * to one `generation` when it is not `MEDLEY_CUDA_MOE_GENERATION_ANY`, and
+ * the plan `block_m` both need. Writes `*choice` (its `struct_size` set
+ * by `medley_cuda_moe_choice_init`); on failure it is untouched.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`, `generation`),
+ * `MEDLEY_STATUS_UNSUPPORTED` (f32, an unreadable `MEDLEY_GEMM_TUNING`)
+ * or `MEDLEY_STATUS_DEVICE_UNSUPPORTED` (no configuration of that
+ * generation loaded on this device: wgmma needs compute capability 9.0).
+ *
+ * # Safety
+ * `engine` must be a live handle; `choice` writable for its
+ * `struct_size`.
+ */
+medley_status medley_cuda_moe_choose(const struct medley_cuda_engine *engine,
+                                     uint32_t dtype,
+                                     size_t slots,
+                                     size_t local_experts,
+                                     uint32_t generation,
+                                     struct medley_cuda_moe_choice *choice);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * Device workspace bytes `medley_cuda_moe_layer` needs for `tokens`
+ * tokens, `k` experts per token, `local_experts` local experts, hidden
+ * size `hidden`, intermediate size `inter` and activations of `dtype`
+ * with the kernels of `choice`, into `*bytes` (the plan, `x` in plan
+ * order for a wgmma GEMM1, the activations and the `f32` expert outputs
+ * of about `T * k + L * block_m` rows). Allocate it 256-byte aligned
+ * (`cuMemAlloc` is); it needs no initialization and must not be shared
+ * by calls that may run concurrently.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_OVERFLOW`, `MEDLEY_STATUS_BAD_SHAPE` (too many slots),
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`choice`, `dtype`) or
+ * `MEDLEY_STATUS_UNSUPPORTED` (f32); on failure `*bytes` is untouched.
+ *
+ * # Safety
+ * `choice` must point to a readable struct of its `struct_size`, `bytes`
+ * to a writable `size_t`.
+ */
+medley_status medley_cuda_moe_layer_workspace_bytes(const struct medley_cuda_moe_choice *choice,
+                                                    size_t tokens,
+                                                    size_t k,
+                                                    size_t local_experts,
+                                                    size_t hidden,
+                                                    size_t inter,
+                                                    uint32_t dtype,
+                                                    size_t *bytes);
+#endif
+
+#if defined(MEDLEY_CUDA)
+/**
+ * The whole MoE expert layer on the GPU in one call, the twin of
+ * `medley_moe_layer`: enqueues on `stream`, without waiting, the
+ * block-padded plan of the routing (into the workspace), the gather of
+ * `x` into plan order (for a wgmma GEMM1), GEMM1 with SwiGLU, GEMM2 with
+ * the routing weights and the prescaled k-way combine into `out` (`T x
+ * H` `float`). Experts with no slot cost nothing; a slot routed outside
+ * the local range is not placed; a zero weight drops its slot, a NaN
+ * weight makes its token's row NaN; a token with no placed slot gets a
+ * zero row. Arithmetic: tensor-core `f32` accumulation, the intermediate
+ * activation rounded to the data dtype (the CPU keeps `f32`): results
+ * match `medley_moe_layer` within bf16/f16 rounding, not bitwise.
+ *
+ * - `x`: `T x H` activations (bf16 or f16, the weights' dtype; 16-byte
+ *   aligned, row stride a multiple of 8).
+ * - `experts`: the local experts' weights (host struct, required).
+ * - `routing`: ids and weights in device memory, `k`, `E` (host struct).
+ * - `choice`: from `medley_cuda_moe_choose` for this dtype, `T * k` and
+ *   `L`.
+ * - `workspace`, `workspace_len`: at least
+ *   `medley_cuda_moe_layer_workspace_bytes` bytes of device memory,
+ *   16-byte aligned.
+ * - `out`: `T x H` `float` (device, written; 16-byte aligned, even row
+ *   stride).
+ *
+ * Every argument of every step is checked before the first launch; on
+ * failure nothing is enqueued. Returns `MEDLEY_STATUS_OK`, the statuses
+ * of the step functions, `MEDLEY_STATUS_BAD_SHAPE` (a short workspace,
+ * no local expert) or `MEDLEY_STATUS_DRIVER`.
+ *
+ * # Safety
+ * As `medley_cuda_moe_align`.
+ */
+medley_status medley_cuda_moe_layer(const struct medley_cuda_engine *engine,
+                                    void *stream,
+                                    const struct medley_cuda_rows *x,
+                                    const struct medley_cuda_moe_experts *experts,
+                                    const struct medley_cuda_moe_routing *routing,
+                                    const struct medley_cuda_moe_choice *choice,
+                                    uint64_t workspace,
+                                    size_t workspace_len,
+                                    const struct medley_cuda_rows *out);
+#endif
+
 /**
  * Fills `*options` with mergekit's `ties` (weighted votes, sum
  * consensus, weight-sum divisor, normalized, `lambda = 1`, trim over the
@@ -1426,6 +2284,204 @@ medley_status medley_merge_ties(const struct medley_merge_model *models,
                                 uint32_t out_dtype,
                                 uint32_t *scratch,
                                 size_t scratch_len);
+
+/**
+ * Fills `*config` with DeepSeek-V3's router parameters (`k = 8`,
+ * `MEDLEY_MOE_SCORING_SIGMOID`, `n_group = 8`, `topk_group = 4`,
+ * `MEDLEY_MOE_GROUP_SCORE_TOP2_SUM`, renormalized, `routed_scaling_factor
+ * = 2.5`) and sets its `struct_size` to `struct_size` (pass `sizeof
+ * *config`). Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `config` must be writable for `struct_size` bytes.
+ */
+medley_status medley_moe_grouped_config_init(struct medley_moe_grouped_config *config,
+                                             size_t struct_size);
+
+/**
+ * Group-limited, bias-corrected top-k routing on the CPU (DeepSeek-V2/V3,
+ * vLLM's `grouped_topk` / `fused_topk_bias` / `topk_sigmoid`), with the
+ * semantics of medley's core (`medley_core::moe::gating::grouped_topk`):
+ * scores `s` (sigmoid or softmax of the logits), selection scores `s + b`
+ * (`b` the bias), the `topk_group` best of `n_group` contiguous groups
+ * kept, the top `k` selection scores over their experts picked
+ * (descending, ties to the lower index), weights the unbiased `s` of the
+ * picks, renormalized when asked, times `routed_scaling_factor`.
+ *
+ * - `logits`: `T x E` router logits (any `medley_dtype`, `E` 1 to 4096).
+ * - `config`: the routing parameters (required; `k` is `config->k`).
+ * - `bias`, `bias_len`: `E` finite per-expert selection biases
+ *   (`e_score_correction_bias`), or NULL and 0 for none.
+ * - `ids`, `weights`: `T * k` outputs each (row `t` is `[t*k, (t+1)*k)`).
+ * - `report`: nullable. A NaN row gets ids `0..k-1` and NaN weights; a
+ *   fully `-inf` row ids `0..k-1` and weights 0; both are counted.
+ *
+ * Checked before anything is written; on failure the outputs and
+ * `report` are untouched. Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED`,
+ * `MEDLEY_STATUS_OVERFLOW`, `MEDLEY_STATUS_OVERLAP`,
+ * `MEDLEY_STATUS_STRUCT_SIZE`, `MEDLEY_STATUS_BAD_SHAPE` (`E`, `k`, output
+ * and bias lengths, `n_group` above 256) or `MEDLEY_STATUS_BAD_PARAMETER`
+ * (`k` of 0, a non-finite bias, the scaling factor, `n_group` not
+ * dividing `E`, `topk_group`, enum values).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it (and
+ * `logits`, `config` for one struct, `report` for its `struct_size`).
+ */
+medley_status medley_moe_grouped_topk(const struct medley_rows *logits,
+                                      const struct medley_moe_grouped_config *config,
+                                      const float *bias,
+                                      size_t bias_len,
+                                      uint32_t *ids,
+                                      size_t ids_len,
+                                      float *weights,
+                                      size_t weights_len,
+                                      struct medley_report *report);
+
+/**
+ * Buffer lengths of the block-padded routing plan (vLLM's
+ * `moe_align_block_size` layout) for `slots = T * k` slots over
+ * `local_experts` experts in blocks of `block_m` rows: `*sorted_ids_len =
+ * round_up(slots + min(local_experts, slots) * (block_m - 1), block_m)`
+ * and `*blocks = *sorted_ids_len / block_m`. The sizes of the outputs of
+ * `medley_moe_align_block_size` and `medley_cuda_moe_align` (whose
+ * `offsets` hold `local_experts + 1` values and `inverse` `slots`).
+ *
+ * Both out-pointers are required; on failure they are untouched. Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERLAP` (the two outputs),
+ * `MEDLEY_STATUS_BAD_SHAPE` (more than `UINT32_MAX` slots, a padded length
+ * above `UINT32_MAX`) or `MEDLEY_STATUS_BAD_PARAMETER` (`block_m` of 0).
+ *
+ * # Safety
+ * The out-pointers must point to writable `size_t`s.
+ */
+medley_status medley_moe_block_padded_len(size_t slots,
+                                          size_t local_experts,
+                                          size_t block_m,
+                                          size_t *sorted_ids_len,
+                                          size_t *blocks);
+
+/**
+ * Fills `*out` with no buffers set and sets its `struct_size` to
+ * `struct_size` (pass `sizeof *out`). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `out` must be writable for `struct_size` bytes.
+ */
+medley_status medley_moe_align_output_init(struct medley_moe_align_output *out, size_t struct_size);
+
+/**
+ * The block-padded routing plan on the CPU (vLLM's
+ * `moe_align_block_size`, medley's `medley_core::moe::plan::
+ * align_block_size`): the slots `i = t * k + j` of `ids` routed to the
+ * local experts `range` are grouped by expert (a stable counting sort:
+ * increasing slot id within an expert), each expert's run starting at a
+ * multiple of `block_m` and padded with the sentinel `ids_len`. Slots
+ * routed elsewhere (another rank's expert, or `UINT32_MAX` = routed
+ * nowhere) are not placed. An expert with no slot owns no block. Equal
+ * bit for bit to `medley_cuda_moe_align`.
+ *
+ * - `ids`, `ids_len`: the `T * k` expert ids (each `< experts` or
+ *   `UINT32_MAX`).
+ * - `experts`: `E`, all experts over all ranks (`>= 1`).
+ * - `range`: the local experts (`first <= last <= experts`).
+ * - `block_m`: rows per block (`>= 1`, any value).
+ * - `out`: the buffers (required; lengths from
+ *   `medley_moe_block_padded_len`).
+ *
+ * Checked before anything is written; on failure the outputs are
+ * untouched. Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (`experts` 0, output lengths, too many slots)
+ * or `MEDLEY_STATUS_BAD_PARAMETER` (`range`, `block_m` 0, an id `>=
+ * experts`).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it
+ * (`out` for one struct of its `struct_size`, `total` for one value).
+ */
+medley_status medley_moe_align_block_size(const uint32_t *ids,
+                                          size_t ids_len,
+                                          size_t experts,
+                                          struct medley_moe_range range,
+                                          size_t block_m,
+                                          const struct medley_moe_align_output *out);
+
+/**
+ * Scratch bytes `medley_moe_layer` needs for `tokens` tokens, `k` experts
+ * per token, hidden size `hidden`, intermediate size `inter` and
+ * `local_experts` local experts, into `*bytes` (the expert-sorted plan
+ * and the per-slot expert outputs: about `4 * T * k * H` bytes).
+ * Allocate it 8-byte aligned; its contents on entry do not matter.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_OVERFLOW`; on failure
+ * `*bytes` is untouched.
+ *
+ * # Safety
+ * `bytes` must point to a writable `size_t`.
+ */
+medley_status medley_moe_layer_scratch_bytes(size_t tokens,
+                                             size_t k,
+                                             size_t hidden,
+                                             size_t inter,
+                                             size_t local_experts,
+                                             size_t *bytes);
+
+/**
+ * The whole MoE expert layer on the CPU, medley's reference
+ * (`medley_core::moe::layer::moe_layer` after the expert-sorted plan of
+ * `medley_core::moe::plan::sort_by_expert`): for token `t` with picks
+ * `(ids[t, j], weights[t, j])`, `out_t = sum_j weights[t, j] * W2[e] .
+ * (silu(W13[e][0..I] . x_t) * (W13[e][I..2I] . x_t))`, the `k` terms
+ * added in `j` order, everything in `f32` (inputs widened exactly; the
+ * output rounded once to `out_dtype`). Deterministic and
+ * batch-invariant.
+ *
+ * Edge cases: a slot routed to a non-local expert or to `UINT32_MAX`
+ * contributes nothing; a slot of weight exactly 0 contributes exactly 0
+ * (it is not computed); a NaN weight makes its token's row NaN (counted
+ * in `report->nan_rows`); a token with no contributing slot gets a zero
+ * row (counted in `report->masked_rows`, normal under expert
+ * parallelism); an expert with no slot costs nothing.
+ *
+ * - `x`: `T x H` activations (any `medley_dtype`, any stride).
+ * - `experts`: the local experts' weights (required).
+ * - `routing`: ids and weights (`T * k` each), `k`, `E` (required).
+ * - `scratch`, `scratch_bytes`: at least `medley_moe_layer_scratch_bytes`
+ *   bytes, 8-byte aligned (contents do not matter; overwritten).
+ * - `out`, `out_len`, `out_dtype`, `out_stride`: `T x H` outputs of
+ *   `out_dtype` with row stride `out_stride` (0: `H`).
+ * - `report`: nullable.
+ *
+ * Checked before anything is written; on failure `out` and `report` are
+ * untouched (`scratch` may have been written). Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE` (lengths, sizes of 0,
+ * a short scratch, too many slots) or `MEDLEY_STATUS_BAD_PARAMETER`
+ * (`k` 0, the range, an id `>= E`, enum values).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it (the
+ * structs for one struct each, `report` for its `struct_size`).
+ */
+medley_status medley_moe_layer(const struct medley_rows *x,
+                               const struct medley_moe_experts *experts,
+                               const struct medley_moe_routing *routing,
+                               void *scratch,
+                               size_t scratch_bytes,
+                               void *out,
+                               size_t out_len,
+                               uint32_t out_dtype,
+                               size_t out_stride,
+                               struct medley_report *report);
 
 /**
  * The name of a status code as a static, NUL-terminated string: its C

@@ -26,7 +26,7 @@ use medley_cuda::{Kernels, Launch, Modules};
 #[allow(non_camel_case_types)]
 #[derive(Debug)]
 pub struct medley_cuda_engine {
-    kernels: Kernels,
+    pub(crate) kernels: Kernels,
 }
 
 /// Which GPU kernel `medley_cuda_ensemble_combine` runs.
@@ -481,7 +481,7 @@ pub unsafe extern "C" fn medley_cuda_ensemble_workspace_bytes(
 /// # Safety
 /// `r.data` must be device memory of the engine's context holding
 /// `r.data_len` elements, not written during `'a` by anyone else.
-unsafe fn device_rows<'a>(
+pub(crate) unsafe fn device_rows<'a>(
     r: &medley_cuda_rows,
     arg: &'static str,
     index: usize,

@@ -50,7 +50,10 @@ pub mod args;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_moe;
 pub mod merge;
+pub mod moe;
 pub mod status;
 
 pub use args::medley_dtype;
@@ -73,10 +76,26 @@ pub use gpu::{
     medley_cuda_kernel, medley_cuda_model, medley_cuda_moe_keep_topk_softmax, medley_cuda_moe_topk_softmax,
     medley_cuda_probe, medley_cuda_rows,
 };
+#[cfg(feature = "cuda")]
+pub use gpu_moe::{
+    MEDLEY_CUDA_MOE_ALIGN_OUTPUT_SIZE_V1, MEDLEY_CUDA_MOE_CHOICE_SIZE_V1, medley_cuda_moe_align,
+    medley_cuda_moe_align_output, medley_cuda_moe_align_output_init, medley_cuda_moe_choice,
+    medley_cuda_moe_choice_init, medley_cuda_moe_choose, medley_cuda_moe_combine, medley_cuda_moe_experts,
+    medley_cuda_moe_gemm1, medley_cuda_moe_gemm2, medley_cuda_moe_generation, medley_cuda_moe_grouped_topk,
+    medley_cuda_moe_layer, medley_cuda_moe_layer_workspace_bytes, medley_cuda_moe_permute,
+    medley_cuda_moe_plan, medley_cuda_moe_routing,
+};
 pub use merge::{
     MEDLEY_TIES_OPTIONS_SIZE_V1, medley_merge_model, medley_merge_ties, medley_merge_ties_scratch_len,
     medley_ties_consensus, medley_ties_divisor, medley_ties_options, medley_ties_options_init,
     medley_ties_options_init_paper, medley_ties_votes,
+};
+pub use moe::{
+    MEDLEY_MOE_ALIGN_OUTPUT_SIZE_V1, MEDLEY_MOE_GROUPED_CONFIG_SIZE_V1, medley_moe_align_block_size,
+    medley_moe_align_output, medley_moe_align_output_init, medley_moe_block_padded_len, medley_moe_experts,
+    medley_moe_group_score, medley_moe_grouped_config, medley_moe_grouped_config_init,
+    medley_moe_grouped_topk, medley_moe_layer, medley_moe_layer_scratch_bytes, medley_moe_range,
+    medley_moe_routing, medley_moe_scoring,
 };
 pub use status::{
     Fail, medley_abi_version, medley_has_cuda, medley_last_cuda_error, medley_last_error_message,

@@ -587,18 +587,8 @@ fn topk_gating_matches_the_core_and_fails_cleanly() {
     for (k, il, wl, st) in bad {
         // SAFETY: the lengths that are read are within the buffers; the
         // overflowing one is refused before any access.
-        let s = unsafe {
-            medley_moe_topk_softmax(
-                &r,
-                k,
-                1,
-                ids.as_mut_ptr(),
-                il,
-                w.as_mut_ptr(),
-                wl,
-                &mut rep,
-            )
-        };
+        let s =
+            unsafe { medley_moe_topk_softmax(&r, k, 1, ids.as_mut_ptr(), il, w.as_mut_ptr(), wl, &mut rep) };
         assert_eq!(s, st, "k={k} ids_len={il} weights_len={wl}: {}", message());
         assert_eq!((ids.clone(), w.clone()), before);
     }

@@ -27,6 +27,9 @@ fn size_field(r: &mut Bytes<'_>, full: usize, v1: usize) -> usize {
     }
 }
 
+#[path = "ffi_moe.rs"]
+mod ffi_moe;
+
 /// A versioned struct filled by its `_init` function at this header's size.
 fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
     let mut v = std::mem::MaybeUninit::<T>::zeroed();
@@ -461,6 +464,7 @@ fuzz_target!(|data: &[u8]| {
             0..=3 => ensemble(&mut r),
             4 | 5 => gating(&mut r),
             6 | 7 => ties(&mut r),
+            8 => ffi_moe::fuzz(&mut r),
             _ => cuda(&mut r),
         }
         check_message(&mut r);
