@@ -719,6 +719,43 @@ void gpu_moe(CUstream st, medley_cuda_engine *engine) {
               "the CPU layer\n",
               T, H, I, K, FIRST, LAST - 1, E);
 
+  // The whole layer again with each GEMM generation forced (mma, and
+  // wgmma where the device has it: compute capability 9.0), so that both
+  // kernel families run through the C ABI whatever the tuning table picks.
+  for (int g = 0; g < 2; ++g) {
+    const uint32_t gen = g == 0 ? MEDLEY_CUDA_MOE_GENERATION_MMA : MEDLEY_CUDA_MOE_GENERATION_WGMMA;
+    const char *gname = g == 0 ? "mma" : "wgmma";
+    medley_cuda_moe_choice forced = medley_init(medley_cuda_moe_choice_init);
+    medley_status fs = medley_cuda_moe_choose(engine, MEDLEY_DTYPE_BF16, N, L, gen, &forced);
+    if (fs != MEDLEY_STATUS_OK) {
+      // Only a device without wgmma may refuse it.
+      CHECK(g == 1, "medley_cuda_moe_choose(%s): %s: %s", gname, medley_status_name(fs), last_message().c_str());
+      std::printf("gpu: no %s GEMMs on this device (%s)\n", gname, medley_status_name(fs));
+      continue;
+    }
+    CHECK(forced.generation1 == gen && forced.generation2 == gen, "choose(%s) picked generations %u, %u", gname,
+          forced.generation1, forced.generation2);
+    size_t fws_bytes = 0;
+    CHECK_STATUS(medley_cuda_moe_layer_workspace_bytes(&forced, T, K, L, H, I, MEDLEY_DTYPE_BF16, &fws_bytes),
+                 MEDLEY_STATUS_OK);
+    CUdeviceptr fws = mem.alloc(fws_bytes);
+    CHECK(fws != 0, "cuMemAlloc of the workspace failed");
+    if (!fws) return;
+    CU(cuMemsetD8Async(dout, 0xff, T * H * 4, st));
+    medley_status fl = medley_cuda_moe_layer(engine, st, &vx, &dex, &dro, &forced, fws, fws_bytes, &vout);
+    CHECK(fl == MEDLEY_STATUS_OK, "GPU layer (%s): %s: %s", gname, medley_status_name(fl), last_message().c_str());
+    CHECK(download(gout, dout, T * H, st), "read back");
+    std::vector<double> ref = ly.reference();
+    double sc = max_abs(ref);
+    int bad = 0;
+    for (size_t j = 0; j < T * H; ++j)
+      if (!close_to(gout[j], cpu[j], 2e-2 * sc, 1e-2) && bad++ < 5)
+        std::fprintf(stderr, "  layer (%s) out[%zu]: GPU %.6g, CPU %.6g\n", gname, j, gout[j], cpu[j]);
+    CHECK(bad == 0, "GPU layer (%s): %d outputs off the CPU layer", gname, bad);
+    std::printf("gpu: whole MoE layer with %s GEMMs (GEMM1 #%u, GEMM2 #%u, block_m %zu) matches the CPU layer\n",
+                gname, (unsigned)forced.gemm1, (unsigned)forced.gemm2, (size_t)forced.block_m);
+  }
+
   // Bad calls enqueue nothing: poison, fail, read back the poison.
   CU(cuMemsetD8Async(dout, 0x7f, T * H * 4, st));
   CHECK_STATUS(medley_cuda_moe_layer(engine, st, &vx, &dex, &dro, &choice, ws, ws_bytes - 1, &vout),
