@@ -102,9 +102,16 @@ fn misuse(what: &'static str) -> Fail {
     Error::Unsupported { what }.into()
 }
 
-/// Leaks a scratch buffer to be owned by a handle.
-fn leak<T: Copy + Default>(len: usize) -> *mut [T] {
-    Box::into_raw(vec![T::default(); len].into_boxed_slice())
+/// A zeroed scratch buffer to be owned by a handle; `Overflow` when it
+/// cannot be allocated.
+fn alloc<T: Copy + Default>(len: usize) -> Result<Box<[T]>, Fail> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Fail::Overflow {
+        arg: "scratch",
+        index: 0,
+    })?;
+    v.resize(len, T::default());
+    Ok(v.into_boxed_slice())
 }
 
 /// Builds the handle: `init` makes the state from the handle's scratch.
@@ -120,6 +127,7 @@ unsafe fn make(
     scratch64_len: usize,
     init: impl FnOnce(&'static mut [u32], &'static mut [f64]) -> Result<State, Fail>,
 ) -> Result<(), Fail> {
+    let (s32, s64) = (alloc::<u32>(scratch_len)?, alloc::<f64>(scratch64_len)?);
     let mut h = Box::new(medley_merge_stream {
         magic: MAGIC,
         n,
@@ -127,8 +135,8 @@ unsafe fn make(
         with_base,
         fed: 0,
         state: State::Empty,
-        scratch: leak::<u32>(scratch_len),
-        scratch64: leak::<f64>(scratch64_len),
+        scratch: Box::into_raw(s32),
+        scratch64: Box::into_raw(s64),
     });
     // SAFETY: the buffers live as long as the handle, which drops the
     // state (the only borrower) before freeing them; nothing else touches
@@ -260,9 +268,9 @@ fn check_chunk<T>(ms: &[&[T]], m: usize, len: usize) -> Result<(), Fail> {
 /// `*stream` is untouched.
 ///
 /// Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
-/// `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
-/// `MEDLEY_STATUS_STRUCT_SIZE`, or the parameter errors of
-/// `medley_merge_gta`.
+/// `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW` (also: the scratch
+/// cannot be allocated), `MEDLEY_STATUS_STRUCT_SIZE`, or the parameter
+/// errors of `medley_merge_gta`.
 ///
 /// # Safety
 /// `models` must hold `n_models` structs, `options` one; `stream` must
@@ -295,6 +303,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_gta(
 /// Starts a streamed SCE (`medley_merge_sce`) of `n_models` models over
 /// tensors of `n` elements into `*stream`. Returns `MEDLEY_STATUS_OK`,
 /// `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED`,
+/// `MEDLEY_STATUS_OVERFLOW` (the scratch cannot be allocated),
 /// `MEDLEY_STATUS_STRUCT_SIZE` or the parameter errors of
 /// `medley_merge_sce`; on failure `*stream` is untouched.
 ///
@@ -381,7 +390,8 @@ pub unsafe extern "C" fn medley_merge_stream_new_slerp(
 /// over a base iff `with_base` is nonzero (then every chunk comes with its
 /// base chunk), into `*stream`. Chunks are 2 tensors. Returns as
 /// `medley_merge_stream_new_slerp`, plus `MEDLEY_STATUS_BAD_SHAPE`
-/// (`weights_len` not 2).
+/// (`weights_len` not 2) and `MEDLEY_STATUS_OVERFLOW` (the scratch of the
+/// `COLUMNS` layout cannot be allocated).
 ///
 /// # Safety
 /// `weights` must hold `weights_len` floats; otherwise as

@@ -16,6 +16,9 @@ use core::ptr::{null, null_mut};
 use libfuzzer_sys::fuzz_target;
 use medley_ffi::*;
 
+#[path = "ffi_merge.rs"]
+mod ffi_merge;
+
 /// A versioned struct filled by its `_init` function at this header's size.
 fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
     let mut v = std::mem::MaybeUninit::<T>::zeroed();
@@ -425,10 +428,11 @@ fn cuda(r: &mut Bytes<'_>) {
 fuzz_target!(|data: &[u8]| {
     let mut r = Bytes(data);
     for _ in 0..1 + r.below(3) {
-        match r.u8() % 10 {
+        match r.u8() % 13 {
             0..=3 => ensemble(&mut r),
             4 | 5 => gating(&mut r),
             6 | 7 => ties(&mut r),
+            10..=12 => ffi_merge::run(&mut r),
             _ => cuda(&mut r),
         }
         check_message(&mut r);
