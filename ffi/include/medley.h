@@ -2271,9 +2271,9 @@ medley_status medley_merge_sce(const struct medley_merge_tensor *models,
  * `*stream` is untouched.
  *
  * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
- * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
- * `MEDLEY_STATUS_STRUCT_SIZE`, or the parameter errors of
- * `medley_merge_gta`.
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW` (also: the scratch
+ * cannot be allocated), `MEDLEY_STATUS_STRUCT_SIZE`, or the parameter
+ * errors of `medley_merge_gta`.
  *
  * # Safety
  * `models` must hold `n_models` structs, `options` one; `stream` must
@@ -2289,6 +2289,7 @@ medley_status medley_merge_stream_new_gta(const struct medley_gta_model *models,
  * Starts a streamed SCE (`medley_merge_sce`) of `n_models` models over
  * tensors of `n` elements into `*stream`. Returns `MEDLEY_STATUS_OK`,
  * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED`,
+ * `MEDLEY_STATUS_OVERFLOW` (the scratch cannot be allocated),
  * `MEDLEY_STATUS_STRUCT_SIZE` or the parameter errors of
  * `medley_merge_sce`; on failure `*stream` is untouched.
  *
@@ -2337,7 +2338,8 @@ medley_status medley_merge_stream_new_slerp(size_t n,
  * over a base iff `with_base` is nonzero (then every chunk comes with its
  * base chunk), into `*stream`. Chunks are 2 tensors. Returns as
  * `medley_merge_stream_new_slerp`, plus `MEDLEY_STATUS_BAD_SHAPE`
- * (`weights_len` not 2).
+ * (`weights_len` not 2) and `MEDLEY_STATUS_OVERFLOW` (the scratch of the
+ * `COLUMNS` layout cannot be allocated).
  *
  * # Safety
  * `weights` must hold `weights_len` floats; otherwise as
@@ -2401,9 +2403,9 @@ medley_status medley_merge_stream_needs_pass(struct medley_merge_stream *stream,
  * the next elements of model `i` (as many as the base chunk, or as the
  * first chunk without a base), `base` those of the base (null with 0 for
  * the streams without one). Chunks of a pass come in order and cover the
- * tensor exactly; row-wise methods take whole rows. Does nothing when no
- * pass is needed. A failed call changes nothing (the chunk can be fed
- * again).
+ * tensor exactly; row-wise methods take whole rows. Once the statistics
+ * are finished (`medley_merge_stream_needs_pass` gives 0) feeding is
+ * refused. A failed call changes nothing (the chunk can be fed again).
  *
  * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
  * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,

@@ -37,7 +37,8 @@
 //!   `CUstream` / `cudaStream_t` as `void *` and device addresses as
 //!   `uint64_t`, enqueue on that stream and never synchronize.
 //! - State is kept only in opaque, Box-owned handles created and destroyed
-//!   explicitly (`medley_cuda_engine`); destroy reports errors.
+//!   explicitly (`medley_cuda_engine`, `medley_merge_stream`); destroy
+//!   reports errors.
 
 // The published struct sizes (`MEDLEY_*_SIZE_V<n>`) are those of a 64-bit
 // target, the only kind CUDA and medley's kernels support.

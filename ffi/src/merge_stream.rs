@@ -21,7 +21,7 @@ use core::ffi::c_void;
 use medley_core::merge::gta::{Gta, GtaApply, GtaStats};
 use medley_core::merge::sce::{Sce, SceApply, SceStats};
 use medley_core::merge::sphere::{
-    Combination, KarcherStats, MultislerpStats, Nuslerp, NuslerpApply, NuslerpStats, Pair, SlerpStats,
+    Combination, KarcherStats, Layout, MultislerpStats, Nuslerp, NuslerpApply, NuslerpStats, Pair, SlerpStats,
 };
 use medley_core::merge::stock::{ModelStock, StockApply, StockStats};
 use medley_core::{DType, Error, bf16, f16};
@@ -70,6 +70,8 @@ pub struct medley_merge_stream {
     with_base: bool,
     /// Elements fed in the current pass (single-pass methods).
     fed: usize,
+    /// Ready without a pass (NuSLERP's row layout).
+    no_pass: bool,
     state: State,
     scratch: *mut [u32],
     scratch64: *mut [f64],
@@ -123,6 +125,7 @@ unsafe fn make(
     n: usize,
     m: usize,
     with_base: bool,
+    no_pass: bool,
     scratch_len: usize,
     scratch64_len: usize,
     init: impl FnOnce(&'static mut [u32], &'static mut [f64]) -> Result<State, Fail>,
@@ -134,6 +137,7 @@ unsafe fn make(
         m,
         with_base,
         fed: 0,
+        no_pass,
         state: State::Empty,
         scratch: Box::into_raw(s32),
         scratch64: Box::into_raw(s64),
@@ -155,7 +159,6 @@ impl medley_merge_stream {
             State::Stats(Stats::Gta(s)) => s.needs_pass(),
             State::Stats(Stats::Sce(s)) => s.needs_pass(),
             State::Stats(Stats::Stock(s)) => s.needs_pass(),
-            State::Stats(Stats::Nuslerp(_)) => true,
             State::Stats(_) => true,
             _ => false,
         }
@@ -168,6 +171,11 @@ impl medley_merge_stream {
             State::Stats(Stats::Gta(s)) => !s.needs_pass(),
             State::Stats(Stats::Sce(s)) => !s.needs_pass(),
             State::Stats(Stats::Stock(s)) => !s.needs_pass(),
+            // Single-pass statistics: nothing to feed for an empty tensor
+            // (or for NuSLERP's row layout, which takes its statistics in
+            // the apply).
+            State::Stats(Stats::Nuslerp(_)) => self.n == 0 || self.no_pass,
+            State::Stats(_) => self.n == 0,
             _ => false,
         };
         if done {
@@ -293,7 +301,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_gta(
         let plan = Gta::new(n, &p[..k], &opts)?;
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, k, true, plan.scratch_len(), 0, |s, _| {
+            make(out, n, k, true, false, plan.scratch_len(), 0, |s, _| {
                 Ok(State::Stats(Stats::Gta(plan.stats(s)?)))
             })
         }
@@ -324,7 +332,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_sce(
         let plan = Sce::new(n, n_models, &opts)?;
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, n_models, true, plan.scratch_len(), 0, |s, _| {
+            make(out, n, n_models, true, false, plan.scratch_len(), 0, |s, _| {
                 Ok(State::Stats(Stats::Sce(plan.stats(s)?)))
             })
         }
@@ -353,7 +361,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_model_stock(
         let plan = ModelStock::new(n, n_models, &opts)?;
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, n_models, true, 0, 0, |_, _| {
+            make(out, n, n_models, true, false, 0, 0, |_, _| {
                 Ok(State::Stats(Stats::Stock(plan.stats())))
             })
         }
@@ -381,7 +389,11 @@ pub unsafe extern "C" fn medley_merge_stream_new_slerp(
         let out = req_out_ptr(stream, "stream")?;
         let st = SlerpStats::new(n, &opts)?;
         // SAFETY: out checked above.
-        unsafe { make(out, n, 2, false, 0, 0, |_, _| Ok(State::Stats(Stats::Slerp(st)))) }
+        unsafe {
+            make(out, n, 2, false, false, 0, 0, |_, _| {
+                Ok(State::Stats(Stats::Slerp(st)))
+            })
+        }
     })
 }
 
@@ -420,9 +432,10 @@ pub unsafe extern "C" fn medley_merge_stream_new_nuslerp(
             .into());
         }
         let plan = Nuslerp::new(n, [w[0], w[1]], &opts)?;
+        let rows = matches!(opts.layout, Layout::Rows(_));
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, 2, with_base != 0, 0, plan.scratch_len(), |_, s| {
+            make(out, n, 2, with_base != 0, rows, 0, plan.scratch_len(), |_, s| {
                 Ok(State::Stats(Stats::Nuslerp(plan.stats(s)?)))
             })
         }
@@ -460,7 +473,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_multislerp(
         let st = MultislerpStats::new(n, w, with_base != 0, &opts)?;
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, w.len(), with_base != 0, 0, 0, |_, _| {
+            make(out, n, w.len(), with_base != 0, false, 0, 0, |_, _| {
                 Ok(State::Stats(Stats::Multi(st)))
             })
         }
@@ -490,7 +503,7 @@ pub unsafe extern "C" fn medley_merge_stream_new_karcher(
         let st = KarcherStats::new(n, w, &opts)?;
         // SAFETY: out checked above.
         unsafe {
-            make(out, n, w.len(), false, 0, 0, |_, _| {
+            make(out, n, w.len(), false, false, 0, 0, |_, _| {
                 Ok(State::Stats(Stats::Karcher(st)))
             })
         }
@@ -543,9 +556,9 @@ fn chunk_len(
 /// the next elements of model `i` (as many as the base chunk, or as the
 /// first chunk without a base), `base` those of the base (null with 0 for
 /// the streams without one). Chunks of a pass come in order and cover the
-/// tensor exactly; row-wise methods take whole rows. Does nothing when no
-/// pass is needed. A failed call changes nothing (the chunk can be fed
-/// again).
+/// tensor exactly; row-wise methods take whole rows. Once the statistics
+/// are finished (`medley_merge_stream_needs_pass` gives 0) feeding is
+/// refused. A failed call changes nothing (the chunk can be fed again).
 ///
 /// Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
 /// `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,

@@ -722,6 +722,15 @@ fn spherical_merges_match_the_core_and_stream() {
         ]
     );
     assert!(out.iter().all(|&x| x == SENTINEL));
+    // Columns whose scratch (3 per column) overflows are refused (found by
+    // the fuzzer: the query used to overflow).
+    let mut cols = init(medley_nuslerp_options_init);
+    cols.layout = medley_nuslerp_layout::Columns as u32;
+    cols.layout_len = usize::MAX / 3 + 1;
+    let mut sl = 7;
+    // SAFETY: valid struct and out-pointer.
+    let s = unsafe { medley_merge_nuslerp_scratch_len(cols.layout_len, &cols, &mut sl) };
+    assert_eq!((s, sl), (BadShape, 7));
 }
 
 #[test]

@@ -117,8 +117,11 @@ fn opts<T: Copy>(r: &mut Bytes<'_>, f: unsafe extern "C" fn(*mut T, usize) -> me
         }
     }
     if r.u8() % 8 == 0 {
+        // A size within the struct (the library reads struct_size bytes):
+        // older, unknown or too small layouts.
+        let size = r.below(size_of::<T>() + 1);
         // SAFETY: struct_size is the first usize field.
-        unsafe { (&raw mut v).cast::<usize>().write(r.size()) };
+        unsafe { (&raw mut v).cast::<usize>().write(size) };
     }
     v
 }
@@ -195,7 +198,9 @@ pub(crate) fn run(r: &mut Bytes<'_>) {
             let mut o = opts(r, medley_gta_options_init);
             if r.u8() % 2 == 0 {
                 // SAFETY: o is writable for its size.
-                known(unsafe { medley_gta_options_init_preset(&mut o, size_of::<medley_gta_options>(), r.enum_value(9)) });
+                known(unsafe {
+                    medley_gta_options_init_preset(&mut o, size_of::<medley_gta_options>(), r.enum_value(9))
+                });
                 o.row_len = if r.u8() % 4 == 0 { r.below(8) } else { 0 };
                 o.seed = r.u32() as u64;
             }
@@ -231,7 +236,8 @@ pub(crate) fn run(r: &mut Bytes<'_>) {
             let mut scratch = Buf::new(need.min(1 << 14), 0f64);
             let (sp, sl) = scratch.arg(r);
             // SAFETY: as above.
-            let s = unsafe { medley_merge_nuslerp(mp, mn, bp, bl, dtype, &o, out.p, out.len, out_dtype, sp, sl) };
+            let s =
+                unsafe { medley_merge_nuslerp(mp, mn, bp, bl, dtype, &o, out.p, out.len, out_dtype, sp, sl) };
             out.check(s);
             assert!(scratch.guard_intact());
         }
@@ -290,7 +296,9 @@ unsafe extern "C" fn eval(p: *const f32, len: usize, user: *mut c_void) -> f32 {
     // SAFETY: the soup passes a valid buffer; user is a counter.
     unsafe {
         *user.cast::<usize>() += 1;
-        core::slice::from_raw_parts(p, len).iter().fold(0.0f32, |a, &x| a - x.abs())
+        core::slice::from_raw_parts(p, len)
+            .iter()
+            .fold(0.0f32, |a, &x| a - x.abs())
     }
 }
 
@@ -323,7 +331,10 @@ fn soup(r: &mut Bytes<'_>, ms: &Models, n: usize, dtype: u32) {
     };
     known(s);
     if s != medley_status::Ok {
-        assert!(sel.untouched() && soup.untouched() && calls == 0, "{s:?} wrote or evaluated");
+        assert!(
+            sel.untouched() && soup.untouched() && calls == 0,
+            "{s:?} wrote or evaluated"
+        );
         assert_eq!(rep.score, 99.0, "{s:?} wrote the report");
     }
     assert!(sel.guard_intact() && soup.guard_intact() && scores.untouched());
@@ -355,7 +366,11 @@ fn stream(
                 let (mp, mn) = list(r, &v);
                 let mut o = opts(r, medley_gta_options_init);
                 // SAFETY: o is writable for its size.
-                known(medley_gta_options_init_preset(&mut o, size_of::<medley_gta_options>(), r.enum_value(9)));
+                known(medley_gta_options_init_preset(
+                    &mut o,
+                    size_of::<medley_gta_options>(),
+                    r.enum_value(9),
+                ));
                 o.row_len = if r.u8() % 4 == 0 { r.below(8) } else { 0 };
                 let mut need = usize::MAX;
                 let q = medley_merge_gta_scratch_len(mp, mn, n, &o, &mut need);
@@ -387,7 +402,14 @@ fn stream(
                     q
                 }
             }
-            5 => medley_merge_stream_new_multislerp(wp, wl, r.u32() % 2, n, &opts(r, medley_multislerp_options_init), hp),
+            5 => medley_merge_stream_new_multislerp(
+                wp,
+                wl,
+                r.u32() % 2,
+                n,
+                &opts(r, medley_multislerp_options_init),
+                hp,
+            ),
             _ => medley_merge_stream_new_karcher(wp, wl, n, &opts(r, medley_karcher_options_init), hp),
         }
     };
@@ -413,7 +435,18 @@ fn stream(
                 2 => medley_merge_stream_end_pass(h),
                 _ => {
                     let before = out.b.v.clone();
-                    let s = medley_merge_stream_apply(h, cp, cn, b, l, dtype, r.size(), out.p, out.len, out_dtype);
+                    let s = medley_merge_stream_apply(
+                        h,
+                        cp,
+                        cn,
+                        b,
+                        l,
+                        dtype,
+                        r.size(),
+                        out.p,
+                        out.len,
+                        out_dtype,
+                    );
                     if s != medley_status::Ok {
                         assert!(out.b.v == before, "{s:?} wrote its output");
                     }
