@@ -74,11 +74,7 @@ impl Bytes<'_> {
         }
     }
     fn enum_value(&mut self, valid: u32) -> u32 {
-        if self.u8() % 8 == 0 {
-            self.u32()
-        } else {
-            self.below(valid as usize) as u32
-        }
+        if self.u8() % 8 == 0 { self.u32() } else { self.below(valid as usize) as u32 }
     }
 }
 
@@ -110,9 +106,10 @@ impl<T: Copy + PartialEq + core::fmt::Debug> Buf<T> {
                 self.v.as_mut_ptr(),
                 isize::MAX as usize / size_of::<T>().max(1) + 1 + r.below(1 << 20),
             ),
-            2 if size_of::<T>() > 1 && real > 1 => {
-                (self.v.as_mut_ptr().cast::<u8>().wrapping_add(1).cast(), real - 1)
-            }
+            2 if size_of::<T>() > 1 && real > 1 => (
+                self.v.as_mut_ptr().cast::<u8>().wrapping_add(1).cast(),
+                real - 1,
+            ),
             3 => (self.v.as_mut_ptr(), r.below(real + 1)),
             _ => (self.v.as_mut_ptr(), real),
         }
@@ -137,11 +134,7 @@ fn check_message(r: &mut Bytes<'_>) {
     let mut buf = vec![0x55u8 as c_char; 64];
     let len = r.below(65);
     let mut n = 0usize;
-    let p = if len == 0 && r.u8() % 2 == 0 {
-        null_mut()
-    } else {
-        buf.as_mut_ptr()
-    };
+    let p = if len == 0 && r.u8() % 2 == 0 { null_mut() } else { buf.as_mut_ptr() };
     let s = unsafe { medley_last_error_message(p, len, &mut n) };
     assert_eq!(s, medley_status::Ok);
     if len > 0 {
@@ -183,11 +176,7 @@ fn rows(r: &mut Bytes<'_>, store: &mut Vec<Buf<u32>>) -> medley_rows {
 
 fn ensemble(r: &mut Bytes<'_>) {
     let mut store = Vec::new();
-    let m = if r.u8() % 16 == 0 {
-        60 + r.below(10)
-    } else {
-        1 + r.below(4)
-    };
+    let m = if r.u8() % 16 == 0 { 60 + r.below(10) } else { 1 + r.below(4) };
     let mut models: Vec<medley_model> = (0..m)
         .map(|_| medley_model {
             logits: rows(r, &mut store),
@@ -212,11 +201,7 @@ fn ensemble(r: &mut Bytes<'_>) {
         mode: r.enum_value(2),
         mask_rule: r.enum_value(2),
         out_temperature: if r.u8() % 4 == 0 { r.param() } else { 1.0 },
-        plausibility_model: if r.u8() % 3 == 0 {
-            r.below(8) as i32 - 2
-        } else {
-            -1
-        },
+        plausibility_model: if r.u8() % 3 == 0 { r.below(8) as i32 - 2 } else { -1 },
         plausibility_alpha: r.param(),
         weights: wp,
         weights_len: wl,
@@ -267,28 +252,13 @@ fn ensemble(r: &mut Bytes<'_>) {
         masked_rows: 99,
         nan_rows: 99,
     };
-    let rp = if r.u8() % 4 == 0 {
-        null_mut()
-    } else {
-        &mut rep as *mut _
-    };
-    let cp = if r.u8() % 32 == 0 {
-        null()
-    } else {
-        &cfg as *const _
-    };
-    let op = if r.u8() % 32 == 0 {
-        null()
-    } else {
-        &out as *const _
-    };
+    let rp = if r.u8() % 4 == 0 { null_mut() } else { &mut rep as *mut _ };
+    let cp = if r.u8() % 32 == 0 { null() } else { &cfg as *const _ };
+    let op = if r.u8() % 32 == 0 { null() } else { &out as *const _ };
     let s = unsafe { medley_ensemble_combine(mp, mn, cp, b, v, op, rp) };
     known(s);
     if s != medley_status::Ok {
-        assert!(
-            lp.untouched() && p.untouched() && am.untouched() && lz.untouched(),
-            "{s:?} wrote"
-        );
+        assert!(lp.untouched() && p.untouched() && am.untouched() && lz.untouched(), "{s:?} wrote");
         assert_eq!((rep.masked_rows, rep.nan_rows), (99, 99));
     }
     assert!(lp.guard_intact() && p.guard_intact() && am.guard_intact() && lz.guard_intact());
@@ -337,11 +307,7 @@ fn ties(r: &mut Bytes<'_>) {
     let n = r.below(64);
     let dtype = r.enum_value(3);
     let words = n; // n u32 words hold n elements of any dtype
-    let m = if r.u8() % 16 == 0 {
-        60 + r.below(10)
-    } else {
-        1 + r.below(4)
-    };
+    let m = if r.u8() % 16 == 0 { 60 + r.below(10) } else { 1 + r.below(4) };
     let mut store: Vec<Buf<u32>> = Vec::new();
     let mut models = Vec::new();
     for _ in 0..m {
@@ -392,19 +358,7 @@ fn ties(r: &mut Bytes<'_>) {
     let mut scratch = Buf::new(need.min(1 << 16), 0u32);
     let (sp, sl) = scratch.arg(r);
     let s = unsafe {
-        medley_merge_ties(
-            mp,
-            mn,
-            bp.cast_const().cast(),
-            bl,
-            dtype,
-            &opts,
-            op.cast(),
-            ol,
-            out_dtype,
-            sp,
-            sl,
-        )
+        medley_merge_ties(mp, mn, bp.cast_const().cast(), bl, dtype, &opts, op.cast(), ol, out_dtype, sp, sl)
     };
     known(s);
     if s != medley_status::Ok {
@@ -421,24 +375,13 @@ fn cuda(r: &mut Bytes<'_>) {
     let s = match r.u8() % 6 {
         0 => medley_cuda_probe(),
         1 => unsafe {
-            let p = if r.u8() % 2 == 0 {
-                null_mut()
-            } else {
-                &mut engine as *mut _
-            };
+            let p = if r.u8() % 2 == 0 { null_mut() } else { &mut engine as *mut _ };
             medley_cuda_engine_new(null_mut(), p)
         },
         2 => unsafe { medley_cuda_engine_destroy(null_mut()) },
         3 => unsafe {
             let mut bytes = 5usize;
-            let s = medley_cuda_ensemble_workspace_bytes(
-                null(),
-                r.size(),
-                r.size(),
-                r.size(),
-                r.u32(),
-                &mut bytes,
-            );
+            let s = medley_cuda_ensemble_workspace_bytes(null(), r.size(), r.size(), r.size(), r.u32(), &mut bytes);
             assert_eq!(bytes, 5);
             s
         },
