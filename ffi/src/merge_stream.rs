@@ -29,6 +29,8 @@ use medley_core::{DType, Error, bf16, f16};
 /// Marks a live handle (a cheap guard against passing something else).
 const MAGIC: u64 = 0x6d65_646c_6579_5354;
 
+// Lives inside the boxed handle only: the variants' sizes cost nothing.
+#[allow(clippy::large_enum_variant)]
 enum Stats {
     Gta(GtaStats<'static>),
     Sce(SceStats<'static>),
@@ -39,6 +41,8 @@ enum Stats {
     Karcher(KarcherStats),
 }
 
+// Lives inside the boxed handle only: the variants' sizes cost nothing.
+#[allow(clippy::large_enum_variant)]
 enum Ready {
     Gta(GtaApply),
     Sce(SceApply),
@@ -48,6 +52,8 @@ enum Ready {
     Comb(Combination),
 }
 
+// Lives inside the boxed handle only: the variants' sizes cost nothing.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Stats(Stats),
     Ready(Ready),
@@ -120,6 +126,7 @@ fn alloc<T: Copy + Default>(len: usize) -> Result<Box<[T]>, Fail> {
 ///
 /// # Safety
 /// `out` passed `req_out_ptr` and is writable (the caller).
+#[allow(clippy::too_many_arguments)]
 unsafe fn make(
     out: *mut *mut medley_merge_stream,
     n: usize,

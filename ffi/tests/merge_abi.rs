@@ -123,6 +123,7 @@ fn stream(s: *mut medley_merge_stream, set: &Set, with_base: bool, chunk: usize)
     loop {
         // SAFETY: a live handle; needs is writable.
         assert_eq!(
+            // SAFETY: valid structs, buffers and out-pointers.
             unsafe { medley_merge_stream_needs_pass(s, &mut needs) },
             medley_status::Ok
         );
@@ -309,6 +310,7 @@ fn preset(p: u32) -> medley_gta_options {
     let mut o = std::mem::MaybeUninit::<medley_gta_options>::zeroed();
     // SAFETY: writable for its size.
     assert_eq!(
+        // SAFETY: valid structs, buffers and out-pointers.
         unsafe { medley_gta_options_init_preset(o.as_mut_ptr(), size_of::<medley_gta_options>(), p) },
         medley_status::Ok
     );
@@ -508,6 +510,7 @@ fn spherical_merges_match_the_core_and_stream() {
     let mut h = null_mut();
     // SAFETY: valid struct and out-pointer.
     assert_eq!(
+        // SAFETY: valid structs, buffers and out-pointers.
         unsafe { medley_merge_stream_new_slerp(n, &so, &mut h) },
         medley_status::Ok
     );
@@ -524,6 +527,7 @@ fn spherical_merges_match_the_core_and_stream() {
             let mut sl = 99;
             // SAFETY: valid struct and out-pointer.
             assert_eq!(
+                // SAFETY: valid structs, buffers and out-pointers.
                 unsafe { medley_merge_nuslerp_scratch_len(n, &no, &mut sl) },
                 medley_status::Ok
             );
@@ -632,6 +636,7 @@ fn spherical_merges_match_the_core_and_stream() {
     let mut h = null_mut();
     // SAFETY: valid structs and out-pointer.
     assert_eq!(
+        // SAFETY: valid structs, buffers and out-pointers.
         unsafe { medley_merge_stream_new_karcher(w3.as_ptr(), 3, n, &ko, &mut h) },
         medley_status::Ok
     );
@@ -766,6 +771,7 @@ fn stock_and_sce_match_the_core_and_stream() {
         let mut h = null_mut();
         // SAFETY: valid struct and out-pointer.
         assert_eq!(
+            // SAFETY: valid structs, buffers and out-pointers.
             unsafe { medley_merge_stream_new_model_stock(3, n, &o, &mut h) },
             medley_status::Ok
         );
@@ -777,6 +783,7 @@ fn stock_and_sce_match_the_core_and_stream() {
         let mut sl = 99;
         // SAFETY: valid struct and out-pointer.
         assert_eq!(
+            // SAFETY: valid structs, buffers and out-pointers.
             unsafe { medley_merge_sce_scratch_len(3, n, &o, &mut sl) },
             medley_status::Ok
         );
@@ -822,6 +829,7 @@ fn stock_and_sce_match_the_core_and_stream() {
         let mut h = null_mut();
         // SAFETY: valid struct and out-pointer.
         assert_eq!(
+            // SAFETY: valid structs, buffers and out-pointers.
             unsafe { medley_merge_stream_new_sce(3, n, &o, &mut h) },
             medley_status::Ok
         );
@@ -1115,6 +1123,7 @@ fn stream_misuse_returns_a_status() {
     use medley_status::*;
     // SAFETY: valid structs and out-pointer.
     assert_eq!(
+        // SAFETY: valid structs, buffers and out-pointers.
         unsafe { medley_merge_stream_new_gta(models.as_ptr(), 2, n, &o, &mut h) },
         Ok
     );
