@@ -172,6 +172,46 @@
 #define MEDLEY_TIES_OPTIONS_SIZE_V1 40
 
 /**
+ * Size of the first `medley_gta_options` layout (ABI 1.1).
+ */
+#define MEDLEY_GTA_OPTIONS_SIZE_V1 56
+
+/**
+ * Size of the first `medley_slerp_options` layout (ABI 1.1).
+ */
+#define MEDLEY_SLERP_OPTIONS_SIZE_V1 32
+
+/**
+ * Size of the first `medley_nuslerp_options` layout (ABI 1.1).
+ */
+#define MEDLEY_NUSLERP_OPTIONS_SIZE_V1 32
+
+/**
+ * Size of the first `medley_multislerp_options` layout (ABI 1.1).
+ */
+#define MEDLEY_MULTISLERP_OPTIONS_SIZE_V1 24
+
+/**
+ * Size of the first `medley_karcher_options` layout (ABI 1.1).
+ */
+#define MEDLEY_KARCHER_OPTIONS_SIZE_V1 24
+
+/**
+ * Size of the first `medley_stock_options` layout (ABI 1.1).
+ */
+#define MEDLEY_STOCK_OPTIONS_SIZE_V1 16
+
+/**
+ * Size of the first `medley_sce_options` layout (ABI 1.1).
+ */
+#define MEDLEY_SCE_OPTIONS_SIZE_V1 16
+
+/**
+ * Size of the first `medley_soup_report` layout (ABI 1.1).
+ */
+#define MEDLEY_SOUP_REPORT_SIZE_V1 32
+
+/**
  * Size of the first `medley_moe_grouped_config` layout (ABI 1.1).
  */
 #define MEDLEY_MOE_GROUPED_CONFIG_SIZE_V1 48
@@ -594,6 +634,178 @@ typedef uint32_t medley_cuda_moe_generation;
 #endif // __cplusplus
 #endif
 
+/**
+ * The sparsifier of a task-vector merge (`sparsify` field of
+ * `medley_gta_options`).
+ */
+enum medley_gta_sparsify
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * Keep every element (task arithmetic).
+   */
+  MEDLEY_GTA_SPARSIFY_NONE = 0,
+  /**
+   * TIES trim: the `floor(density n)` largest magnitudes.
+   */
+  MEDLEY_GTA_SPARSIFY_MAGNITUDE = 1,
+  /**
+   * DARE: drop each element with probability `1 - density` (Philox,
+   * keyed by `seed`, `[model, tensor_id]` and the element index).
+   */
+  MEDLEY_GTA_SPARSIFY_RANDOM = 2,
+  /**
+   * Breadcrumbs: drop the `floor(gamma n)` largest magnitudes, keep the
+   * next `floor(density n)`.
+   */
+  MEDLEY_GTA_SPARSIFY_OUTLIERS = 3,
+  /**
+   * DELLA MagPrune: rank-dependent keep probabilities in
+   * `[density - epsilon, density + epsilon]` within each row.
+   */
+  MEDLEY_GTA_SPARSIFY_DELLA = 4,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_gta_sparsify;
+#endif // __cplusplus
+
+/**
+ * The sign consensus of a task-vector merge (`consensus` field).
+ */
+enum medley_gta_consensus
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * No sign election: a plain weighted sum.
+   */
+  MEDLEY_GTA_CONSENSUS_NONE = 0,
+  /**
+   * The sign of the total mass of the votes (mergekit `"sum"`).
+   */
+  MEDLEY_GTA_CONSENSUS_SUM = 1,
+  /**
+   * The sign of the number of positive minus negative votes (`"count"`).
+   */
+  MEDLEY_GTA_CONSENSUS_COUNT = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_gta_consensus;
+#endif // __cplusplus
+
+/**
+ * The rescaling of sparsified task vectors (`rescale` field).
+ */
+enum medley_gta_rescale
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * No rescaling.
+   */
+  MEDLEY_GTA_RESCALE_NONE = 0,
+  /**
+   * Match the task vector's L1 norm (mergekit's `rescale: true`).
+   */
+  MEDLEY_GTA_RESCALE_L1 = 1,
+  /**
+   * Match its L2 norm.
+   */
+  MEDLEY_GTA_RESCALE_L2 = 2,
+  /**
+   * Match its largest magnitude.
+   */
+  MEDLEY_GTA_RESCALE_LINF = 3,
+  /**
+   * Divide survivors by their keep probability (the DARE and DELLA
+   * papers); random sparsifiers only.
+   */
+  MEDLEY_GTA_RESCALE_INVERSE_KEEP = 4,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_gta_rescale;
+#endif // __cplusplus
+
+/**
+ * The mergekit presets of `medley_gta_options_init_preset`.
+ */
+enum medley_gta_preset
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * `task_arithmetic` (the default of `medley_gta_options_init`).
+   */
+  MEDLEY_GTA_PRESET_TASK_ARITHMETIC = 0,
+  /**
+   * `ties`.
+   */
+  MEDLEY_GTA_PRESET_TIES = 1,
+  /**
+   * TIES as in the paper (unweighted votes, disjoint mean).
+   */
+  MEDLEY_GTA_PRESET_TIES_PAPER = 2,
+  /**
+   * `dare_ties`.
+   */
+  MEDLEY_GTA_PRESET_DARE_TIES = 3,
+  /**
+   * `dare_linear`.
+   */
+  MEDLEY_GTA_PRESET_DARE_LINEAR = 4,
+  /**
+   * `breadcrumbs`.
+   */
+  MEDLEY_GTA_PRESET_BREADCRUMBS = 5,
+  /**
+   * `breadcrumbs_ties`.
+   */
+  MEDLEY_GTA_PRESET_BREADCRUMBS_TIES = 6,
+  /**
+   * `della` (one row: set `row_len` for rows).
+   */
+  MEDLEY_GTA_PRESET_DELLA = 7,
+  /**
+   * `della_linear`.
+   */
+  MEDLEY_GTA_PRESET_DELLA_LINEAR = 8,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_gta_preset;
+#endif // __cplusplus
+
+/**
+ * Which vectors NuSLERP interpolates (`layout` field of
+ * `medley_nuslerp_options`).
+ */
+enum medley_nuslerp_layout
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The whole tensor is one vector (mergekit's default).
+   */
+  MEDLEY_NUSLERP_LAYOUT_FLAT = 0,
+  /**
+   * Each contiguous row of `layout_len` elements is a vector.
+   */
+  MEDLEY_NUSLERP_LAYOUT_ROWS = 1,
+  /**
+   * Each column of the row-major matrix with rows of `layout_len`
+   * elements is a vector.
+   */
+  MEDLEY_NUSLERP_LAYOUT_COLUMNS = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t medley_nuslerp_layout;
+#endif // __cplusplus
+
 #if defined(MEDLEY_CUDA)
 /**
  * medley's CUDA kernels loaded in one CUDA context: an opaque handle,
@@ -604,6 +816,14 @@ typedef uint32_t medley_cuda_moe_generation;
  */
 typedef struct medley_cuda_engine medley_cuda_engine;
 #endif
+
+/**
+ * A streamed merge of one tensor (opaque). Created by a
+ * `medley_merge_stream_new_*` function, freed by
+ * `medley_merge_stream_destroy`. Not thread-safe: one call at a time per
+ * handle.
+ */
+typedef struct medley_merge_stream medley_merge_stream;
 
 /**
  * What a row-wise call found: rows with no surviving token and rows made
@@ -1334,6 +1554,267 @@ typedef struct medley_merge_model {
    */
   double density;
 } medley_merge_model;
+
+/**
+ * Options of a task-vector merge (`medley_merge_gta` and its streaming
+ * form). A versioned struct: `medley_gta_options_init(&o, sizeof o)` fills
+ * in task arithmetic, `medley_gta_options_init_preset` any mergekit preset.
+ */
+typedef struct medley_gta_options {
+  /**
+   * `sizeof(medley_gta_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * A `medley_gta_sparsify` value.
+   */
+  uint32_t sparsify;
+  /**
+   * A `medley_gta_consensus` value.
+   */
+  uint32_t consensus;
+  /**
+   * A `medley_ties_votes` value.
+   */
+  uint32_t votes;
+  /**
+   * A `medley_ties_divisor` value.
+   */
+  uint32_t divisor;
+  /**
+   * Nonzero: divide by the (agreeing) weight sum.
+   */
+  uint32_t normalize;
+  /**
+   * A `medley_gta_rescale` value.
+   */
+  uint32_t rescale;
+  /**
+   * Scale of the merged task vector (finite).
+   */
+  float lambda;
+  /**
+   * Identifies the tensor in the random streams.
+   */
+  uint32_t tensor_id;
+  /**
+   * 0: select over the whole tensor (DELLA: one row); else rows of this
+   * many elements (must divide the tensor length).
+   */
+  size_t row_len;
+  /**
+   * Seed of the random sparsifiers.
+   */
+  uint64_t seed;
+} medley_gta_options;
+
+/**
+ * Options of `medley_merge_slerp`. A versioned struct:
+ * `medley_slerp_options_init(&o, sizeof o)` gives `t = 0.5` and mergekit's
+ * `dot_threshold = 0.9995`, `eps = 1e-8`.
+ */
+typedef struct medley_slerp_options {
+  /**
+   * `sizeof(medley_slerp_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * Interpolation parameter: 0 gives `v0`, 1 gives `v1` (finite).
+   */
+  float t;
+  /**
+   * Lerp when `|cos theta| >` this (>= 0).
+   */
+  double dot_threshold;
+  /**
+   * Vectors of norm `<= eps` are not normalized (>= 0).
+   */
+  double eps;
+} medley_slerp_options;
+
+/**
+ * Options of `medley_merge_nuslerp`. A versioned struct:
+ * `medley_nuslerp_options_init(&o, sizeof o)` gives mergekit's defaults
+ * (flat layout, `eps = 1e-8`).
+ */
+typedef struct medley_nuslerp_options {
+  /**
+   * `sizeof(medley_nuslerp_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * A `medley_nuslerp_layout` value.
+   */
+  uint32_t layout;
+  /**
+   * Row length of the `ROWS` and `COLUMNS` layouts (nonzero, dividing
+   * the tensor length); ignored by `FLAT`.
+   */
+  size_t layout_len;
+  /**
+   * Lerp where `|sin theta| < eps` (>= 0).
+   */
+  double eps;
+} medley_nuslerp_options;
+
+/**
+ * Options of `medley_merge_multislerp`. A versioned struct:
+ * `medley_multislerp_options_init(&o, sizeof o)` gives mergekit's defaults.
+ */
+typedef struct medley_multislerp_options {
+  /**
+   * `sizeof(medley_multislerp_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * Nonzero: divide the weights by their sum (mergekit: 1).
+   */
+  uint32_t normalize_weights;
+  /**
+   * Added to each norm before dividing; the degenerate-mean threshold
+   * (>= 0; mergekit: 1e-8).
+   */
+  double eps;
+} medley_multislerp_options;
+
+/**
+ * Options of `medley_merge_karcher`. A versioned struct:
+ * `medley_karcher_options_init(&o, sizeof o)` gives mergekit's defaults.
+ */
+typedef struct medley_karcher_options {
+  /**
+   * `sizeof(medley_karcher_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * Most fixed-point iterations (mergekit: 10).
+   */
+  uint32_t max_iter;
+  /**
+   * Convergence and degeneracy tolerance (>= 0; mergekit: 1e-5).
+   */
+  double tol;
+} medley_karcher_options;
+
+/**
+ * Options of `medley_merge_model_stock`. A versioned struct:
+ * `medley_stock_options_init(&o, sizeof o)` gives mergekit's default (one
+ * `t` for the whole tensor).
+ */
+typedef struct medley_stock_options {
+  /**
+   * `sizeof(medley_stock_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * 0: one `t` per tensor (mergekit `filter_wise: false`); else one `t`
+   * per contiguous row of this many elements (`filter_wise: true`).
+   */
+  size_t row_len;
+} medley_stock_options;
+
+/**
+ * Options of `medley_merge_sce`. A versioned struct:
+ * `medley_sce_options_init(&o, sizeof o)` gives mergekit's default
+ * (`select_topk = 1`: no selection).
+ */
+typedef struct medley_sce_options {
+  /**
+   * `sizeof(medley_sce_options)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * Fraction of the non-zero-variance elements selected, in `(0, 1]`.
+   */
+  double select_topk;
+} medley_sce_options;
+
+/**
+ * What a soup recipe did (output of `medley_merge_greedy_soup` and
+ * `medley_merge_pruned_soup`). A versioned struct:
+ * `medley_soup_report_init(&r, sizeof r)` before the call.
+ */
+typedef struct medley_soup_report {
+  /**
+   * `sizeof(medley_soup_report)` of the caller's header.
+   */
+  size_t struct_size;
+  /**
+   * Ingredients in the final soup.
+   */
+  size_t ingredients;
+  /**
+   * Evaluator calls made.
+   */
+  size_t evaluations;
+  /**
+   * The final soup's score (as the evaluator returned it).
+   */
+  float score;
+} medley_soup_report;
+
+/**
+ * One fine-tuned model's tensor and its parameters for the task-vector
+ * family (`medley_merge_gta`): `medley_merge_model` plus breadcrumbs'
+ * `gamma` and DELLA's `epsilon`. An array element: never changes.
+ */
+typedef struct medley_gta_model {
+  /**
+   * Host pointer to the tensor (`data_len` elements of the call's
+   * `dtype`, aligned for it); may be null only when `data_len` is 0.
+   * Not read by `medley_merge_stream_new_gta` (parameters only).
+   */
+  const void *data;
+  /**
+   * Elements at `data`: must equal the base's length.
+   */
+  size_t data_len;
+  /**
+   * Weight `w_i` (finite; may be negative).
+   */
+  float weight;
+  /**
+   * Fraction kept by the sparsifier, in `(0, 1]` (1: not sparsified;
+   * ignored without a sparsifier).
+   */
+  double density;
+  /**
+   * Breadcrumbs: fraction of the largest magnitudes dropped, in
+   * `[0, 1]` (mergekit: 0.01).
+   */
+  double gamma;
+  /**
+   * DELLA: half-width of the keep-probability window, with
+   * `density - epsilon > 0` and `density + epsilon <= 1` (mergekit: 0.15).
+   */
+  double epsilon;
+} medley_gta_model;
+
+/**
+ * One tensor (or one chunk of a tensor) of one model: the element struct
+ * of the methods without per-model parameters (Model Stock, SCE, soups)
+ * and of the streaming calls. An array element: never changes.
+ */
+typedef struct medley_merge_tensor {
+  /**
+   * Host pointer to `data_len` elements of the call's `dtype`, aligned
+   * for it; may be null only when `data_len` is 0.
+   */
+  const void *data;
+  /**
+   * Elements at `data`.
+   */
+  size_t data_len;
+} medley_merge_tensor;
+
+/**
+ * The held-out evaluator of the soups: returns the score (higher is
+ * better; NaN is the worst) of the parameters `params[0..len]` (`float`,
+ * the candidate soup). `user` is the caller's pointer, passed through. It
+ * must not unwind (throw) and must not call back into the soup; it may
+ * read `params` only during the call.
+ */
+typedef float (*medley_soup_eval)(const float *params, size_t len, void *user);
 
 /**
  * Where `medley_moe_align_block_size` writes its plan (host memory). A
@@ -2284,6 +2765,719 @@ medley_status medley_merge_ties(const struct medley_merge_model *models,
                                 uint32_t out_dtype,
                                 uint32_t *scratch,
                                 size_t scratch_len);
+
+/**
+ * Fills `*options` with mergekit's `task_arithmetic` (no sparsifier, no
+ * consensus, not normalized, `lambda = 1`, seed 0, tensor 0) and sets its
+ * `struct_size` to `struct_size` (pass `sizeof *options`). Returns
+ * `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_STRUCT_SIZE`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_gta_options_init(struct medley_gta_options *options, size_t struct_size);
+
+/**
+ * As `medley_gta_options_init`, with the mergekit preset `preset` (a
+ * `medley_gta_preset` value; seed, tensor id and `row_len` 0: set them
+ * afterwards). Returns as `medley_gta_options_init`, plus
+ * `MEDLEY_STATUS_BAD_PARAMETER` for an unknown preset (nothing written).
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_gta_options_init_preset(struct medley_gta_options *options,
+                                             size_t struct_size,
+                                             uint32_t preset);
+
+/**
+ * Fills `*options` with `t = 0.5`, `dot_threshold = 0.9995`, `eps = 1e-8`
+ * and sets `struct_size`. Returns as `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_slerp_options_init(struct medley_slerp_options *options, size_t struct_size);
+
+/**
+ * Fills `*options` with mergekit's NuSLERP defaults and sets
+ * `struct_size`. Returns as `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_nuslerp_options_init(struct medley_nuslerp_options *options,
+                                          size_t struct_size);
+
+/**
+ * Fills `*options` with mergekit's multi-SLERP defaults
+ * (`normalize_weights = 1`, `eps = 1e-8`) and sets `struct_size`. Returns
+ * as `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_multislerp_options_init(struct medley_multislerp_options *options,
+                                             size_t struct_size);
+
+/**
+ * Fills `*options` with mergekit's Karcher defaults (`max_iter = 10`,
+ * `tol = 1e-5`) and sets `struct_size`. Returns as
+ * `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_karcher_options_init(struct medley_karcher_options *options,
+                                          size_t struct_size);
+
+/**
+ * Fills `*options` with Model Stock's defaults and sets `struct_size`.
+ * Returns as `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_stock_options_init(struct medley_stock_options *options, size_t struct_size);
+
+/**
+ * Fills `*options` with SCE's defaults and sets `struct_size`. Returns as
+ * `medley_gta_options_init`.
+ *
+ * # Safety
+ * `options` must be writable for `struct_size` bytes.
+ */
+medley_status medley_sce_options_init(struct medley_sce_options *options, size_t struct_size);
+
+/**
+ * Zeroes `*report` and sets its `struct_size`. Returns as
+ * `medley_gta_options_init`.
+ *
+ * # Safety
+ * `report` must be writable for `struct_size` bytes.
+ */
+medley_status medley_soup_report_init(struct medley_soup_report *report, size_t struct_size);
+
+/**
+ * Linear merge (mergekit `linear`; parameter, checkpoint and weighted soup
+ * averaging) of one tensor: `out = sum_i w_i x_i`, divided by
+ * `sum_i w_i` when `normalize` is nonzero (mergekit's default; evaluated
+ * as `x_0 + sum_{i>=1} f32(w_i / W) (x_i - x_0)`, exact for identical
+ * models). Element-wise: calling it on chunks of the tensors (any order)
+ * writes the bits of the one-shot call, which makes it its own streaming
+ * form. Arithmetic is `float`, rounded once to `out_dtype`.
+ *
+ * - `models`, `n_models`: 1 to 64 models of `out_len` elements of `dtype`
+ *   with their weights (`density` is not read).
+ * - `normalize`: nonzero to divide by the weight sum.
+ * - `out`, `out_len`: the merged tensor (`out_dtype`).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE` (no or too many
+ * models, lengths) or `MEDLEY_STATUS_BAD_PARAMETER` (non-finite weights,
+ * normalized weights summing to zero, enum values).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it
+ * (`models` for `n_models` structs); no buffer may be modified by another
+ * thread during the call.
+ */
+medley_status medley_merge_linear(const struct medley_merge_model *models,
+                                  size_t n_models,
+                                  uint32_t dtype,
+                                  uint32_t normalize,
+                                  void *out,
+                                  size_t out_len,
+                                  uint32_t out_dtype);
+
+/**
+ * The `u32` scratch elements `medley_merge_gta` (and the statistics of a
+ * streamed merge) needs for these models, tensor length `n` and options,
+ * into `*scratch_len` (0 when none is needed). Only the parameters of
+ * `models` are read (not the tensors).
+ *
+ * Returns `MEDLEY_STATUS_OK` or the parameter errors of
+ * `medley_merge_gta`.
+ *
+ * # Safety
+ * `models` must hold `n_models` structs; `options` one struct;
+ * `scratch_len` must point to a writable `size_t`.
+ */
+medley_status medley_merge_gta_scratch_len(const struct medley_gta_model *models,
+                                           size_t n_models,
+                                           size_t n,
+                                           const struct medley_gta_options *options,
+                                           size_t *scratch_len);
+
+/**
+ * Merges one tensor of `n_models` fine-tuned models onto their base with
+ * any method of the task-vector family (mergekit's "generalized task
+ * arithmetic"), as chosen by `options` (`medley_gta_options_init_preset`):
+ * task arithmetic, TIES (mergekit's and the paper's), DARE (TIES and
+ * linear), breadcrumbs (and TIES), DELLA (and linear). Each task vector
+ * `delta_i = x_i - base` is sparsified (`sparsify`, with each model's
+ * `density`, `gamma`, `epsilon`) and rescaled (`rescale`), weighted by
+ * `w_i`, combined with or without a sign election (`consensus`, `votes`),
+ * optionally divided by the (agreeing) weights (`normalize`, `divisor`)
+ * and scaled by `lambda`: `out = base + lambda * merged`, rounded once to
+ * `out_dtype`. Random masks depend only on `seed`, the model index,
+ * `tensor_id` and the element index.
+ *
+ * - `models`, `n_models`: 1 to 64 models of `base_len` elements of `dtype`.
+ * - `base`, `base_len`: the base model's tensor.
+ * - `options`: required.
+ * - `out`, `out_len`: `base_len` elements of `out_dtype`.
+ * - `scratch`, `scratch_len`: at least `medley_merge_gta_scratch_len`
+ *   `uint32_t` elements (null with 0 when none is needed).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (lengths, models, scratch too short, a tensor
+ * above 2^32 elements with a selection), `MEDLEY_STATUS_BAD_PARAMETER`
+ * (weights, densities, gammas, epsilons, `lambda`, `row_len`, normalized
+ * weights summing to zero, enum values) or `MEDLEY_STATUS_UNSUPPORTED`
+ * (`INVERSE_KEEP` with a deterministic sparsifier).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it
+ * (`models` for `n_models` structs, `options` for one); no buffer may be
+ * modified by another thread during the call.
+ */
+medley_status medley_merge_gta(const struct medley_gta_model *models,
+                               size_t n_models,
+                               const void *base,
+                               size_t base_len,
+                               uint32_t dtype,
+                               const struct medley_gta_options *options,
+                               void *out,
+                               size_t out_len,
+                               uint32_t out_dtype,
+                               uint32_t *scratch,
+                               size_t scratch_len);
+
+/**
+ * Greedy soup (Wortsman et al. 2022): ranks the models by their own
+ * held-out score (descending, ties to the lower index, NaN last), starts
+ * from the best and adds each next one only if the score of the uniform
+ * soup with it does not drop. On return `selected[i]` is 1 for the models
+ * in the soup (else 0), `soup` holds their uniform average (`float`) and
+ * `*report` (optional, `medley_soup_report_init` first) what was done.
+ *
+ * - `models`, `n_models`: 1 to 64 tensors of `soup_len` elements of
+ *   `dtype`.
+ * - `scores`, `scores_len`: the models' own scores, one per model; null
+ *   (with 0) to have `eval` compute them (each model copied into `soup`).
+ * - `eval`, `user`: the evaluator (required), called with the candidate
+ *   soup in `soup`.
+ * - `selected`, `selected_len`: `n_models` bytes.
+ * - `soup`, `soup_len`: the soup, `float`.
+ *
+ * Every argument is checked before `eval` is called or anything is
+ * written: on failure `selected`, `soup` and `report` are untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT` (also a null
+ * `eval`), `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE` (`report`),
+ * `MEDLEY_STATUS_BAD_SHAPE` (no or too many models, lengths) or
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it;
+ * `eval` must be safe to call with any buffer and `user`; no buffer may
+ * be modified by another thread (or by `eval`) during the call.
+ */
+medley_status medley_merge_greedy_soup(const struct medley_merge_tensor *models,
+                                       size_t n_models,
+                                       uint32_t dtype,
+                                       const float *scores,
+                                       size_t scores_len,
+                                       medley_soup_eval eval,
+                                       void *user,
+                                       uint8_t *selected,
+                                       size_t selected_len,
+                                       float *soup,
+                                       size_t soup_len,
+                                       struct medley_soup_report *report);
+
+/**
+ * Pruned soup: starts from the uniform soup of all models; in each of up
+ * to `passes` passes visits the remaining ones in index order and removes
+ * one whenever the score of the soup without it does not drop, never the
+ * last one; stops after a pass that removes nothing. Outputs, arguments
+ * and statuses as `medley_merge_greedy_soup` (no `scores`).
+ *
+ * # Safety
+ * As `medley_merge_greedy_soup`.
+ */
+medley_status medley_merge_pruned_soup(const struct medley_merge_tensor *models,
+                                       size_t n_models,
+                                       uint32_t dtype,
+                                       size_t passes,
+                                       medley_soup_eval eval,
+                                       void *user,
+                                       uint8_t *selected,
+                                       size_t selected_len,
+                                       float *soup,
+                                       size_t soup_len,
+                                       struct medley_soup_report *report);
+
+/**
+ * SLERP of two tensors (mergekit `slerp`, where `v0` is the base model):
+ * normalizes each vector of norm above `eps`; `c = u0 . u1`; if
+ * `|c| > dot_threshold` the lerp `(1 - t) v0 + t v1`, else with
+ * `theta = acos c`: `sin((1 - t) theta) / sin theta * v0 + sin(t theta) /
+ * sin theta * v1`. Norms and the dot product are accumulated in `double`;
+ * the combination is `float`, rounded once to `out_dtype`.
+ *
+ * - `v0`, `v0_len`, `v1`, `v1_len`: the tensors (`dtype`, equal lengths).
+ * - `options`: required (`medley_slerp_options_init`).
+ * - `out`, `out_len`: `v0_len` elements of `out_dtype`.
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (lengths) or `MEDLEY_STATUS_BAD_PARAMETER`
+ * (`t` not finite, negative or non-finite thresholds, enum values).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it; no
+ * buffer may be modified by another thread during the call.
+ */
+medley_status medley_merge_slerp(const void *v0,
+                                 size_t v0_len,
+                                 const void *v1,
+                                 size_t v1_len,
+                                 uint32_t dtype,
+                                 const struct medley_slerp_options *options,
+                                 void *out,
+                                 size_t out_len,
+                                 uint32_t out_dtype);
+
+/**
+ * The `double` scratch elements `medley_merge_nuslerp` needs for a tensor
+ * of `n` elements and these options (`3 * layout_len` for the `COLUMNS`
+ * layout, else 0), into `*scratch_len`. Returns `MEDLEY_STATUS_OK` or the
+ * option errors of `medley_merge_nuslerp`.
+ *
+ * # Safety
+ * `options` must hold one struct; `scratch_len` must point to a writable
+ * `size_t`.
+ */
+medley_status medley_merge_nuslerp_scratch_len(size_t n,
+                                               const struct medley_nuslerp_options *options,
+                                               size_t *scratch_len);
+
+/**
+ * NuSLERP (mergekit `nuslerp`) of two models, optionally on task vectors
+ * over a base: `t = w1 / (w0 + w1)` (0.5 when the sum is below 1e-6); per
+ * vector (`layout`: the whole tensor, each row, or each column) with
+ * `u_i = v_i / max(|v_i|, 1e-7)` and `theta = acos(clamp(u0 . u1))`:
+ * `sin((1 - t) theta) / sin theta * v0 + sin(t theta) / sin theta * v1`,
+ * the lerp where `|sin theta| < eps`; with a base, `v_i = x_i - base` and
+ * the base is added back.
+ *
+ * - `models`: exactly 2 models (tensor and weight; `density` not read).
+ * - `base`, `base_len`: null (with 0) for no base, else the base tensor.
+ * - `options`: required (`medley_nuslerp_options_init`).
+ * - `out`, `out_len`: the merged tensor (`out_dtype`).
+ * - `scratch`, `scratch_len`: at least `medley_merge_nuslerp_scratch_len`
+ *   `double`s (null with 0 when none is needed).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (not 2 models, lengths, scratch) or
+ * `MEDLEY_STATUS_BAD_PARAMETER` (weights, `eps`, `layout_len`, enums).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it; no
+ * buffer may be modified by another thread during the call.
+ */
+medley_status medley_merge_nuslerp(const struct medley_merge_model *models,
+                                   size_t n_models,
+                                   const void *base,
+                                   size_t base_len,
+                                   uint32_t dtype,
+                                   const struct medley_nuslerp_options *options,
+                                   void *out,
+                                   size_t out_len,
+                                   uint32_t out_dtype,
+                                   double *scratch,
+                                   size_t scratch_len);
+
+/**
+ * Multi-SLERP (mergekit `multislerp`) of 1 to 64 models, optionally on
+ * task vectors over a base: `out = m * sum_i a_i |v_i|` with
+ * `m = normalize(sum_i a_i v_i / (|v_i| + eps))` and `a_i` the weights
+ * (divided by their sum with `normalize_weights`); `v_i = x_i - base` and
+ * the base added back when a base is given.
+ *
+ * - `models`, `n_models`: tensors of `out_len` elements and weights.
+ * - `base`, `base_len`: null (with 0) for no base.
+ * - `options`: required (`medley_multislerp_options_init`).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns the statuses of `medley_merge_linear`, plus
+ * `MEDLEY_STATUS_STRUCT_SIZE` and `MEDLEY_STATUS_BAD_PARAMETER` for `eps`
+ * and for a degenerate mean direction of more than 2 models.
+ *
+ * # Safety
+ * As `medley_merge_linear`; `options` valid for one struct.
+ */
+medley_status medley_merge_multislerp(const struct medley_merge_model *models,
+                                      size_t n_models,
+                                      const void *base,
+                                      size_t base_len,
+                                      uint32_t dtype,
+                                      const struct medley_multislerp_options *options,
+                                      void *out,
+                                      size_t out_len,
+                                      uint32_t out_dtype);
+
+/**
+ * Karcher (Riemannian) mean on the sphere (mergekit `karcher`, which lists
+ * the base as one more model with equal weights): with `a_i = w_i / sum
+ * w`, norms `|x_i|` and units `u_i`, iterates the fixed point from the
+ * normalized weighted mean of the units (at most `max_iter` times, until
+ * the tangent step is below `tol`); `out = (sum_i a_i |x_i|) u`. One pass
+ * of `double` Gram statistics; iterations in `double`.
+ *
+ * - `models`, `n_models`: 1 to 64 tensors of `out_len` elements and
+ *   weights (non-negative).
+ * - `options`: required (`medley_karcher_options_init`).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns the statuses of `medley_merge_linear`, plus
+ * `MEDLEY_STATUS_STRUCT_SIZE` and `MEDLEY_STATUS_BAD_PARAMETER` (negative
+ * weights, `tol`).
+ *
+ * # Safety
+ * As `medley_merge_linear`; `options` valid for one struct.
+ */
+medley_status medley_merge_karcher(const struct medley_merge_model *models,
+                                   size_t n_models,
+                                   uint32_t dtype,
+                                   const struct medley_karcher_options *options,
+                                   void *out,
+                                   size_t out_len,
+                                   uint32_t out_dtype);
+
+/**
+ * Model Stock (Jang et al. 2024; mergekit `model_stock`) of 2 to 64
+ * fine-tuned models over their base: with the task vectors
+ * `delta_i = x_i - base` and `cos` the mean pairwise cosine of their
+ * angles, `t = M cos / (1 + (M - 1) cos)` and
+ * `out = t * mean_i x_i + (1 - t) * base`, one `t` per tensor or per row
+ * (`row_len`).
+ *
+ * - `models`, `n_models`: tensors of `base_len` elements of `dtype`.
+ * - `base`, `base_len`: the base tensor.
+ * - `options`: required (`medley_stock_options_init`).
+ * - `out`, `out_len`: `base_len` elements of `out_dtype`.
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (lengths, too many models),
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`row_len` not dividing the length,
+ * enums) or `MEDLEY_STATUS_UNSUPPORTED` (fewer than 2 models).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it; no
+ * buffer may be modified by another thread during the call.
+ */
+medley_status medley_merge_model_stock(const struct medley_merge_tensor *models,
+                                       size_t n_models,
+                                       const void *base,
+                                       size_t base_len,
+                                       uint32_t dtype,
+                                       const struct medley_stock_options *options,
+                                       void *out,
+                                       size_t out_len,
+                                       uint32_t out_dtype);
+
+/**
+ * The `u32` scratch elements `medley_merge_sce` (and a streamed SCE) needs
+ * for `n_models` models over tensors of `n` elements, into
+ * `*scratch_len`. Returns `MEDLEY_STATUS_OK` or the parameter errors of
+ * `medley_merge_sce`.
+ *
+ * # Safety
+ * `options` must hold one struct; `scratch_len` must point to a writable
+ * `size_t`.
+ */
+medley_status medley_merge_sce_scratch_len(size_t n_models,
+                                           size_t n,
+                                           const struct medley_sce_options *options,
+                                           size_t *scratch_len);
+
+/**
+ * SCE (mergekit `sce`: select, calculate, erase) of 1 to 64 models over
+ * their base: keeps the `select_topk` fraction of the elements of highest
+ * variance across the task vectors, weights each model by its share of
+ * the squared task-vector mass (over the selection), elects a sign per
+ * element by the total mass and averages the agreeing weighted task
+ * vectors: `out = base + merged`.
+ *
+ * - `models`, `n_models`: tensors of `base_len` elements of `dtype`.
+ * - `base`, `base_len`: the base tensor.
+ * - `options`: required (`medley_sce_options_init`).
+ * - `out`, `out_len`: `base_len` elements of `out_dtype`.
+ * - `scratch`, `scratch_len`: at least `medley_merge_sce_scratch_len`
+ *   `uint32_t` elements (null with 0 when none is needed).
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_STRUCT_SIZE`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (lengths, models, scratch) or
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`select_topk` outside `(0, 1]`, enums).
+ *
+ * # Safety
+ * Every non-null pointer must be valid for the length given with it; no
+ * buffer may be modified by another thread during the call.
+ */
+medley_status medley_merge_sce(const struct medley_merge_tensor *models,
+                               size_t n_models,
+                               const void *base,
+                               size_t base_len,
+                               uint32_t dtype,
+                               const struct medley_sce_options *options,
+                               void *out,
+                               size_t out_len,
+                               uint32_t out_dtype,
+                               uint32_t *scratch,
+                               size_t scratch_len);
+
+/**
+ * Starts a streamed task-vector merge (any method of `medley_merge_gta`)
+ * of `n_models` models over tensors of `n` elements. Only the parameters
+ * of `models` are read (weights, densities, gammas, epsilons), not their
+ * tensors. On success `*stream` receives the handle (the scratch of
+ * `medley_merge_gta_scratch_len` is allocated in it); on failure
+ * `*stream` is untouched.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW` (also: the scratch
+ * cannot be allocated), `MEDLEY_STATUS_STRUCT_SIZE`, or the parameter
+ * errors of `medley_merge_gta`.
+ *
+ * # Safety
+ * `models` must hold `n_models` structs, `options` one; `stream` must
+ * point to a writable pointer.
+ */
+medley_status medley_merge_stream_new_gta(const struct medley_gta_model *models,
+                                          size_t n_models,
+                                          size_t n,
+                                          const struct medley_gta_options *options,
+                                          struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed SCE (`medley_merge_sce`) of `n_models` models over
+ * tensors of `n` elements into `*stream`. Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED`,
+ * `MEDLEY_STATUS_OVERFLOW` (the scratch cannot be allocated),
+ * `MEDLEY_STATUS_STRUCT_SIZE` or the parameter errors of
+ * `medley_merge_sce`; on failure `*stream` is untouched.
+ *
+ * # Safety
+ * `options` must hold one struct; `stream` must point to a writable
+ * pointer.
+ */
+medley_status medley_merge_stream_new_sce(size_t n_models,
+                                          size_t n,
+                                          const struct medley_sce_options *options,
+                                          struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed Model Stock (`medley_merge_model_stock`) of
+ * `n_models` models over tensors of `n` elements into `*stream` (the
+ * row-wise form needs no pass: it is ready to apply at once). Returns as
+ * `medley_merge_stream_new_sce`, plus `MEDLEY_STATUS_UNSUPPORTED` (fewer
+ * than 2 models).
+ *
+ * # Safety
+ * As `medley_merge_stream_new_sce`.
+ */
+medley_status medley_merge_stream_new_model_stock(size_t n_models,
+                                                  size_t n,
+                                                  const struct medley_stock_options *options,
+                                                  struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed SLERP (`medley_merge_slerp`) of two tensors of `n`
+ * elements into `*stream`: chunks are 2 tensors (`v0`, `v1`) and no base.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_STRUCT_SIZE` or
+ * `MEDLEY_STATUS_BAD_PARAMETER` (options); on failure `*stream` is
+ * untouched.
+ *
+ * # Safety
+ * As `medley_merge_stream_new_sce`.
+ */
+medley_status medley_merge_stream_new_slerp(size_t n,
+                                            const struct medley_slerp_options *options,
+                                            struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed NuSLERP (`medley_merge_nuslerp`) of two models with
+ * weights `weights[0..2]` over tensors of `n` elements, on task vectors
+ * over a base iff `with_base` is nonzero (then every chunk comes with its
+ * base chunk), into `*stream`. Chunks are 2 tensors. Returns as
+ * `medley_merge_stream_new_slerp`, plus `MEDLEY_STATUS_BAD_SHAPE`
+ * (`weights_len` not 2) and `MEDLEY_STATUS_OVERFLOW` (the scratch of the
+ * `COLUMNS` layout cannot be allocated).
+ *
+ * # Safety
+ * `weights` must hold `weights_len` floats; otherwise as
+ * `medley_merge_stream_new_sce`.
+ */
+medley_status medley_merge_stream_new_nuslerp(const float *weights,
+                                              size_t weights_len,
+                                              uint32_t with_base,
+                                              size_t n,
+                                              const struct medley_nuslerp_options *options,
+                                              struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed multi-SLERP (`medley_merge_multislerp`) of
+ * `weights_len` models with those weights over tensors of `n` elements,
+ * with a base iff `with_base` is nonzero, into `*stream`. Returns as
+ * `medley_merge_stream_new_slerp`, plus `MEDLEY_STATUS_BAD_SHAPE` (no or
+ * too many weights).
+ *
+ * # Safety
+ * As `medley_merge_stream_new_nuslerp`.
+ */
+medley_status medley_merge_stream_new_multislerp(const float *weights,
+                                                 size_t weights_len,
+                                                 uint32_t with_base,
+                                                 size_t n,
+                                                 const struct medley_multislerp_options *options,
+                                                 struct medley_merge_stream **stream);
+
+/**
+ * Starts a streamed Karcher mean (`medley_merge_karcher`) of
+ * `weights_len` models with those weights over tensors of `n` elements
+ * (no base) into `*stream`. Returns as
+ * `medley_merge_stream_new_multislerp`.
+ *
+ * # Safety
+ * As `medley_merge_stream_new_nuslerp`.
+ */
+medley_status medley_merge_stream_new_karcher(const float *weights,
+                                              size_t weights_len,
+                                              size_t n,
+                                              const struct medley_karcher_options *options,
+                                              struct medley_merge_stream **stream);
+
+/**
+ * `*needs_pass` = 1 while the stream wants another statistics pass (feed
+ * the whole tensor in order, then `medley_merge_stream_end_pass`), 0 once
+ * it is ready to apply. Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT`, `MEDLEY_STATUS_MISALIGNED` or
+ * `MEDLEY_STATUS_UNSUPPORTED` (not a live handle).
+ *
+ * # Safety
+ * `stream` must be a live handle used by no other call; `needs_pass` a
+ * writable `uint32_t`.
+ */
+medley_status medley_merge_stream_needs_pass(struct medley_merge_stream *stream,
+                                             uint32_t *needs_pass);
+
+/**
+ * Feeds the next chunk of the current statistics pass: `chunks[i]` holds
+ * the next elements of model `i` (as many as the base chunk, or as the
+ * first chunk without a base), `base` those of the base (null with 0 for
+ * the streams without one). Chunks of a pass come in order and cover the
+ * tensor exactly; row-wise methods take whole rows. Once the statistics
+ * are finished (`medley_merge_stream_needs_pass` gives 0) feeding is
+ * refused. A failed call changes nothing (the chunk can be fed again).
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_BAD_SHAPE` (model count, lengths, past the tensor's end),
+ * `MEDLEY_STATUS_BAD_PARAMETER` (`dtype`, not whole rows) or
+ * `MEDLEY_STATUS_UNSUPPORTED` (not a live handle, statistics already
+ * finished, a base given to a stream without one or missing).
+ *
+ * # Safety
+ * `stream` must be a live handle used by no other call; every non-null
+ * pointer valid for its length.
+ */
+medley_status medley_merge_stream_feed(struct medley_merge_stream *stream,
+                                       const struct medley_merge_tensor *chunks,
+                                       size_t n_chunks,
+                                       const void *base,
+                                       size_t base_len,
+                                       uint32_t dtype);
+
+/**
+ * Ends the current statistics pass (every element fed, in order); after
+ * the last pass the stream computes its finished statistics and is ready
+ * to apply (`medley_merge_stream_needs_pass` then gives 0). Failure
+ * changes nothing: complete the pass and call again.
+ *
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_BAD_SHAPE` (the pass was not
+ * fed the whole tensor), `MEDLEY_STATUS_BAD_PARAMETER` (a degenerate
+ * multi-SLERP mean) or `MEDLEY_STATUS_UNSUPPORTED` (not a live handle, no
+ * pass in progress).
+ *
+ * # Safety
+ * `stream` must be a live handle used by no other call.
+ */
+medley_status medley_merge_stream_end_pass(struct medley_merge_stream *stream);
+
+/**
+ * Merges one chunk: `chunks[i]` and `base` hold elements `offset ..
+ * offset + len` of model `i` and of the base (null with 0 for the streams
+ * without one; `len` the base's length, or the first chunk's without a
+ * base); `out` receives the merged elements (`out_dtype`, `len` of
+ * them). Chunks may come in any order, any number of times (row-wise
+ * methods: whole rows). Uses the handle's scratch: one call at a time.
+ *
+ * Checked before anything is written: on failure `out` is untouched.
+ * Returns `MEDLEY_STATUS_OK`, `MEDLEY_STATUS_NULL_ARGUMENT`,
+ * `MEDLEY_STATUS_MISALIGNED`, `MEDLEY_STATUS_OVERFLOW`,
+ * `MEDLEY_STATUS_OVERLAP`, `MEDLEY_STATUS_BAD_SHAPE` (model count,
+ * lengths, past the tensor's end), `MEDLEY_STATUS_BAD_PARAMETER`
+ * (dtypes, not whole rows) or `MEDLEY_STATUS_UNSUPPORTED` (not a live
+ * handle, statistics passes remain, a base given or missing).
+ *
+ * # Safety
+ * `stream` must be a live handle used by no other call; every non-null
+ * pointer valid for its length; no buffer modified by another thread
+ * during the call.
+ */
+medley_status medley_merge_stream_apply(struct medley_merge_stream *stream,
+                                        const struct medley_merge_tensor *chunks,
+                                        size_t n_chunks,
+                                        const void *base,
+                                        size_t base_len,
+                                        uint32_t dtype,
+                                        size_t offset,
+                                        void *out,
+                                        size_t out_len,
+                                        uint32_t out_dtype);
+
+/**
+ * Frees a stream (at any stage). Returns `MEDLEY_STATUS_OK`,
+ * `MEDLEY_STATUS_NULL_ARGUMENT` (a null handle: nothing to do),
+ * `MEDLEY_STATUS_MISALIGNED` or `MEDLEY_STATUS_UNSUPPORTED` (not a live
+ * handle: nothing freed). The handle is invalid after a successful call.
+ *
+ * # Safety
+ * `stream` must be null or a live handle used by no other call.
+ */
+medley_status medley_merge_stream_destroy(struct medley_merge_stream *stream);
 
 /**
  * Fills `*config` with DeepSeek-V3's router parameters (`k = 8`,

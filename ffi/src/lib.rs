@@ -37,7 +37,8 @@
 //!   `CUstream` / `cudaStream_t` as `void *` and device addresses as
 //!   `uint64_t`, enqueue on that stream and never synchronize.
 //! - State is kept only in opaque, Box-owned handles created and destroyed
-//!   explicitly (`medley_cuda_engine`); destroy reports errors.
+//!   explicitly (`medley_cuda_engine`, `medley_merge_stream`); destroy
+//!   reports errors.
 
 // The published struct sizes (`MEDLEY_*_SIZE_V<n>`) are those of a 64-bit
 // target, the only kind CUDA and medley's kernels support.
@@ -53,6 +54,8 @@ pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpu_moe;
 pub mod merge;
+pub mod merge_methods;
+pub mod merge_stream;
 pub mod moe;
 pub mod status;
 
@@ -96,6 +99,30 @@ pub use moe::{
     medley_moe_group_score, medley_moe_grouped_config, medley_moe_grouped_config_init,
     medley_moe_grouped_topk, medley_moe_layer, medley_moe_layer_scratch_bytes, medley_moe_range,
     medley_moe_routing, medley_moe_scoring,
+};
+// Every other merge method and the streamed merges (merge_methods.rs,
+// merge_stream.rs).
+pub use merge_methods::{
+    MEDLEY_GTA_OPTIONS_SIZE_V1, MEDLEY_KARCHER_OPTIONS_SIZE_V1, MEDLEY_MULTISLERP_OPTIONS_SIZE_V1,
+    MEDLEY_NUSLERP_OPTIONS_SIZE_V1, MEDLEY_SCE_OPTIONS_SIZE_V1, MEDLEY_SLERP_OPTIONS_SIZE_V1,
+    MEDLEY_SOUP_REPORT_SIZE_V1, MEDLEY_STOCK_OPTIONS_SIZE_V1, medley_gta_consensus, medley_gta_model,
+    medley_gta_options, medley_gta_options_init, medley_gta_options_init_preset, medley_gta_preset,
+    medley_gta_rescale, medley_gta_sparsify, medley_karcher_options, medley_karcher_options_init,
+    medley_merge_greedy_soup, medley_merge_gta, medley_merge_gta_scratch_len, medley_merge_karcher,
+    medley_merge_linear, medley_merge_model_stock, medley_merge_multislerp, medley_merge_nuslerp,
+    medley_merge_nuslerp_scratch_len, medley_merge_pruned_soup, medley_merge_sce,
+    medley_merge_sce_scratch_len, medley_merge_slerp, medley_merge_tensor, medley_multislerp_options,
+    medley_multislerp_options_init, medley_nuslerp_layout, medley_nuslerp_options,
+    medley_nuslerp_options_init, medley_sce_options, medley_sce_options_init, medley_slerp_options,
+    medley_slerp_options_init, medley_soup_eval, medley_soup_report, medley_soup_report_init,
+    medley_stock_options, medley_stock_options_init,
+};
+pub use merge_stream::{
+    medley_merge_stream, medley_merge_stream_apply, medley_merge_stream_destroy,
+    medley_merge_stream_end_pass, medley_merge_stream_feed, medley_merge_stream_needs_pass,
+    medley_merge_stream_new_gta, medley_merge_stream_new_karcher, medley_merge_stream_new_model_stock,
+    medley_merge_stream_new_multislerp, medley_merge_stream_new_nuslerp, medley_merge_stream_new_sce,
+    medley_merge_stream_new_slerp,
 };
 pub use status::{
     Fail, medley_abi_version, medley_has_cuda, medley_last_cuda_error, medley_last_error_message,

@@ -30,6 +30,9 @@ fn size_field(r: &mut Bytes<'_>, full: usize, v1: usize) -> usize {
 #[path = "ffi_moe.rs"]
 mod ffi_moe;
 
+#[path = "ffi_merge.rs"]
+mod ffi_merge;
+
 /// A versioned struct filled by its `_init` function at this header's size.
 fn init<T>(f: unsafe extern "C" fn(*mut T, usize) -> medley_status) -> T {
     let mut v = std::mem::MaybeUninit::<T>::zeroed();
@@ -460,11 +463,12 @@ fn cuda(r: &mut Bytes<'_>) {
 fuzz_target!(|data: &[u8]| {
     let mut r = Bytes(data);
     for _ in 0..1 + r.below(3) {
-        match r.u8() % 10 {
+        match r.u8() % 13 {
             0..=3 => ensemble(&mut r),
             4 | 5 => gating(&mut r),
             6 | 7 => ties(&mut r),
-            8 => ffi_moe::fuzz(&mut r),
+            8 | 9 => ffi_moe::fuzz(&mut r),
+            10..=12 => ffi_merge::run(&mut r),
             _ => cuda(&mut r),
         }
         check_message(&mut r);

@@ -373,7 +373,9 @@ impl Nuslerp {
     /// Plans a NuSLERP with model weights `weights` (`t` from [`nuslerp_t`]).
     ///
     /// Errors: [`Error::NonFinite`] (`weights`, `eps`), [`Error::OutOfRange`]
-    /// (`eps` negative; `layout` with a zero length or one not dividing `n`).
+    /// (`eps` negative; `layout` with a zero length or one not dividing `n`),
+    /// [`Error::TooLarge`] (`layout`: columns whose scratch, `3 * len`,
+    /// overflows).
     pub fn new(n: usize, weights: [f32; 2], opts: &NuslerpOptions) -> Result<Self, Error> {
         check_finite("weights", &weights)?;
         check_nonneg("eps", opts.eps)?;
@@ -388,6 +390,18 @@ impl Nuslerp {
                     },
                 )?;
             }
+        }
+        if let Layout::Columns(l) = opts.layout {
+            // The column statistics take `3 * l` f64s (`scratch_len`).
+            ensure(
+                l <= usize::MAX / 3,
+                Error::TooLarge {
+                    arg: "layout",
+                    index: 0,
+                    max: usize::MAX / 3,
+                    got: l,
+                },
+            )?;
         }
         Ok(Self {
             n,
