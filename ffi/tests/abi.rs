@@ -4,7 +4,7 @@
 //! parameter, unknown enum value, unsupported) returns its status, records
 //! a message, and leaves every output untouched.
 
-use core::ffi::{CStr, c_char, c_void};
+use core::ffi::{CStr, c_char};
 use core::ptr::{null, null_mut};
 use medley_core::ensemble::{Config, Model, Output, combine};
 use medley_core::moe::gating::topk_softmax;
@@ -959,10 +959,10 @@ fn broken_ptx_reports_the_jit_log_through_c() {
     // has these symbols too).
     unsafe extern "C" {
         fn cuDeviceGet(dev: *mut i32, ordinal: i32) -> i32;
-        fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: i32) -> i32;
-        fn cuCtxPushCurrent_v2(ctx: *mut c_void) -> i32;
+        fn cuDevicePrimaryCtxRetain(ctx: *mut *mut core::ffi::c_void, dev: i32) -> i32;
+        fn cuCtxPushCurrent_v2(ctx: *mut core::ffi::c_void) -> i32;
     }
-    let (mut dev, mut ctx) = (0i32, null_mut::<c_void>());
+    let (mut dev, mut ctx) = (0i32, null_mut::<core::ffi::c_void>());
     // SAFETY: valid out-pointers; cuInit succeeded (medley_cuda_probe).
     unsafe {
         assert_eq!(cuDeviceGet(&mut dev, 0), 0);
