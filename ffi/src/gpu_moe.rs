@@ -854,11 +854,36 @@ pub unsafe extern "C" fn medley_cuda_moe_choose(
                 what: "the tuning table MEDLEY_GEMM_TUNING names cannot be read or parsed",
             })
         })?;
-        let c = LayerChoice::pick(&tuning, &e.kernels, dt, slots, local_experts, g).ok_or(Fail::Cuda(
-            CudaError::Unsupported {
-                what: "no expert GEMM of this dtype and generation is loaded on this device",
-            },
-        ))?;
+        // The table (and its default) may name no configuration of a forced
+        // generation for this bucket (the built-in table picks mma for
+        // small batches): then the loaded configuration of that generation
+        // with the smallest bm, so a forced generation runs wherever it is
+        // loaded.
+        let c = LayerChoice::pick(&tuning, &e.kernels, dt, slots, local_experts, g)
+            .or_else(|| {
+                let want = g?;
+                let find = |epi: Epilogue| {
+                    GemmId::all()
+                        .filter(|&id| {
+                            let c = id.config();
+                            c.generation == want
+                                && c.epilogue == epi
+                                && c.dtype == dt
+                                && e.kernels.gemm_info(id).is_some()
+                        })
+                        .min_by_key(|id| id.config().bm)
+                };
+                let (g1, g2) = (find(Epilogue::SwiGlu)?, find(Epilogue::Down)?);
+                Some(LayerChoice {
+                    gemm1: g1,
+                    gemm2: g2,
+                    block_m: g1.config().bm.max(g2.config().bm) as usize,
+                })
+            })
+            .ok_or(Fail::Cuda(CudaError::Unsupported {
+                what: "no expert GEMM of this dtype and generation is loaded on this device (wgmma needs \
+                       compute capability 9.0 and the EXPERTS module)",
+            }))?;
         let v = medley_cuda_moe_choice {
             struct_size: size,
             gemm1: c.gemm1.index() as u32,

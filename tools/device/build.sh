@@ -64,5 +64,5 @@ cp "$(pick build --release -p medley-benches --bin tune_experts | tail -1)" .dev
 cp benches/tools/table.py benches/tools/experts_report.py .device/
 # Debug info is for this machine's debugger; the copies must fit the device
 # tool's 64 MiB carry limit.
-strip --strip-debug .device/test-* .device/bench_main .device/tune_experts .device/gpu_tour .device/broken-test-* 2>/dev/null || true
+strip --strip-debug .device/test-* .device/bench_main .device/tune_experts .device/gpu_tour .device/broken-* 2>/dev/null || true
 ls -la .device

@@ -39,6 +39,8 @@ CUresult cuMemFree_v2(CUdeviceptr ptr);
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
 CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
 CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, CUstream stream);
+CUresult cuCtxGetDevice(CUdevice *device);
+CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device);
 }
 inline const unsigned int CU_STREAM_NON_BLOCKING = 1;
 #endif  // MEDLEY_CUDA

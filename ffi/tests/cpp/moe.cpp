@@ -728,8 +728,14 @@ void gpu_moe(CUstream st, medley_cuda_engine *engine) {
     medley_cuda_moe_choice forced = medley_init(medley_cuda_moe_choice_init);
     medley_status fs = medley_cuda_moe_choose(engine, MEDLEY_DTYPE_BF16, N, L, gen, &forced);
     if (fs != MEDLEY_STATUS_OK) {
-      // Only a device without wgmma may refuse it.
-      CHECK(g == 1, "medley_cuda_moe_choose(%s): %s: %s", gname, medley_status_name(fs), last_message().c_str());
+      // Only a device without wgmma (compute capability below 9.0) may
+      // refuse it.
+      int major = 0;
+      CUdevice dev0 = 0;
+      bool has_wgmma = cuCtxGetDevice(&dev0) == 0 &&
+                       cuDeviceGetAttribute(&major, 75 /* COMPUTE_CAPABILITY_MAJOR */, dev0) == 0 && major >= 9;
+      CHECK(g == 1 && !has_wgmma, "medley_cuda_moe_choose(%s): %s: %s", gname, medley_status_name(fs),
+            last_message().c_str());
       std::printf("gpu: no %s GEMMs on this device (%s)\n", gname, medley_status_name(fs));
       continue;
     }
