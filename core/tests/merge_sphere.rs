@@ -465,3 +465,30 @@ fn bad_input_is_rejected_and_leaves_out_untouched() {
     );
     assert!(matches!(st.feed(&a, &a), Err(Error::TooLarge { arg: "v0", .. })));
 }
+
+#[test]
+fn karcher_refuses_more_iterations_than_its_bound() {
+    use medley_core::merge::sphere::KARCHER_MAX_ITER;
+    let a = vec(1, 16, 1.0);
+    let b = vec(2, 16, 1.0);
+    let mut out = vec![SENTINEL; 16];
+    let opts = KarcherOptions {
+        max_iter: KARCHER_MAX_ITER + 1,
+        ..KarcherOptions::new()
+    };
+    assert_eq!(
+        karcher(&[&a[..], &b[..]], &[1.0, 1.0], &opts, &mut out),
+        Err(Error::TooLarge {
+            arg: "max_iter",
+            index: 0,
+            max: KARCHER_MAX_ITER as usize,
+            got: KARCHER_MAX_ITER as usize + 1,
+        })
+    );
+    assert!(out.iter().all(|&v| v == SENTINEL));
+    let opts = KarcherOptions {
+        max_iter: KARCHER_MAX_ITER,
+        ..KarcherOptions::new()
+    };
+    karcher(&[&a[..], &b[..]], &[1.0, 1.0], &opts, &mut out).unwrap();
+}

@@ -1687,7 +1687,8 @@ typedef struct medley_karcher_options {
    */
   size_t struct_size;
   /**
-   * Most fixed-point iterations (mergekit: 10).
+   * Most fixed-point iterations (mergekit: 10; at most 10000, above it
+   * `MEDLEY_STATUS_BAD_SHAPE`).
    */
   uint32_t max_iter;
   /**

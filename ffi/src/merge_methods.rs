@@ -573,7 +573,8 @@ pub unsafe extern "C" fn medley_multislerp_options_init(
 pub struct medley_karcher_options {
     /// `sizeof(medley_karcher_options)` of the caller's header.
     pub struct_size: usize,
-    /// Most fixed-point iterations (mergekit: 10).
+    /// Most fixed-point iterations (mergekit: 10; at most 10000, above it
+    /// `MEDLEY_STATUS_BAD_SHAPE`).
     pub max_iter: u32,
     /// Convergence and degeneracy tolerance (>= 0; mergekit: 1e-5).
     pub tol: f64,

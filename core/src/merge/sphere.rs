@@ -1022,10 +1022,17 @@ pub fn multislerp<T: Element, O: Element>(
     Ok(c)
 }
 
+/// Most fixed-point iterations a Karcher mean accepts
+/// ([`KarcherOptions::max_iter`]): the iteration converges in a handful
+/// (mergekit stops at 10), and the bound keeps a mistaken value (the C
+/// ABI's fuzzer passed 4e9: hours of work for one tensor) a named error.
+pub const KARCHER_MAX_ITER: u32 = 10_000;
+
 /// Options of [`karcher`] (mergekit's defaults in [`KarcherOptions::new`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KarcherOptions {
-    /// Most fixed-point iterations (mergekit: 10).
+    /// Most fixed-point iterations (mergekit: 10; at most
+    /// [`KARCHER_MAX_ITER`]).
     pub max_iter: u32,
     /// Convergence and degeneracy tolerance (mergekit: 1e-5).
     pub tol: f64,
@@ -1077,7 +1084,8 @@ impl KarcherStats {
     ///
     /// Errors: [`Error::Empty`] / [`Error::TooLarge`] (`weights`),
     /// [`Error::NonFinite`] (`weights`, `tol`), [`Error::OutOfRange`]
-    /// (`weights` negative, `tol` negative), [`Error::ZeroSum`] (`weights`).
+    /// (`weights` negative, `tol` negative), [`Error::ZeroSum`] (`weights`),
+    /// [`Error::TooLarge`] (`max_iter` above [`KARCHER_MAX_ITER`]).
     pub fn new(n: usize, weights: &[f32], opts: &KarcherOptions) -> Result<Self, Error> {
         let feed = GramFeed::new(weights.len(), n, false)?;
         check_finite("weights", weights)?;
@@ -1091,6 +1099,15 @@ impl KarcherStats {
             )?;
         }
         check_nonneg("tol", opts.tol)?;
+        ensure(
+            opts.max_iter <= KARCHER_MAX_ITER,
+            Error::TooLarge {
+                arg: "max_iter",
+                index: 0,
+                max: KARCHER_MAX_ITER as usize,
+                got: opts.max_iter as usize,
+            },
+        )?;
         let s: f64 = weights.iter().map(|&w| w as f64).sum();
         ensure(
             s > 0.0,
