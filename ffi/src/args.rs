@@ -40,12 +40,8 @@ pub(crate) fn dtype(arg: &'static str, v: u32) -> Result<DType, Fail> {
     }
 }
 
-/// A required C struct passed by pointer: non-null and aligned.
-///
-/// # Safety
-/// When non-null and aligned, `p` must point to a readable, initialized `T`
-/// that nothing writes during `'a`.
-pub(crate) unsafe fn get<'a, T>(p: *const T, arg: &'static str) -> Result<&'a T, Fail> {
+/// A struct pointer the call reads or writes: non-null and aligned for `T`.
+fn struct_ptr<T>(p: *const T, arg: &'static str) -> Result<(), Fail> {
     if p.is_null() {
         return Err(Fail::Null { arg, index: 0 });
     }
@@ -56,6 +52,16 @@ pub(crate) unsafe fn get<'a, T>(p: *const T, arg: &'static str) -> Result<&'a T,
             align: align_of::<T>(),
         });
     }
+    Ok(())
+}
+
+/// A required C struct passed by pointer: non-null and aligned.
+///
+/// # Safety
+/// When non-null and aligned, `p` must point to a readable, initialized `T`
+/// that nothing writes during `'a`.
+pub(crate) unsafe fn get<'a, T>(p: *const T, arg: &'static str) -> Result<&'a T, Fail> {
+    struct_ptr(p, arg)?;
     // SAFETY: non-null and aligned (checked); the caller guarantees the
     // pointee is a valid T for 'a.
     Ok(unsafe { &*p })
@@ -319,16 +325,7 @@ fn check_size<T: Versioned>(size: usize, arg: &'static str) -> Result<(), Fail> 
 /// When non-null and aligned, `p` must be readable for `struct_size` bytes
 /// (the value of its first `size_t`).
 pub(crate) unsafe fn versioned<T: Versioned>(p: *const T, arg: &'static str) -> Result<T, Fail> {
-    if p.is_null() {
-        return Err(Fail::Null { arg, index: 0 });
-    }
-    if !p.is_aligned() {
-        return Err(Fail::Misaligned {
-            arg,
-            index: 0,
-            align: align_of::<T>(),
-        });
-    }
+    struct_ptr(p, arg)?;
     // SAFETY: non-null and aligned for T, whose first field is a usize at
     // offset 0 (Versioned's contract); every layout holds it.
     let size = unsafe { p.cast::<usize>().read() };
@@ -412,16 +409,7 @@ pub(crate) unsafe fn init_versioned<T: Versioned>(
     size: usize,
     arg: &'static str,
 ) -> Result<(), Fail> {
-    if p.is_null() {
-        return Err(Fail::Null { arg, index: 0 });
-    }
-    if !p.is_aligned() {
-        return Err(Fail::Misaligned {
-            arg,
-            index: 0,
-            align: align_of::<T>(),
-        });
-    }
+    struct_ptr(p.cast_const(), arg)?;
     check_size::<T>(size, arg)?;
     let cur = size_of::<T>();
     let d = T::DEFAULT;
