@@ -232,7 +232,13 @@ fn plan_v2(
     if !kernels.cooperative() || rows == 0 || vocab == 0 || n_models == 0 {
         return None;
     }
-    let g_max = kernels.sm_count() as usize * kernels.info(Kernel::EnsembleV2).blocks_per_sm as usize;
+    // One plan (and one workspace size) for both v2 entry points: the
+    // tighter of the two occupancies.
+    let (a, b) = (
+        kernels.info(Kernel::EnsembleV2),
+        kernels.info(Kernel::EnsembleV2U),
+    );
+    let g_max = kernels.sm_count() as usize * a.blocks_per_sm.min(b.blocks_per_sm) as usize;
     if g_max == 0 {
         return None;
     }
@@ -257,7 +263,7 @@ fn plan_v2(
     let chunks = vocab.div_ceil(chunk);
     // Rows too long for the grid at V2_MAX_CHUNK per block, or a device
     // without that much shared memory per block: v1 runs.
-    if chunk > V2_MAX_CHUNK || 4 * chunk > kernels.info(Kernel::EnsembleV2).max_dynamic_smem as usize {
+    if chunk > V2_MAX_CHUNK || 4 * chunk > a.max_dynamic_smem.min(b.max_dynamic_smem) as usize {
         return None;
     }
     let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);
@@ -777,12 +783,19 @@ fn combine(
             params.chunk = p.chunk;
             params.chunks = p.chunks;
             params.teams = p.teams;
-            (*kernels.func(Kernel::EnsembleV2), p.teams * p.chunks, 4 * p.chunk)
+            // The plain entry point unless an uncertainty output is asked for.
+            let k = if params.flags & (F_UNC | F_DIS) != 0 {
+                Kernel::EnsembleV2U
+            } else {
+                Kernel::EnsembleV2
+            };
+            (*kernels.func(k), p.teams * p.chunks, 4 * p.chunk)
         }
         None => (*kernels.func(Kernel::EnsembleV1), params.rows, 0),
     };
-    // SAFETY: `params` matches the single by-value parameter of ensemble_v1
-    // and ensemble_v2 (size asserted, layout documented in the PTX);
+    // SAFETY: `params` matches the single by-value parameter of ensemble_v1,
+    // ensemble_v2 and ensemble_v2u (size asserted, layout documented in the
+    // PTX; both v2 entry points use the same plan and workspace layout);
     // build_params checked every device view against the shapes the kernel
     // indexes (rows x stride spans, output lengths, alignment, non-null);
     // for v2 the workspace holds the plan's bytes, the dynamic shared

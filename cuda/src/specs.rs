@@ -82,7 +82,7 @@ const fn spec(module: usize, entry: &'static CStr, cooperative: bool, smem: u32)
 }
 
 /// Every [`Kernel`]'s row, in [`Kernel::ALL`] order.
-pub const SPECS: [KernelSpec; 9] = [
+pub const SPECS: [KernelSpec; 10] = [
     spec(module::UTIL, c"fill_u32", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
@@ -107,6 +107,7 @@ pub const SPECS: [KernelSpec; 9] = [
     ),
     spec(module::ROUTING, c"moe_permute", false, 0),
     spec(module::ROUTING, c"moe_combine", false, 0),
+    spec(module::ENSEMBLE, c"ensemble_v2u", true, V2_MAX_SMEM),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -135,11 +136,14 @@ pub enum Kernel {
     MoePermute,
     /// `routing.ptx: moe_combine` (weighted k-way combine).
     MoeCombine,
+    /// `ensemble.ptx: ensemble_v2u` (`ensemble_v2` with the per-row
+    /// uncertainty outputs; launched instead of it when any is asked for).
+    EnsembleV2U,
 }
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
@@ -149,6 +153,7 @@ impl Kernel {
         Kernel::MoeAlign,
         Kernel::MoePermute,
         Kernel::MoeCombine,
+        Kernel::EnsembleV2U,
     ];
 
     /// The kernel's row of [`SPECS`].
@@ -284,6 +289,7 @@ mod tests {
             "moe_align",
             "moe_permute",
             "moe_combine",
+            "ensemble_v2u",
         ];
         for (k, name) in Kernel::ALL.iter().zip(names) {
             assert_eq!(k.entry().to_str().unwrap(), name);
