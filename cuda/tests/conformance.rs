@@ -781,11 +781,14 @@ fn conformance_cpu_and_gpu() {
             .max()
             .unwrap_or(0);
         let ws = DeviceBuffer::from_slice(&vec![0u8; ws_len.max(16)]).expect("workspace");
-        eprintln!(
-            "ensemble_v2: {} regs, {} blocks/SM; workspace {ws_len} bytes",
-            g.kernels.info(medley_cuda::Kernel::EnsembleV2).registers,
-            g.kernels.info(medley_cuda::Kernel::EnsembleV2).blocks_per_sm
-        );
+        for k in [medley_cuda::Kernel::EnsembleV2, medley_cuda::Kernel::EnsembleV2U] {
+            eprintln!(
+                "{:?}: {} regs, {} blocks/SM; workspace {ws_len} bytes",
+                k,
+                g.kernels.info(k).registers,
+                g.kernels.info(k).blocks_per_sm
+            );
+        }
         // MEDLEY_CONFORMANCE_VERSIONS=v1 (or v2) restricts the versions run.
         let only = std::env::var("MEDLEY_CONFORMANCE_VERSIONS").unwrap_or_default();
         let versions: Vec<Version> = [Version::V1, Version::V2]
