@@ -14,6 +14,9 @@
 //!   (linear and log-linear interpolation, per-row weights, temperatures,
 //!   padded vocabularies, plausibility masks), with optional per-row
 //!   uncertainty (entropy, top-1, margin, model disagreement) fused in.
+//! - [`sample`]: the next token from a (combined) distribution: greedy,
+//!   temperature, top-k, top-p and min-p by Gumbel-max with the core's
+//!   Philox generator, thresholds by exact radix select (no sort).
 //! - [`learn`]: combination weights learnt from held-out data (EM for
 //!   linear weights, Newton's method for signed log-linear coefficients)
 //!   and context-dependent posterior weights.
@@ -50,6 +53,7 @@ pub mod moe;
 pub mod rng;
 pub(crate) mod rowops;
 pub mod rows;
+pub mod sample;
 pub mod simd;
 pub mod softmax;
 
