@@ -14,10 +14,11 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
 use medley_core::bf16;
+use medley_core::sample::Sampling;
 use medley_cuda::Launch;
 use medley_cuda::driver::Event;
 use medley_cuda::ensemble::{
-    Combine, DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Version, workspace_bytes,
+    Combine, DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Sample, Version, workspace_bytes,
 };
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
@@ -140,4 +141,114 @@ fn ensemble(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, ensemble);
+/// Sampling fused with the combination (`medley_cuda::ensemble::Sample`):
+/// the next token per row, greedy / temperature / top-k / top-p, beside the
+/// plain combination writing its f32 rows, on the same rotating inputs.
+/// Throughput counts only the bytes of the inputs (the floor of any
+/// sampler is reading them once).
+fn sampling(c: &mut Criterion) {
+    let Some(gpu) = Gpu::open_or_skip("cuda/sample benchmarks") else {
+        return;
+    };
+    let host = random_f32(12, 8 * 256 * 128_256, 8.0);
+    for v in [32_000usize, 128_256] {
+        for b in [1usize, 64, 256] {
+            for m in [2usize, 8] {
+                let set = m * b * v;
+                let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
+                let data: Vec<bf16> = (0..sets * set)
+                    .map(|i| bf16::from_f32(host[i % host.len()]))
+                    .collect();
+                let input = Buffer::from_slice(&data).expect("inputs");
+                let out = Buffer::zeroed(b * v * 4).expect("outputs");
+                let tokens = Buffer::zeroed(b * 4).expect("tokens");
+                let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2).expect("workspace size");
+                let ws = Buffer::zeroed(ws_len).expect("workspace");
+                let mut group = c.benchmark_group(format!("cuda/sample/M{m}_B{b}_V{v}"));
+                group
+                    .sample_size(10)
+                    .warm_up_time(Duration::from_millis(100))
+                    .measurement_time(Duration::from_millis(400))
+                    .throughput(Throughput::BytesDecimal((set * 2) as u64));
+                let weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
+                let coefs: Vec<f32> = (0..m).map(|i| if i == m - 1 { -0.5 } else { 1.0 }).collect();
+                let configs = [
+                    ("linear", DeviceConfig::linear(&weights)),
+                    ("loglinear", DeviceConfig::log_linear(&coefs)),
+                ];
+                let greedy = Sampling::greedy();
+                let temp = Sampling::new(0.8, 7);
+                let mut topk = Sampling::new(0.8, 7);
+                topk.top_k = 50;
+                let mut topp = Sampling::new(0.8, 7);
+                topp.top_p = 0.9;
+                let samplers = [
+                    ("greedy", Some(&greedy)),
+                    ("temperature", Some(&temp)),
+                    ("top_k50", Some(&topk)),
+                    ("top_p0.9", Some(&topp)),
+                    ("combine_rows", None),
+                ];
+                for (mode, cfg) in &configs {
+                    for (name, sp) in samplers {
+                        group.bench_function(BenchmarkId::new(*mode, name), |bch| {
+                            bch.iter_custom(|iters| {
+                                let start = Event::new().expect("event");
+                                let end = Event::new().expect("event");
+                                // SAFETY: the stream is the Gpu's own, live here.
+                                unsafe { start.record(gpu.stream().raw()) }.expect("record");
+                                for i in 0..iters as usize {
+                                    let s = (i % sets) * set;
+                                    let models: Vec<DeviceModel<'_>> = (0..m)
+                                        .map(|k| {
+                                            let off = (s + k * b * v) * 2;
+                                            // SAFETY: [off, off + b*v*2) lies inside `input`, which outlives the launch.
+                                            let slice = unsafe {
+                                                medley_cuda::mem::DeviceSlice::from_raw(
+                                                    input.as_raw() + off as u64,
+                                                    b * v,
+                                                )
+                                            };
+                                            DeviceModel {
+                                                logits: DeviceLogits::BF16(
+                                                    DeviceRows::dense(slice, b, v).unwrap(),
+                                                ),
+                                                temperature: 1.0,
+                                            }
+                                        })
+                                        .collect();
+                                    match sp {
+                                        Some(sp) => Sample::new(&models, cfg, sp, v, tokens.view_mut(b))
+                                            .launch(gpu.kernels(), gpu.stream())
+                                            .expect("launch"),
+                                        None => {
+                                            let o = DeviceOutput {
+                                                log_probs: Some(
+                                                    DeviceRowsMut::dense(out.view_mut::<f32>(b * v), b, v)
+                                                        .unwrap(),
+                                                ),
+                                                argmax: Some(tokens.view_mut(b)),
+                                                ..Default::default()
+                                            };
+                                            let mut call = Combine::new(&models, cfg, o);
+                                            call.workspace = Some(ws.view_mut::<u8>(ws.len()));
+                                            call.launch(gpu.kernels(), gpu.stream()).expect("launch");
+                                        }
+                                    }
+                                }
+                                // SAFETY: as above.
+                                unsafe { end.record(gpu.stream().raw()) }.expect("record");
+                                end.synchronize().expect("sync");
+                                let ms = end.elapsed_ms(&start).expect("elapsed");
+                                Duration::from_secs_f64(ms as f64 / 1e3)
+                            })
+                        });
+                    }
+                }
+                group.finish();
+            }
+        }
+    }
+}
+
+criterion_group!(benches, ensemble, sampling);

@@ -19,6 +19,7 @@ use crate::registry::{BLOCK, Kernel, Kernels};
 use cust_core::DeviceCopy;
 use medley_core::Error;
 use medley_core::ensemble::{Config, MaskRule, Mode, ModelShape, Plausibility, Weights, resolve};
+use medley_core::sample::Sampling;
 
 pub use medley_core::ensemble::NO_TOKEN;
 
@@ -403,6 +404,18 @@ pub(crate) fn build_params(
             .into());
         }
     };
+    build_params_shaped(models, cfg, out, rows, vocab)
+}
+
+/// [`build_params`] for `rows x vocab` outputs given explicitly (the
+/// sampler has no row output).
+fn build_params_shaped(
+    models: &[DeviceModel<'_>],
+    cfg: &DeviceConfig<'_>,
+    out: &DeviceOutput<'_>,
+    rows: usize,
+    vocab: usize,
+) -> Result<EnsembleParams, CudaError> {
     if models.len() > MAX_DEVICE_MODELS {
         return Err(Error::TooLarge {
             arg: "models",
@@ -808,6 +821,151 @@ fn combine(
     unsafe { kernels.launch(f, grid, BLOCK, smem, stream, &params) }
 }
 
+/// The 552-byte parameter of `ensemble_sample`: ensemble_v1's, then the
+/// sampling scalars (layout in `ptx/ensemble.ptx`).
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy)]
+struct SampleParams {
+    base: EnsembleParams,
+    seed: u64,
+    step: u32,
+    top_k: u32,
+    inv_tau: f32,
+    min_p_shift: f32,
+    top_p: f32,
+    reserved: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SampleParams>() == 552);
+
+// SAFETY: plain #[repr(C)] data as EnsembleParams (size asserted above).
+unsafe impl DeviceCopy for SampleParams {}
+
+/// Samples the next token of every row from the combination of `models`
+/// (the GPU twin of [`medley_core::sample::combine_sample`]): the combined
+/// distribution is recomputed from the logits at each pass and never
+/// written. Greedy, temperature, top-k, top-p and min-p, by Gumbel-max with
+/// the core's Philox generator keyed by `(seed, row, step)`, so the CPU
+/// function picks the same token for the same inputs (up to rounding ties:
+/// see the `ensemble_sample` contract in `ptx/ensemble.ptx`).
+///
+/// Validation as [`Combine`] (same errors), plus the sampling parameters'
+/// and the outputs' lengths (`tokens.len()` is the row count). Masked rows
+/// get [`NO_TOKEN`] and log-probability `-inf`, NaN rows [`NO_TOKEN`] and
+/// NaN. Never synchronizes, never allocates, needs no workspace.
+///
+/// ```no_run
+/// # use medley_cuda::{Kernels, Launch, Stream, ensemble::*, mem::*};
+/// # use medley_core::sample::Sampling;
+/// # fn demo(k: &Kernels, stream: Stream<'_>, a: DeviceRows<'_, half::bf16>, b: DeviceRows<'_, half::bf16>,
+/// #         tokens: DeviceSliceMut<'_, u32>) -> Result<(), medley_cuda::CudaError> {
+/// let vocab = a.len();
+/// let models = [
+///     DeviceModel { logits: DeviceLogits::BF16(a), temperature: 1.0 },
+///     DeviceModel { logits: DeviceLogits::BF16(b), temperature: 1.0 },
+/// ];
+/// let config = DeviceConfig::linear(&[0.5, 0.5]);
+/// let mut sampling = Sampling::new(0.8, 1234);
+/// sampling.top_p = 0.95;
+/// Sample::new(&models, &config, &sampling, vocab, tokens).launch(k, stream)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Sample<'a> {
+    /// The models (as [`Combine`]).
+    pub models: &'a [DeviceModel<'a>],
+    /// The combination.
+    pub config: &'a DeviceConfig<'a>,
+    /// Sampling parameters (validated on the host).
+    pub sampling: &'a Sampling,
+    /// Vocabulary `V` of the combined distribution.
+    pub vocab: usize,
+    /// The token per row (`B` entries).
+    pub tokens: DeviceSliceMut<'a, u32>,
+    /// Optionally the token's combined log-probability per row.
+    pub log_probs: Option<DeviceSliceMut<'a, f32>>,
+}
+
+impl<'a> Sample<'a> {
+    /// A sampling call writing `tokens` (one per row).
+    pub fn new(
+        models: &'a [DeviceModel<'a>],
+        config: &'a DeviceConfig<'a>,
+        sampling: &'a Sampling,
+        vocab: usize,
+        tokens: DeviceSliceMut<'a, u32>,
+    ) -> Self {
+        Sample {
+            models,
+            config,
+            sampling,
+            vocab,
+            tokens,
+            log_probs: None,
+        }
+    }
+
+    /// Also writes each token's combined log-probability.
+    pub fn with_log_probs(mut self, log_probs: DeviceSliceMut<'a, f32>) -> Self {
+        self.log_probs = Some(log_probs);
+        self
+    }
+}
+
+/// Validates a sampling call and builds its parameter (no device access).
+fn build_sample_params(s: &Sample<'_>) -> Result<SampleParams, CudaError> {
+    let sp = s.sampling.resolve()?;
+    let rows = s.tokens.len();
+    if let Some(l) = &s.log_probs
+        && l.len() != rows
+    {
+        return Err(Error::LengthMismatch {
+            arg: "log_probs",
+            index: 0,
+            expected: rows,
+            got: l.len(),
+        }
+        .into());
+    }
+    let mut base = build_params_shaped(s.models, s.config, &DeviceOutput::default(), rows, s.vocab)?;
+    check_ptr(s.tokens.as_raw(), rows, 4, "tokens")?;
+    base.argmax = s.tokens.as_raw();
+    if let Some(l) = &s.log_probs {
+        check_ptr(l.as_raw(), rows, 4, "log_probs")?;
+        base.logz = l.as_raw();
+    }
+    Ok(SampleParams {
+        base,
+        seed: sp.seed,
+        step: sp.step,
+        top_k: sp.top_k,
+        inv_tau: sp.inv_t,
+        min_p_shift: sp.min_p_shift,
+        top_p: sp.top_p,
+        reserved: 0,
+    })
+}
+
+impl crate::Launch for Sample<'_> {
+    fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
+        let params = build_sample_params(&self)?;
+        if params.base.rows == 0 {
+            return Ok(());
+        }
+        let _ctx = kernels.enter()?;
+        let f = *kernels.func(Kernel::EnsembleSample);
+        // SAFETY: `params` matches ensemble_sample's single by-value
+        // parameter (552 bytes, asserted; layout documented in the PTX);
+        // build_params_shaped checked every model view against the rows x
+        // len spans the kernel reads, the token and log-probability outputs
+        // hold `rows` entries; grid = rows blocks of BLOCK threads with only
+        // static shared memory; the views outlive the launch; the stream
+        // belongs to the kernels' context (made current by `enter`).
+        unsafe { kernels.launch(f, params.base.rows, BLOCK, 0, stream, &params) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,5 +1028,67 @@ mod tests {
         };
         let p = build_params(&models, &lin, &plain).unwrap();
         assert_eq!((p.flags & (F_UNC | F_DIS), p.entropy | p.disagree), (0, 0));
+    }
+
+    #[test]
+    fn sampling_calls_are_validated_before_launch() {
+        let (b, v) = (3usize, 64usize);
+        // SAFETY: as `fake`.
+        let logits = unsafe { crate::mem::DeviceSlice::<f32>::from_raw(0x10_0000, b * v) };
+        let models = [DeviceModel {
+            logits: DeviceLogits::F32(DeviceRows::dense(logits, b, v).unwrap()),
+            temperature: 1.0,
+        }];
+        let cfg = DeviceConfig::log_linear(&[1.0]);
+        let mut sp = Sampling::new(0.5, 0x1234_5678_9ABC_DEF0);
+        sp.top_k = 7;
+        sp.top_p = 0.9;
+        sp.min_p = 0.25;
+        sp.step = 3;
+        let p = build_sample_params(&Sample::new(&models, &cfg, &sp, v, fake(0x40_0000, b))).unwrap();
+        assert_eq!(
+            (p.base.rows, p.base.vocab, p.base.argmax, p.base.logz),
+            (3, 64, 0x40_0000, 0)
+        );
+        assert_eq!(
+            (p.base.logp, p.base.prob, p.base.flags & (F_UNC | F_DIS)),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            (p.seed, p.step, p.top_k, p.inv_tau, p.top_p),
+            (0x1234_5678_9ABC_DEF0, 3, 7, 2.0, 0.9)
+        );
+        assert_eq!(p.min_p_shift, 0.5 * medley_core::math::ln(0.25));
+        let with_lp =
+            Sample::new(&models, &cfg, &sp, v, fake(0x40_0000, b)).with_log_probs(fake(0x50_0000, b));
+        assert_eq!(build_sample_params(&with_lp).unwrap().base.logz, 0x50_0000);
+        // wrong lengths, bad parameters, the combination's own errors
+        let bad_lp =
+            Sample::new(&models, &cfg, &sp, v, fake(0x40_0000, b)).with_log_probs(fake(0x50_0000, b + 1));
+        assert!(matches!(
+            build_sample_params(&bad_lp),
+            Err(CudaError::Invalid(Error::LengthMismatch { arg: "log_probs", .. }))
+        ));
+        assert!(matches!(
+            build_sample_params(&Sample::new(&models, &cfg, &sp, v, fake(0x40_0000, b + 1))),
+            Err(CudaError::Invalid(Error::LengthMismatch { .. }))
+        ));
+        let mut bad = sp;
+        bad.top_p = 0.0;
+        assert_eq!(
+            build_sample_params(&Sample::new(&models, &cfg, &bad, v, fake(0x40_0000, b))).unwrap_err(),
+            CudaError::Invalid(Error::OutOfRange {
+                arg: "sampling.top_p",
+                index: 0
+            })
+        );
+        assert!(matches!(
+            build_sample_params(&Sample::new(&models, &cfg, &sp, v - 1, fake(0x40_0000, b))),
+            Err(CudaError::Invalid(Error::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            build_sample_params(&Sample::new(&models, &cfg, &sp, v, fake(0x40_0002, b))),
+            Err(CudaError::Misaligned { .. })
+        ));
     }
 }

@@ -82,7 +82,7 @@ const fn spec(module: usize, entry: &'static CStr, cooperative: bool, smem: u32)
 }
 
 /// Every [`Kernel`]'s row, in [`Kernel::ALL`] order.
-pub const SPECS: [KernelSpec; 10] = [
+pub const SPECS: [KernelSpec; 11] = [
     spec(module::UTIL, c"fill_u32", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
@@ -108,6 +108,7 @@ pub const SPECS: [KernelSpec; 10] = [
     spec(module::ROUTING, c"moe_permute", false, 0),
     spec(module::ROUTING, c"moe_combine", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2u", true, V2_MAX_SMEM),
+    spec(module::ENSEMBLE, c"ensemble_sample", false, 0),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -139,11 +140,15 @@ pub enum Kernel {
     /// `ensemble.ptx: ensemble_v2u` (`ensemble_v2` with the per-row
     /// uncertainty outputs; launched instead of it when any is asked for).
     EnsembleV2U,
+    /// `ensemble.ptx: ensemble_sample` (one block per row: the combined
+    /// distribution's next token, greedy / temperature / top-k / top-p /
+    /// min-p, without writing the distribution).
+    EnsembleSample,
 }
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
@@ -154,6 +159,7 @@ impl Kernel {
         Kernel::MoePermute,
         Kernel::MoeCombine,
         Kernel::EnsembleV2U,
+        Kernel::EnsembleSample,
     ];
 
     /// The kernel's row of [`SPECS`].
@@ -290,6 +296,7 @@ mod tests {
             "moe_permute",
             "moe_combine",
             "ensemble_v2u",
+            "ensemble_sample",
         ];
         for (k, name) in Kernel::ALL.iter().zip(names) {
             assert_eq!(k.entry().to_str().unwrap(), name);

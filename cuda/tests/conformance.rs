@@ -25,12 +25,13 @@ use half::{bf16, f16};
 use medley_core::ensemble::{
     Config, Logits, MaskRule, Mode, Model, NO_TOKEN, Output, Plausibility, Weights, combine,
 };
+use medley_core::sample::{Sampled, Sampling, combine_sample};
 use medley_core::{Rows, RowsMut};
 use medley_cuda::ensemble::{DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, DeviceWeights, Version};
 mod calls;
 use calls::gpu_combine;
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut, DeviceSlice, DeviceSliceMut};
-use medley_cuda::{Kernels, Stream};
+use medley_cuda::{Kernels, Launch, Stream};
 
 /// The bit pattern outputs are poisoned with (a NaN no kernel produces).
 const POISON: u32 = 0x7FA5_A5A5;
@@ -903,4 +904,278 @@ fn device_per_row_weights_are_checked_on_the_device() {
         }
     }
     eprintln!("device per-row weight checks: v1 and v2, both modes, pass");
+}
+
+// ---------------------------------------------------------------------------
+// Sampling from the combination: `ensemble_sample` against the core's
+// `combine_sample` on every case of the suite.
+
+/// The sampling configurations every case runs with.
+fn sampling_configs(seed: u64) -> Vec<Sampling> {
+    let mut v = vec![Sampling::greedy(), Sampling::new(1.0, seed)];
+    let mut s = Sampling::new(0.7, seed ^ 1);
+    s.top_k = 5;
+    v.push(s);
+    let mut s = Sampling::new(1.3, seed ^ 2);
+    s.top_p = 0.9;
+    v.push(s);
+    let mut s = Sampling::new(1.0, seed ^ 3);
+    s.min_p = 0.1;
+    v.push(s);
+    let mut s = Sampling::new(0.9, seed ^ 4);
+    s.top_k = 40;
+    s.top_p = 0.8;
+    s.min_p = 0.02;
+    s.step = 17;
+    v.push(s);
+    v
+}
+
+/// The CPU's kept set for a row of combined log-probabilities, by sorting
+/// (the definition in `medley_core::sample`), and the perturbed scores.
+fn cpu_kept_and_y(row: &[f32], s: &Sampling, b: usize) -> (Vec<bool>, Vec<f32>, f32) {
+    let r = s.resolve().unwrap();
+    let mut cand: Vec<f32> = row.iter().copied().filter(|x| x.is_finite()).collect();
+    cand.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let l_max = cand[0];
+    let mut t = f32::NEG_INFINITY;
+    if r.min_p_shift > f32::NEG_INFINITY {
+        t = t.max(l_max + r.min_p_shift);
+    }
+    if s.top_k > 0 && (s.top_k as usize) < cand.len() {
+        t = t.max(cand[s.top_k as usize - 1]);
+    }
+    if s.top_p < 1.0 {
+        let w = |x: f32| (((x - l_max) * r.inv_t) as f64).exp();
+        let k1: Vec<f32> = cand.iter().copied().filter(|&x| x >= t).collect();
+        let z1: f64 = k1.iter().map(|&x| w(x)).sum();
+        let mut cum = 0.0;
+        for &x in &k1 {
+            cum += w(x);
+            if cum >= s.top_p as f64 * z1 {
+                t = t.max(x);
+                break;
+            }
+        }
+    }
+    let y = row
+        .iter()
+        .enumerate()
+        .map(|(v, &x)| {
+            x * r.inv_t
+                + medley_core::sample::gumbel(medley_core::rng::word(s.seed, [b as u32, s.step], v as u64))
+        })
+        .collect();
+    (row.iter().map(|&x| x.is_finite() && x >= t).collect(), y, t)
+}
+
+/// One GPU sampling run of `c` with `s`: tokens and log-probabilities
+/// (outputs poisoned first).
+fn run_gpu_sample(g: &Gpu, c: &Case, s: &Sampling) -> Result<(Vec<u32>, Vec<f32>), String> {
+    let mut dev16: Vec<DeviceBuffer<u16>> = Vec::new();
+    let mut dev32: Vec<DeviceBuffer<f32>> = Vec::new();
+    for d in &c.data {
+        match c.dtype {
+            1 => dev16.push(
+                DeviceBuffer::from_slice(&d.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<_>>())
+                    .unwrap(),
+            ),
+            2 => dev16.push(
+                DeviceBuffer::from_slice(&d.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<_>>())
+                    .unwrap(),
+            ),
+            _ => dev32.push(DeviceBuffer::from_slice(d).unwrap()),
+        }
+    }
+    let models: Vec<DeviceModel<'_>> = (0..c.m())
+        .map(|i| {
+            let (rows, len, stride) = (c.b, c.vms[i], c.strides[i]);
+            let n = c.data[i].len();
+            let logits = match c.dtype {
+                1 => DeviceLogits::F16(DeviceRows::new(view(&dev16[i], n), rows, len, stride).unwrap()),
+                2 => DeviceLogits::BF16(DeviceRows::new(view(&dev16[i], n), rows, len, stride).unwrap()),
+                _ => DeviceLogits::F32(DeviceRows::new(view(&dev32[i], n), rows, len, stride).unwrap()),
+            };
+            DeviceModel {
+                logits,
+                temperature: c.temps[i],
+            }
+        })
+        .collect();
+    let wt = DeviceBuffer::from_slice(&c.weights).unwrap();
+    let weights = if c.per_row {
+        DeviceWeights::PerRow(DeviceRows::dense(view(&wt, c.weights.len()), c.b, c.m()).unwrap())
+    } else {
+        DeviceWeights::PerModel(&c.weights)
+    };
+    let mut cfg = DeviceConfig::new(c.mode, weights);
+    cfg.out_temperature = c.t_out;
+    cfg.plausibility = c.plaus.map(|(model, alpha)| Plausibility { model, alpha });
+    cfg.mask_rule = c.mask_rule;
+    let tok = poisoned(c.b);
+    let lp = poisoned(c.b);
+    // SAFETY: the stream is live for the call.
+    let stream = unsafe { Stream::from_raw(g.stream.as_inner().cast()) };
+    medley_cuda::ensemble::Sample::new(&models, &cfg, s, c.v, view_mut(&tok, c.b))
+        .with_log_probs(view_mut(&lp, c.b))
+        .launch(&g.kernels, stream)
+        .map_err(|e| format!("{}: launch: {e:?}", c.name))?;
+    g.stream
+        .synchronize()
+        .map_err(|e| format!("{}: synchronize: {e:?}", c.name))?;
+    let fetch = |buf: &DeviceBuffer<u32>| -> Vec<u32> {
+        let mut h = vec![0u32; c.b.max(1)];
+        buf.copy_to(&mut h[..]).expect("copy back");
+        h.truncate(c.b);
+        h
+    };
+    let (t, l) = (fetch(&tok), fetch(&lp));
+    if t.contains(&POISON) || l.contains(&POISON) {
+        return Err(format!(
+            "{}: a token or log-probability was never written",
+            c.name
+        ));
+    }
+    Ok((t, l.into_iter().map(f32::from_bits).collect()))
+}
+
+/// The CPU half of a sampling comparison: tokens, log-probabilities and
+/// the combined rows (for explaining a disagreement).
+fn run_cpu_sample(c: &Case, s: &Sampling) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    let f16s: Vec<Vec<f16>> = c
+        .data
+        .iter()
+        .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
+        .collect();
+    let bf16s: Vec<Vec<bf16>> = c
+        .data
+        .iter()
+        .map(|r| r.iter().map(|&x| bf16::from_f32(x)).collect())
+        .collect();
+    let models: Vec<Model<'_>> = (0..c.m())
+        .map(|i| {
+            let logits: Logits<'_> = match c.dtype {
+                1 => Rows::new(&f16s[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+                2 => Rows::new(&bf16s[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+                _ => Rows::new(&c.data[i][..], c.b, c.vms[i], c.strides[i])
+                    .unwrap()
+                    .into(),
+            };
+            Model {
+                logits,
+                temperature: c.temps[i],
+            }
+        })
+        .collect();
+    let (mut t, mut l) = (vec![0u32; c.b], vec![0f32; c.b]);
+    let mut scratch = vec![0f32; c.v];
+    combine_sample(
+        &models,
+        &c.config(),
+        s,
+        c.v,
+        &mut scratch,
+        Sampled {
+            tokens: &mut t,
+            log_probs: Some(&mut l),
+        },
+    )
+    .expect("valid case");
+    let mut rows = vec![0f32; c.b * c.v];
+    combine(
+        &models,
+        &c.config(),
+        Output {
+            log_probs: Some(RowsMut::dense(&mut rows, c.b, c.v).unwrap()),
+            ..Default::default()
+        },
+    )
+    .expect("valid case");
+    (t, l, rows)
+}
+
+/// Tolerance of the rounding-level differences a disagreement may come
+/// from (combined log-probabilities and Gumbel values, CPU vs GPU).
+const SAMPLE_TIE: f32 = 1e-4;
+
+#[test]
+fn sampling_cpu_and_gpu_pick_the_same_token() {
+    let cases = cases();
+    let Some(g) = gpu() else {
+        return;
+    };
+    let (mut runs, mut rows, mut ties, mut failures) = (0usize, 0usize, Vec::new(), Vec::new());
+    for (ci, c) in cases.iter().enumerate() {
+        for s in sampling_configs(0xC0FFEE + ci as u64) {
+            runs += 1;
+            let (ct, cl, lp) = run_cpu_sample(c, &s);
+            let (gt, gl) = match run_gpu_sample(&g, c, &s) {
+                Ok(x) => x,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
+            for b in 0..c.b {
+                rows += 1;
+                let what = format!("{} row {b} {s:?}", c.name);
+                if ct[b] == gt[b] {
+                    let (x, y) = (cl[b], gl[b]);
+                    let same_class = (x.is_nan() && y.is_nan())
+                        || (x == y)
+                        || (x - y).abs() <= SAMPLE_TIE * (1.0 + x.abs());
+                    if !same_class {
+                        failures.push(format!("{what}: log-prob cpu {x} gpu {y}"));
+                    }
+                    continue;
+                }
+                // A different token must come from a rounding tie: of the
+                // perturbed scores, or at the kept set's cut.
+                let row = &lp[b * c.v..(b + 1) * c.v];
+                if ct[b] == NO_TOKEN || gt[b] == NO_TOKEN || gt[b] as usize >= c.v {
+                    failures.push(format!("{what}: token cpu {} gpu {}", ct[b], gt[b]));
+                    continue;
+                }
+                let (kept, yv, t) = cpu_kept_and_y(row, &s, b);
+                let (a, o) = (ct[b] as usize, gt[b] as usize);
+                let y_tie = (yv[a] - yv[o]).abs() <= SAMPLE_TIE * (1.0 + yv[a].abs());
+                let greedy_tie =
+                    s.temperature == 0.0 && (row[a] - row[o]).abs() <= SAMPLE_TIE * (1.0 + row[a].abs());
+                // the GPU kept a token the CPU cut (or cut the CPU's) at the threshold
+                let cut_tie = (!kept[o] && (row[o] - t).abs() <= SAMPLE_TIE * (1.0 + t.abs()))
+                    || (kept[a] && (row[a] - t).abs() <= SAMPLE_TIE * (1.0 + t.abs()));
+                if (y_tie && kept[o]) || greedy_tie || cut_tie {
+                    ties.push(what);
+                } else {
+                    failures.push(format!(
+                        "{what}: token cpu {a} (L {}, y {}) gpu {o} (L {}, y {}, kept by the cpu: {}), cut {t}",
+                        row[a], yv[a], row[o], yv[o], kept[o]
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "sampling: {runs} GPU runs ({} cases x 6 configurations), {rows} rows; {} tokens differ at a rounding tie, {} failures",
+        cases.len(),
+        ties.len(),
+        failures.len()
+    );
+    for t in ties.iter().take(10) {
+        eprintln!("  tie: {t}");
+    }
+    for f in failures.iter().take(20) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty(), "{} sampling failures", failures.len());
+    // ties are rare: at most 1 in 1000 rows
+    assert!(
+        ties.len() * 1000 <= rows.max(1000),
+        "{} ties in {rows} rows",
+        ties.len()
+    );
 }
