@@ -235,11 +235,14 @@ fn plan_v2(
     }
     // One plan (and one workspace size) for both v2 entry points: the
     // tighter of the two occupancies.
-    let (a, b) = (
+    // (and for ensemble_v2s, which samples on the same plan and workspace)
+    let (a, b, s) = (
         kernels.info(Kernel::EnsembleV2),
         kernels.info(Kernel::EnsembleV2U),
+        kernels.info(Kernel::EnsembleV2S),
     );
-    let g_max = kernels.sm_count() as usize * a.blocks_per_sm.min(b.blocks_per_sm) as usize;
+    let g_max =
+        kernels.sm_count() as usize * a.blocks_per_sm.min(b.blocks_per_sm).min(s.blocks_per_sm) as usize;
     if g_max == 0 {
         return None;
     }
@@ -264,7 +267,9 @@ fn plan_v2(
     let chunks = vocab.div_ceil(chunk);
     // Rows too long for the grid at V2_MAX_CHUNK per block, or a device
     // without that much shared memory per block: v1 runs.
-    if chunk > V2_MAX_CHUNK || 4 * chunk > a.max_dynamic_smem.min(b.max_dynamic_smem) as usize {
+    if chunk > V2_MAX_CHUNK
+        || 4 * chunk > a.max_dynamic_smem.min(b.max_dynamic_smem).min(s.max_dynamic_smem) as usize
+    {
         return None;
     }
     let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);
@@ -852,7 +857,15 @@ unsafe impl DeviceCopy for SampleParams {}
 /// Validation as [`Combine`] (same errors), plus the sampling parameters'
 /// and the outputs' lengths (`tokens.len()` is the row count). Masked rows
 /// get [`NO_TOKEN`] and log-probability `-inf`, NaN rows [`NO_TOKEN`] and
-/// NaN. Never synchronizes, never allocates, needs no workspace.
+/// NaN. Never synchronizes, never allocates.
+///
+/// Two kernels, picked per call as [`Combine`] picks its version: with a
+/// [`workspace`](Sample::with_workspace) (of [`workspace_bytes`], zeroed
+/// once, as for [`Combine`]) and 16-byte aligned model rows, greedy,
+/// temperature and min-p calls run `ensemble_v2s` (the rows split over
+/// co-resident blocks, the scores kept on chip, one read of the logits);
+/// top-k and top-p calls, and calls without a workspace, run
+/// `ensemble_sample` (one block per row, the naive reference).
 ///
 /// ```no_run
 /// # use medley_cuda::{Kernels, Launch, Stream, ensemble::*, mem::*};
@@ -885,6 +898,13 @@ pub struct Sample<'a> {
     pub tokens: DeviceSliceMut<'a, u32>,
     /// Optionally the token's combined log-probability per row.
     pub log_probs: Option<DeviceSliceMut<'a, f32>>,
+    /// Workspace for `ensemble_v2s` (as [`Combine::workspace`]); `None`
+    /// runs `ensemble_sample`.
+    pub workspace: Option<DeviceSliceMut<'a, u8>>,
+    /// Which kernel runs: [`Version::Auto`] (`ensemble_v2s` where it
+    /// applies), [`Version::V1`] (`ensemble_sample` always) or
+    /// [`Version::V2`] (`ensemble_v2s`, an error where it does not apply).
+    pub version: Version,
 }
 
 impl<'a> Sample<'a> {
@@ -903,7 +923,21 @@ impl<'a> Sample<'a> {
             vocab,
             tokens,
             log_probs: None,
+            workspace: None,
+            version: Version::Auto,
         }
+    }
+
+    /// Lets the split-row kernel `ensemble_v2s` run (see [`Sample`]).
+    pub fn with_workspace(mut self, workspace: DeviceSliceMut<'a, u8>) -> Self {
+        self.workspace = Some(workspace);
+        self
+    }
+
+    /// Forces a kernel version (see [`Sample::version`]).
+    pub fn with_version(mut self, version: Version) -> Self {
+        self.version = version;
+        self
     }
 
     /// Also writes each token's combined log-probability.
@@ -949,11 +983,82 @@ fn build_sample_params(s: &Sample<'_>) -> Result<SampleParams, CudaError> {
 
 impl crate::Launch for Sample<'_> {
     fn launch(self, kernels: &Kernels, stream: Stream<'_>) -> Result<(), CudaError> {
-        let params = build_sample_params(&self)?;
+        let mut params = build_sample_params(&self)?;
         if params.base.rows == 0 {
             return Ok(());
         }
+        // ensemble_v2s: greedy (filters do not matter), or no top-k / top-p.
+        let v2s_sampler = params.inv_tau == 0.0 || (params.top_k == 0 && params.top_p >= 1.0);
+        let elem_bytes = if params.base.dtype == 0 { 4 } else { 2 };
+        let plan = plan_v2(
+            kernels,
+            params.base.rows as usize,
+            params.base.vocab as usize,
+            self.models.len(),
+            elem_bytes,
+            self.config.mode == Mode::LogLinear,
+        );
+        let aligned = v2_aligned(self.models, &DeviceOutput::default());
+        let v2 = match (self.version, plan, &self.workspace) {
+            (Version::V1, _, _) => None,
+            (_, Some(p), Some(ws)) if aligned && v2s_sampler => {
+                let needed = p.workspace_bytes();
+                if ws.len() < needed {
+                    return Err(Error::BufferTooShort {
+                        arg: "workspace",
+                        needed,
+                        got: ws.len(),
+                    }
+                    .into());
+                }
+                check_ptr(ws.as_raw(), needed, 16, "workspace")?;
+                Some((p, ws.as_raw()))
+            }
+            (Version::V2, _, _) if !v2s_sampler => {
+                return Err(Error::Unsupported {
+                    what: "ensemble_v2s samples greedy, temperature and min-p (top-k and top-p run ensemble_sample)",
+                }
+                .into());
+            }
+            (Version::V2, None, _) => {
+                return Err(CudaError::Unsupported {
+                    what: "ensemble_v2s (cooperative launch, resident blocks, or rows longer than the grid can split)",
+                });
+            }
+            (Version::V2, _, None) => {
+                return Err(Error::Unsupported {
+                    what: "ensemble_v2s needs a workspace",
+                }
+                .into());
+            }
+            (Version::V2, _, _) => {
+                return Err(CudaError::Misaligned {
+                    arg: "models.logits (rows for v2)",
+                    align: 16,
+                });
+            }
+            (Version::Auto, _, _) => None,
+        };
         let _ctx = kernels.enter()?;
+        if let Some((p, ws)) = v2 {
+            params.base.work = ws;
+            params.base.chunk = p.chunk;
+            params.base.chunks = p.chunks;
+            params.base.teams = p.teams;
+            let f = *kernels.func(Kernel::EnsembleV2S);
+            // SAFETY: `params` matches ensemble_v2s's single by-value
+            // parameter (552 bytes, asserted; layout documented in the
+            // PTX); build_params_shaped checked every model view against
+            // the rows x len spans the kernel reads, the outputs hold `rows`
+            // entries; the workspace holds the plan's bytes (checked above),
+            // the dynamic shared memory is the 4 * chunk bytes the kernel
+            // keeps its scores in, and the grid is the plan's teams x chunks,
+            // which the occupancy query (plan_v2 includes ensemble_v2s)
+            // allows to be co-resident (the cooperative launch fails
+            // otherwise); the views outlive the launch; the stream belongs
+            // to the kernels' context (made current by `enter`).
+            return unsafe { kernels.launch(f, p.teams * p.chunks, BLOCK, 4 * p.chunk, stream, &params) };
+        }
         let f = *kernels.func(Kernel::EnsembleSample);
         // SAFETY: `params` matches ensemble_sample's single by-value
         // parameter (552 bytes, asserted; layout documented in the PTX);

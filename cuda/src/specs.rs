@@ -82,7 +82,7 @@ const fn spec(module: usize, entry: &'static CStr, cooperative: bool, smem: u32)
 }
 
 /// Every [`Kernel`]'s row, in [`Kernel::ALL`] order.
-pub const SPECS: [KernelSpec; 11] = [
+pub const SPECS: [KernelSpec; 12] = [
     spec(module::UTIL, c"fill_u32", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
@@ -109,6 +109,7 @@ pub const SPECS: [KernelSpec; 11] = [
     spec(module::ROUTING, c"moe_combine", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2u", true, V2_MAX_SMEM),
     spec(module::ENSEMBLE, c"ensemble_sample", false, 0),
+    spec(module::ENSEMBLE, c"ensemble_v2s", true, V2_MAX_SMEM),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -144,11 +145,15 @@ pub enum Kernel {
     /// distribution's next token, greedy / temperature / top-k / top-p /
     /// min-p, without writing the distribution).
     EnsembleSample,
+    /// `ensemble.ptx: ensemble_v2s` (`ensemble_v2`'s split rows, then
+    /// greedy / temperature / min-p sampling instead of the row write;
+    /// launched cooperatively).
+    EnsembleV2S,
 }
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
@@ -160,6 +165,7 @@ impl Kernel {
         Kernel::MoeCombine,
         Kernel::EnsembleV2U,
         Kernel::EnsembleSample,
+        Kernel::EnsembleV2S,
     ];
 
     /// The kernel's row of [`SPECS`].
@@ -297,6 +303,7 @@ mod tests {
             "moe_combine",
             "ensemble_v2u",
             "ensemble_sample",
+            "ensemble_v2s",
         ];
         for (k, name) in Kernel::ALL.iter().zip(names) {
             assert_eq!(k.entry().to_str().unwrap(), name);
