@@ -182,15 +182,23 @@ fn sampling(c: &mut Criterion) {
                 topk.top_k = 50;
                 let mut topp = Sampling::new(0.8, 7);
                 topp.top_p = 0.9;
+                let mut minp = Sampling::new(0.8, 7);
+                minp.min_p = 0.1;
+                // (name, sampling, forced kernel): greedy, temperature and
+                // min-p run ensemble_v2s (with the workspace), top-k and
+                // top-p ensemble_sample; temperature_v1 is ensemble_sample
+                // on the temperature call, side by side.
                 let samplers = [
-                    ("greedy", Some(&greedy)),
-                    ("temperature", Some(&temp)),
-                    ("top_k50", Some(&topk)),
-                    ("top_p0.9", Some(&topp)),
-                    ("combine_rows", None),
+                    ("greedy", Some(&greedy), Version::Auto),
+                    ("temperature", Some(&temp), Version::Auto),
+                    ("temperature_v1", Some(&temp), Version::V1),
+                    ("min_p0.1", Some(&minp), Version::Auto),
+                    ("top_k50", Some(&topk), Version::Auto),
+                    ("top_p0.9", Some(&topp), Version::Auto),
+                    ("combine_rows", None, Version::Auto),
                 ];
                 for (mode, cfg) in &configs {
-                    for (name, sp) in samplers {
+                    for (name, sp, version) in samplers {
                         group.bench_function(BenchmarkId::new(*mode, name), |bch| {
                             bch.iter_custom(|iters| {
                                 let start = Event::new().expect("event");
@@ -219,6 +227,8 @@ fn sampling(c: &mut Criterion) {
                                         .collect();
                                     match sp {
                                         Some(sp) => Sample::new(&models, cfg, sp, v, tokens.view_mut(b))
+                                            .with_workspace(ws.view_mut::<u8>(ws.len()))
+                                            .with_version(version)
                                             .launch(gpu.kernels(), gpu.stream())
                                             .expect("launch"),
                                         None => {
