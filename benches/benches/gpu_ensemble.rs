@@ -184,10 +184,9 @@ fn sampling(c: &mut Criterion) {
                 topp.top_p = 0.9;
                 let mut minp = Sampling::new(0.8, 7);
                 minp.min_p = 0.1;
-                // (name, sampling, forced kernel): greedy, temperature and
-                // min-p run ensemble_v2s (with the workspace), top-k and
-                // top-p ensemble_sample; temperature_v1 is ensemble_sample
-                // on the temperature call, side by side.
+                // (name, sampling, forced kernel): every sampler runs
+                // ensemble_v2s (with the workspace); temperature_v1 is
+                // ensemble_sample on the temperature call, side by side.
                 let samplers = [
                     ("greedy", Some(&greedy), Version::Auto),
                     ("temperature", Some(&temp), Version::Auto),

@@ -155,14 +155,16 @@ pub struct V2Plan {
 }
 
 impl V2Plan {
-    /// Workspace bytes this plan needs: the fixed 128 KiB barrier header
-    /// plus the partial records.
+    /// Workspace bytes this plan needs: the fixed 128 KiB barrier header,
+    /// the partial records, and 6 KiB per team of radix-select histograms
+    /// (`ensemble_v2s`'s top-k / top-p; the kernel zeroes them itself).
     pub fn workspace_bytes(&self) -> usize {
         // At most 2^32 * 512 * 2^32 on 64-bit targets; saturating so a plan
         // built by hand never wraps.
         (self.teams as usize)
             .saturating_mul(512)
             .saturating_mul(self.chunks as usize)
+            .saturating_add((self.teams as usize).saturating_mul(SELECT_HIST_BYTES))
             .saturating_add(WORKSPACE_HEADER)
     }
 }
@@ -174,6 +176,8 @@ pub use crate::specs::V2_MAX_CHUNK;
 const WORKSPACE_HEADER: usize = 128 * MAX_TEAMS;
 /// Most rows v2 processes at once.
 const MAX_TEAMS: usize = 1024;
+/// Per team: `ensemble_v2s`'s three 256-bin u64 histogram buffers.
+const SELECT_HIST_BYTES: usize = 3 * 256 * 8;
 
 /// L2 bytes a wave of v2 blocks may keep live between its two reads of
 /// the logits (linear mode; log-linear keeps its scores on chip).
@@ -861,10 +865,10 @@ unsafe impl DeviceCopy for SampleParams {}
 ///
 /// Two kernels, picked per call as [`Combine`] picks its version: with a
 /// [`workspace`](Sample::with_workspace) (of [`workspace_bytes`], zeroed
-/// once, as for [`Combine`]) and 16-byte aligned model rows, greedy,
-/// temperature and min-p calls run `ensemble_v2s` (the rows split over
-/// co-resident blocks, the scores kept on chip, one read of the logits);
-/// top-k and top-p calls, and calls without a workspace, run
+/// once, as for [`Combine`]) and 16-byte aligned model rows, calls run
+/// `ensemble_v2s` (the rows split over co-resident blocks, the scores kept
+/// on chip, one read of the logits; top-k and top-p by a radix select
+/// across the row's blocks); calls without a workspace run
 /// `ensemble_sample` (one block per row, the naive reference).
 ///
 /// ```no_run
@@ -987,8 +991,6 @@ impl crate::Launch for Sample<'_> {
         if params.base.rows == 0 {
             return Ok(());
         }
-        // ensemble_v2s: greedy (filters do not matter), or no top-k / top-p.
-        let v2s_sampler = params.inv_tau == 0.0 || (params.top_k == 0 && params.top_p >= 1.0);
         let elem_bytes = if params.base.dtype == 0 { 4 } else { 2 };
         let plan = plan_v2(
             kernels,
@@ -1001,7 +1003,7 @@ impl crate::Launch for Sample<'_> {
         let aligned = v2_aligned(self.models, &DeviceOutput::default());
         let v2 = match (self.version, plan, &self.workspace) {
             (Version::V1, _, _) => None,
-            (_, Some(p), Some(ws)) if aligned && v2s_sampler => {
+            (_, Some(p), Some(ws)) if aligned => {
                 let needed = p.workspace_bytes();
                 if ws.len() < needed {
                     return Err(Error::BufferTooShort {
@@ -1013,12 +1015,6 @@ impl crate::Launch for Sample<'_> {
                 }
                 check_ptr(ws.as_raw(), needed, 16, "workspace")?;
                 Some((p, ws.as_raw()))
-            }
-            (Version::V2, _, _) if !v2s_sampler => {
-                return Err(Error::Unsupported {
-                    what: "ensemble_v2s samples greedy, temperature and min-p (top-k and top-p run ensemble_sample)",
-                }
-                .into());
             }
             (Version::V2, None, _) => {
                 return Err(CudaError::Unsupported {

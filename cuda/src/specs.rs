@@ -146,7 +146,8 @@ pub enum Kernel {
     /// min-p, without writing the distribution).
     EnsembleSample,
     /// `ensemble.ptx: ensemble_v2s` (`ensemble_v2`'s split rows, then
-    /// greedy / temperature / min-p sampling instead of the row write;
+    /// greedy / temperature / min-p / top-k / top-p sampling instead of
+    /// the row write;
     /// launched cooperatively).
     EnsembleV2S,
 }

@@ -981,8 +981,8 @@ fn cpu_kept_and_y(row: &[f32], s: &Sampling, b: usize) -> (Vec<bool>, Vec<f32>, 
 type GpuSample = (Vec<u32>, Vec<f32>);
 
 /// One GPU sampling call: `Ok(None)` when `version` is `V2` and
-/// `ensemble_v2s` does not apply to this case (top-k / top-p, unaligned
-/// rows, rows the grid cannot split).
+/// `ensemble_v2s` does not apply to this case (unaligned rows, rows the
+/// grid cannot split).
 fn run_gpu_sample(
     g: &Gpu,
     c: &Case,
@@ -1236,8 +1236,8 @@ fn sampling_cpu_and_gpu_pick_the_same_token() {
         eprintln!("  {f}");
     }
     assert!(runs > 0, "MEDLEY_SAMPLE_MAX_ROW={max_row} skipped every case");
-    // ensemble_v2s ran (4 of the 7 configurations apply, on aligned rows;
-    // on the full suite for at least a quarter of the calls)
+    // ensemble_v2s ran (every configuration, on aligned rows; on the full
+    // suite for at least a quarter of the calls)
     assert!(v2_runs > 0, "ensemble_v2s never ran");
     if skipped == 0 {
         assert!(
