@@ -664,6 +664,69 @@ fn v2_aligned(models: &[DeviceModel<'_>], out: &DeviceOutput<'_>) -> bool {
             .is_none_or(|q| rows16(q.as_raw(), q.stride(), 4))
 }
 
+/// What [`pick_split`]'s errors name (the kernel the caller forced).
+struct SplitNames {
+    unsupported: &'static str,
+    no_workspace: &'static str,
+    misaligned: &'static str,
+}
+
+/// Whether a call runs a split-row kernel (`ensemble_v2` for [`Combine`],
+/// `ensemble_v2s` for [`Sample`], which share the plan and the workspace):
+/// `Some((plan, workspace address))` when it applies and `version` allows
+/// it, `None` for the one-block-per-row kernel; an error when `version` is
+/// [`Version::V2`] and it does not apply, or the workspace is too short or
+/// misaligned.
+#[allow(clippy::too_many_arguments)]
+fn pick_split(
+    kernels: &Kernels,
+    params: &EnsembleParams,
+    n_models: usize,
+    mode: Mode,
+    version: Version,
+    workspace: Option<&DeviceSliceMut<'_, u8>>,
+    aligned: bool,
+    names: SplitNames,
+) -> Result<Option<(V2Plan, u64)>, CudaError> {
+    let elem_bytes = if params.dtype == 0 { 4 } else { 2 };
+    let plan = plan_v2(
+        kernels,
+        params.rows as usize,
+        params.vocab as usize,
+        n_models,
+        elem_bytes,
+        mode == Mode::LogLinear,
+    );
+    match (version, plan, workspace) {
+        (Version::V1, _, _) => Ok(None),
+        (_, Some(p), Some(ws)) if aligned => {
+            let needed = p.workspace_bytes();
+            if ws.len() < needed {
+                return Err(Error::BufferTooShort {
+                    arg: "workspace",
+                    needed,
+                    got: ws.len(),
+                }
+                .into());
+            }
+            check_ptr(ws.as_raw(), needed, 16, "workspace")?;
+            Ok(Some((p, ws.as_raw())))
+        }
+        (Version::V2, None, _) => Err(CudaError::Unsupported {
+            what: names.unsupported,
+        }),
+        (Version::V2, _, None) => Err(Error::Unsupported {
+            what: names.no_workspace,
+        }
+        .into()),
+        (Version::V2, _, _) => Err(CudaError::Misaligned {
+            arg: names.misaligned,
+            align: 16,
+        }),
+        (Version::Auto, _, _) => Ok(None),
+    }
+}
+
 /// Combines `models` into one distribution per row (the GPU twin of
 /// [`medley_core::ensemble::combine`]), writing `out`. Validates everything
 /// before launching (same errors as the CPU function, plus
@@ -755,49 +818,20 @@ fn combine(
     if params.rows == 0 {
         return Ok(());
     }
-    let elem_bytes = if params.dtype == 0 { 4 } else { 2 };
-    let plan = plan_v2(
+    let v2 = pick_split(
         kernels,
-        params.rows as usize,
-        params.vocab as usize,
+        &params,
         models.len(),
-        elem_bytes,
-        cfg.mode == Mode::LogLinear,
-    );
-    let v2 = match (version, plan, &workspace) {
-        (Version::V1, _, _) => None,
-        (_, Some(p), Some(ws)) if v2_aligned(models, &out) => {
-            let needed = p.workspace_bytes();
-            if ws.len() < needed {
-                return Err(Error::BufferTooShort {
-                    arg: "workspace",
-                    needed,
-                    got: ws.len(),
-                }
-                .into());
-            }
-            check_ptr(ws.as_raw(), needed, 16, "workspace")?;
-            Some((p, ws.as_raw()))
-        }
-        (Version::V2, None, _) => {
-            return Err(CudaError::Unsupported {
-                what: "ensemble_v2 (cooperative launch, resident blocks, or rows longer than the grid can split)",
-            });
-        }
-        (Version::V2, _, None) => {
-            return Err(Error::Unsupported {
-                what: "ensemble_v2 needs a workspace",
-            }
-            .into());
-        }
-        (Version::V2, _, _) => {
-            return Err(CudaError::Misaligned {
-                arg: "models.logits / outputs (rows for v2)",
-                align: 16,
-            });
-        }
-        (Version::Auto, _, _) => None,
-    };
+        cfg.mode,
+        version,
+        workspace.as_ref(),
+        v2_aligned(models, &out),
+        SplitNames {
+            unsupported: "ensemble_v2 (cooperative launch, resident blocks, or rows longer than the grid can split)",
+            no_workspace: "ensemble_v2 needs a workspace",
+            misaligned: "models.logits / outputs (rows for v2)",
+        },
+    )?;
     let _ctx = kernels.enter()?;
     let (f, grid, smem) = match v2 {
         Some((p, ws)) => {
@@ -991,50 +1025,20 @@ impl crate::Launch for Sample<'_> {
         if params.base.rows == 0 {
             return Ok(());
         }
-        let elem_bytes = if params.base.dtype == 0 { 4 } else { 2 };
-        let plan = plan_v2(
+        let v2 = pick_split(
             kernels,
-            params.base.rows as usize,
-            params.base.vocab as usize,
+            &params.base,
             self.models.len(),
-            elem_bytes,
-            self.config.mode == Mode::LogLinear,
-        );
-        let aligned = v2_aligned(self.models, &DeviceOutput::default());
-        let v2 = match (self.version, plan, &self.workspace) {
-            (Version::V1, _, _) => None,
-            (_, Some(p), Some(ws)) if aligned => {
-                let needed = p.workspace_bytes();
-                if ws.len() < needed {
-                    return Err(Error::BufferTooShort {
-                        arg: "workspace",
-                        needed,
-                        got: ws.len(),
-                    }
-                    .into());
-                }
-                check_ptr(ws.as_raw(), needed, 16, "workspace")?;
-                Some((p, ws.as_raw()))
-            }
-            (Version::V2, None, _) => {
-                return Err(CudaError::Unsupported {
-                    what: "ensemble_v2s (cooperative launch, resident blocks, or rows longer than the grid can split)",
-                });
-            }
-            (Version::V2, _, None) => {
-                return Err(Error::Unsupported {
-                    what: "ensemble_v2s needs a workspace",
-                }
-                .into());
-            }
-            (Version::V2, _, _) => {
-                return Err(CudaError::Misaligned {
-                    arg: "models.logits (rows for v2)",
-                    align: 16,
-                });
-            }
-            (Version::Auto, _, _) => None,
-        };
+            self.config.mode,
+            self.version,
+            self.workspace.as_ref(),
+            v2_aligned(self.models, &DeviceOutput::default()),
+            SplitNames {
+                unsupported: "ensemble_v2s (cooperative launch, resident blocks, or rows longer than the grid can split)",
+                no_workspace: "ensemble_v2s needs a workspace",
+                misaligned: "models.logits (rows for v2)",
+            },
+        )?;
         let _ctx = kernels.enter()?;
         if let Some((p, ws)) = v2 {
             params.base.work = ws;

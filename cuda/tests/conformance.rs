@@ -774,15 +774,7 @@ fn conformance_cpu_and_gpu() {
     if let Some(g) = gpu() {
         // One workspace, zeroed once, reused by every v2 call (the kernel
         // must leave it ready for the next call).
-        let ws_len = cases
-            .iter()
-            .map(|c| {
-                let esize = if c.dtype == 0 { 4 } else { 2 };
-                medley_cuda::ensemble::workspace_bytes(&g.kernels, c.b, c.v, c.m(), esize).unwrap()
-            })
-            .max()
-            .unwrap_or(0);
-        let ws = DeviceBuffer::from_slice(&vec![0u8; ws_len.max(16)]).expect("workspace");
+        let (ws, ws_len) = shared_workspace(&g, &cases);
         for k in [medley_cuda::Kernel::EnsembleV2, medley_cuda::Kernel::EnsembleV2U] {
             eprintln!(
                 "{:?}: {} regs, {} blocks/SM; workspace {ws_len} bytes",
@@ -977,6 +969,23 @@ fn cpu_kept_and_y(row: &[f32], s: &Sampling, b: usize) -> (Vec<bool>, Vec<f32>, 
 
 /// One GPU sampling run of `c` with `s`: tokens and log-probabilities
 /// (outputs poisoned first).
+/// One zeroed workspace large enough for every case's split-row calls
+/// (`ensemble_v2`, `ensemble_v2u`, `ensemble_v2s` share it), and its length.
+fn shared_workspace(g: &Gpu, cases: &[Case]) -> (DeviceBuffer<u8>, usize) {
+    let len = cases
+        .iter()
+        .map(|c| {
+            let esize = if c.dtype == 0 { 4 } else { 2 };
+            medley_cuda::ensemble::workspace_bytes(&g.kernels, c.b, c.v, c.m(), esize).unwrap()
+        })
+        .max()
+        .unwrap_or(0);
+    (
+        DeviceBuffer::from_slice(&vec![0u8; len.max(16)]).expect("workspace"),
+        len,
+    )
+}
+
 /// Tokens and log-probabilities of one GPU sampling call.
 type GpuSample = (Vec<u32>, Vec<f32>);
 
@@ -1151,15 +1160,7 @@ fn sampling_cpu_and_gpu_pick_the_same_token() {
     let mut skipped = 0usize;
     // One workspace, zeroed once, for every ensemble_v2s call (each must
     // leave it ready for the next, whatever the shape).
-    let ws_len = cases
-        .iter()
-        .map(|c| {
-            let esize = if c.dtype == 0 { 4 } else { 2 };
-            medley_cuda::ensemble::workspace_bytes(&g.kernels, c.b, c.v, c.m(), esize).unwrap()
-        })
-        .max()
-        .unwrap_or(0);
-    let ws = DeviceBuffer::from_slice(&vec![0u8; ws_len.max(16)]).expect("workspace");
+    let (ws, _) = shared_workspace(&g, &cases);
     let (mut v1_runs, mut v2_runs) = (0usize, 0usize);
     for (ci, c) in cases.iter().enumerate() {
         if c.data.len() * c.v > max_row {
