@@ -27,6 +27,16 @@ use std::time::Duration;
 /// Bytes the rotating input sets span at least.
 const ROTATE_BYTES: usize = 120 << 20;
 
+/// [`ROTATE_BYTES`], or `MEDLEY_BENCH_ROTATE_BYTES` when set (0: one input
+/// set, warm in L2 after the first launch; for telling cold-cache costs from
+/// kernel work).
+fn rotate_bytes() -> usize {
+    std::env::var("MEDLEY_BENCH_ROTATE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROTATE_BYTES)
+}
+
 fn ensemble(c: &mut Criterion) {
     let Some(gpu) = Gpu::open_or_skip("cuda/ensemble benchmarks") else {
         return;
@@ -42,7 +52,7 @@ fn ensemble(c: &mut Criterion) {
     let host = random_f32(11, 8 * 256 * 128_256, 8.0);
     for (m, b, v) in shapes {
         let set = m * b * v; // elements per input set (all models)
-        let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
+        let sets = rotate_bytes().div_ceil(set * 2).clamp(1, 4096);
         let data: Vec<bf16> = (0..sets * set)
             .map(|i| bf16::from_f32(host[i % host.len()]))
             .collect();
@@ -155,7 +165,7 @@ fn sampling(c: &mut Criterion) {
         for b in [1usize, 64, 256] {
             for m in [2usize, 8] {
                 let set = m * b * v;
-                let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
+                let sets = rotate_bytes().div_ceil(set * 2).clamp(1, 4096);
                 let data: Vec<bf16> = (0..sets * set)
                     .map(|i| bf16::from_f32(host[i % host.len()]))
                     .collect();

@@ -34,6 +34,35 @@ pub(crate) const MODULES: [(&str, &[u8]); 7] = [
     ("gating_v2.ptx", ptx!("gating_v2.ptx")),
 ];
 
+/// The environment variable naming a folder whose `<module>.ptx` files
+/// replace the embedded modules of the same name when [`Kernels`] loads
+/// (a kernel-development knob: A/B runs of PTX variants from one binary).
+/// A replacement must keep every entry point and its parameter layout; it
+/// is not checked against the embedded text. Modules without a file there
+/// load as embedded. Unset (the normal case): nothing is read.
+pub const PTX_DIR_ENV: &str = "MEDLEY_PTX_DIR";
+
+/// The replacement text of `file` from [`PTX_DIR_ENV`], NUL-terminated, or
+/// `None` when the variable is unset or the folder has no such file.
+fn override_ptx(file: &str) -> Result<Option<Vec<u8>>, CudaError> {
+    let Some(dir) = std::env::var_os(PTX_DIR_ENV) else {
+        return Ok(None);
+    };
+    match std::fs::read(std::path::Path::new(&dir).join(file)) {
+        Ok(mut text) if !text.contains(&0) => {
+            text.push(0);
+            Ok(Some(text))
+        }
+        Ok(_) => Err(CudaError::Unsupported {
+            what: "a MEDLEY_PTX_DIR module with a NUL byte inside",
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(_) => Err(CudaError::Unsupported {
+            what: "a readable MEDLEY_PTX_DIR module file",
+        }),
+    }
+}
+
 /// Static facts about one loaded entry point.
 #[derive(Debug, Clone, Copy, Default)]
 #[non_exhaustive]
@@ -213,11 +242,15 @@ impl Kernels {
             if !wanted.has_module(i) || (i == module::MOE_WGMMA && cc != (9, 0)) {
                 continue;
             }
-            let loaded = CStr::from_bytes_with_nul(ptx)
-                .map_err(|_| CudaError::Unsupported {
-                    what: "an embedded PTX module without its single trailing NUL",
-                })
-                .and_then(|c| driver::module_load_ptx(c, &mut log).map_err(CudaError::from));
+            let replaced = override_ptx(MODULES[i].0);
+            let loaded = replaced.and_then(|r| {
+                let text: &[u8] = r.as_deref().unwrap_or(ptx);
+                CStr::from_bytes_with_nul(text)
+                    .map_err(|_| CudaError::Unsupported {
+                        what: "a PTX module without its single trailing NUL",
+                    })
+                    .and_then(|c| driver::module_load_ptx(c, &mut log).map_err(CudaError::from))
+            });
             match loaded {
                 Ok(m) => modules[i] = m,
                 Err(error) => {
