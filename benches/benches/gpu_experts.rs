@@ -24,8 +24,15 @@ fn experts(c: &mut Criterion) {
     let Some(gpu) = Gpu::open_or_skip("cuda/experts benchmarks") else {
         return;
     };
-    let tuning = match Tuning::from_env() {
-        Ok(t) => t,
+    let tuning = match Tuning::for_kernels(gpu.kernels()) {
+        Ok(t) => {
+            eprintln!(
+                "cuda/experts: tuning table of {:?} on {:?}",
+                t.device(),
+                gpu.kernels().device_name()
+            );
+            t
+        }
         Err(why) => {
             eprintln!("cuda/experts: bad tuning table: {why}");
             return;

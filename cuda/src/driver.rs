@@ -57,6 +57,7 @@ unsafe extern "C" {
     fn cuCtxGetCurrent(ctx: *mut CuContext) -> c_int;
     fn cuCtxGetDevice(dev: *mut c_int) -> c_int;
     fn cuDeviceGetAttribute(value: *mut c_int, attr: c_int, dev: c_int) -> c_int;
+    fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> c_int;
     fn cuStreamGetCtx(stream: CuStream, ctx: *mut CuContext) -> c_int;
     #[link_name = "cuCtxPushCurrent_v2"]
     fn cuCtxPushCurrent(ctx: CuContext) -> c_int;
@@ -231,6 +232,21 @@ pub fn device_attribute(dev: i32, attr: c_int) -> Result<i32, DriverError> {
     let rc = unsafe { cuDeviceGetAttribute(&mut v, attr, dev) };
     check(rc, "cuDeviceGetAttribute")?;
     Ok(v)
+}
+
+/// The device's name as the driver reports it (`cuDeviceGetName`, the name
+/// `nvidia-smi` prints, e.g. `NVIDIA H200`).
+pub fn device_name(dev: i32) -> Result<String, DriverError> {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: buf is 256 writable bytes and len says so; the driver writes
+    // a NUL-terminated name that fits (truncating it if needed).
+    let rc = unsafe { cuDeviceGetName(buf.as_mut_ptr(), buf.len() as c_int, dev) };
+    check(rc, "cuDeviceGetName")?;
+    // Bytes up to the first NUL (the last byte stays 0 whatever the driver
+    // wrote before it, so there is one).
+    buf[buf.len() - 1] = 0;
+    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The context a stream belongs to.

@@ -26,8 +26,9 @@
 //!
 //! Which configuration runs for a shape comes from a [`Tuning`] table: the
 //! one `benches/src/bin/tune_experts.rs` wrote on the GPU at hand (read at
-//! run time from `MEDLEY_GEMM_TUNING`), else the built-in table, the same
-//! tool's output on an H100 (`cuda/tuning/h100.txt`).
+//! run time from `MEDLEY_GEMM_TUNING`), else the built-in table for the
+//! device ([`Tuning::for_kernels`]: the table of that device name, else of
+//! that GPU model, else the H100's, `cuda/tuning/h100.txt`).
 //!
 //! Arithmetic: bf16 or f16 activations and weights (one dtype for both),
 //! f32 accumulation in the tensor cores (their order, not the CPU's),
@@ -564,8 +565,38 @@ pub struct Tuning {
     device: String,
 }
 
-/// The built-in table: the tuning harness's output on an H100.
-const BUILTIN: &str = include_str!("../tuning/h100.txt");
+/// The built-in tables: the tuning harness's output per GPU, each naming
+/// its device on its `# device:` line. The first is the fallback.
+const BUILTIN_TABLES: [(&str, &str); 1] = [("cuda/tuning/h100.txt", include_str!("../tuning/h100.txt"))];
+
+/// How [`Tuning::builtin_for`] chose its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TableMatch {
+    /// The table was measured on a device of exactly this name.
+    Exact,
+    /// Same GPU model, another variant (`NVIDIA H100 PCIe` for a table of
+    /// `NVIDIA H100 80GB HBM3`): the model is the first word after the
+    /// vendor.
+    Model,
+    /// No table for this GPU model: the first built-in table (the H100's).
+    /// Choices stay correct on any device (only loaded kernels are picked);
+    /// they may not be the fastest there, which a harness run fixes.
+    Fallback,
+}
+
+/// The GPU model in a device name: the first word after `NVIDIA` (`H200`
+/// in `NVIDIA H200 NVL`), else the first word; case-insensitive.
+fn gpu_model(name: &str) -> String {
+    let mut words = name.split_whitespace();
+    let first = words.next().unwrap_or("");
+    let model = if first.eq_ignore_ascii_case("nvidia") {
+        words.next().unwrap_or("")
+    } else {
+        first
+    };
+    model.to_ascii_lowercase()
+}
 
 impl Tuning {
     /// Parses a table written by the tuning harness: `#` comment lines
@@ -640,24 +671,60 @@ impl Tuning {
         &self.device
     }
 
-    /// The built-in table (the harness's H100 output, compiled in).
+    /// The fallback built-in table (the harness's H100 output, compiled in).
     pub fn builtin() -> Tuning {
-        Tuning::parse(BUILTIN).expect("cuda/tuning/h100.txt parses")
+        let (file, text) = BUILTIN_TABLES[0];
+        Tuning::parse(text).unwrap_or_else(|e| panic!("{file} parses: {e:?}"))
     }
 
-    /// The table in the file `MEDLEY_GEMM_TUNING` names, else the built-in
-    /// one. A file that cannot be read or parsed is an error (never
-    /// silently ignored).
+    /// The built-in table for the device named `device` (as the driver
+    /// reports it, [`Kernels::device_name`]): the table measured on a device
+    /// of that exact name, else one of the same GPU model ([`TableMatch`]),
+    /// else the fallback, the H100 table. Built-in tables: the files of
+    /// `cuda/tuning/` (the harness, `tune_experts`, writes one for any GPU).
+    pub fn builtin_for(device: &str) -> (Tuning, TableMatch) {
+        let tables = BUILTIN_TABLES
+            .map(|(file, text)| Tuning::parse(text).unwrap_or_else(|e| panic!("{file} parses: {e:?}")));
+        let model = gpu_model(device);
+        if let Some(t) = tables.iter().find(|t| t.device.trim() == device.trim()) {
+            return (t.clone(), TableMatch::Exact);
+        }
+        if let Some(t) = tables
+            .iter()
+            .find(|t| !model.is_empty() && gpu_model(&t.device) == model)
+        {
+            return (t.clone(), TableMatch::Model);
+        }
+        (Tuning::builtin(), TableMatch::Fallback)
+    }
+
+    /// The table for the device `kernels` run on: the file `MEDLEY_GEMM_TUNING`
+    /// names when it is set, else [`Tuning::builtin_for`] that device. A file
+    /// that cannot be read or parsed is an error (never silently ignored).
+    pub fn for_kernels(kernels: &Kernels) -> Result<Tuning, TuningError> {
+        match Self::env_table()? {
+            Some(t) => Ok(t),
+            None => Ok(Tuning::builtin_for(kernels.device_name()).0),
+        }
+    }
+
+    /// The table in the file `MEDLEY_GEMM_TUNING` names, else the fallback
+    /// built-in one (whatever the device: prefer [`Tuning::for_kernels`]).
+    /// A file that cannot be read or parsed is an error.
     pub fn from_env() -> Result<Tuning, TuningError> {
+        Ok(Self::env_table()?.unwrap_or_else(Tuning::builtin))
+    }
+
+    fn env_table() -> Result<Option<Tuning>, TuningError> {
         match std::env::var_os("MEDLEY_GEMM_TUNING") {
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| TuningError::Read {
                     path: path.to_string_lossy().into_owned(),
                     message: e.to_string(),
                 })?;
-                Tuning::parse(&text)
+                Tuning::parse(&text).map(Some)
             }
-            None => Ok(Tuning::builtin()),
+            None => Ok(None),
         }
     }
 
@@ -1035,6 +1102,35 @@ mod tests {
             assert_eq!(e.gemm.config().epilogue, e.epilogue);
             assert_eq!(e.gemm.config().dtype, e.dtype);
             assert!((e.bucket as usize) < BUCKETS && e.micros > 0.0);
+        }
+    }
+
+    #[test]
+    fn each_device_gets_the_table_of_its_name_or_model_else_the_fallback() {
+        let h100 = Tuning::builtin();
+        let (t, m) = Tuning::builtin_for(h100.device());
+        assert_eq!((t.device(), m), (h100.device(), TableMatch::Exact));
+        let (t, m) = Tuning::builtin_for("NVIDIA H100 PCIe");
+        assert_eq!((t.device(), m), (h100.device(), TableMatch::Model));
+        assert_eq!(Tuning::builtin_for("nvidia h100 nvl").1, TableMatch::Model);
+        // No built-in table for these models (yet): the H100 table.
+        for name in [
+            "NVIDIA H200",
+            "NVIDIA A100-SXM4-80GB",
+            "NVIDIA GeForce RTX 4090",
+            "",
+            "H20",
+        ] {
+            let (t, m) = Tuning::builtin_for(name);
+            assert_eq!((t.device(), m), (h100.device(), TableMatch::Fallback), "{name:?}");
+        }
+        assert_eq!(gpu_model("NVIDIA H200 NVL"), "h200");
+        assert_eq!(gpu_model("Tesla V100"), "tesla");
+        assert_eq!(gpu_model("  "), "");
+        // Every built-in table parses and names its device.
+        for (file, text) in BUILTIN_TABLES {
+            let t = Tuning::parse(text).unwrap();
+            assert!(!t.device().is_empty() && !t.entries().is_empty(), "{file}");
         }
     }
 

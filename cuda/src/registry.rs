@@ -176,6 +176,7 @@ pub struct Kernels {
     gemms: [Option<(Func, KernelInfo)>; GEMMS.len()],
     sm_count: u32,
     compute_capability: (i32, i32),
+    device_name: String,
     cooperative: bool,
 }
 
@@ -225,6 +226,7 @@ impl Kernels {
         }
         let dev = driver::current_device()?;
         let sm_count = driver::device_attribute(dev, driver::ATTR_SM_COUNT)? as u32;
+        let device_name = driver::device_name(dev)?;
         let cc = (
             driver::device_attribute(dev, driver::ATTR_CC_MAJOR)?,
             driver::device_attribute(dev, driver::ATTR_CC_MINOR)?,
@@ -376,6 +378,7 @@ impl Kernels {
             gemms,
             sm_count,
             compute_capability: cc,
+            device_name,
             cooperative,
         })
     }
@@ -509,6 +512,12 @@ impl Kernels {
     /// Compute capability (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    /// The device's name, as the driver reports it (`NVIDIA H200`): what
+    /// [`crate::experts::Tuning::for_kernels`] matches tuning tables by.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
     }
 
     /// Whether the device supports cooperative launches (needed by the

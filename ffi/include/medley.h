@@ -2581,7 +2581,8 @@ medley_status medley_cuda_moe_choice_init(struct medley_cuda_moe_choice *choice,
  * Picks the expert GEMMs of a layer for `slots = T * k` slots over
  * `local_experts` experts of `dtype` (bf16 or f16) on the engine's device:
  * the fastest loaded configurations of the tuning table (the file
- * `MEDLEY_GEMM_TUNING` names, else the built-in H100 table), restricted
+ * `MEDLEY_GEMM_TUNING` names, else the built-in table of the device's name
+ * or GPU model, falling back to the H100 table), restricted
  * to one `generation` when it is not `MEDLEY_CUDA_MOE_GENERATION_ANY`, and
  * the plan `block_m` both need. Writes `*choice` (its `struct_size` set
  * by `medley_cuda_moe_choice_init`); on failure it is untouched.

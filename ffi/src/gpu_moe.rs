@@ -807,7 +807,8 @@ fn generation_code(g: Generation) -> u32 {
 /// Picks the expert GEMMs of a layer for `slots = T * k` slots over
 /// `local_experts` experts of `dtype` (bf16 or f16) on the engine's device:
 /// the fastest loaded configurations of the tuning table (the file
-/// `MEDLEY_GEMM_TUNING` names, else the built-in H100 table), restricted
+/// `MEDLEY_GEMM_TUNING` names, else the built-in table of the device's name
+/// or GPU model, falling back to the H100 table), restricted
 /// to one `generation` when it is not `MEDLEY_CUDA_MOE_GENERATION_ANY`, and
 /// the plan `block_m` both need. Writes `*choice` (its `struct_size` set
 /// by `medley_cuda_moe_choice_init`); on failure it is untouched.
@@ -849,7 +850,7 @@ pub unsafe extern "C" fn medley_cuda_moe_choose(
         };
         // SAFETY: the caller guarantees a live handle.
         let e = unsafe { get(engine, "engine") }?;
-        let tuning = Tuning::from_env().map_err(|_| {
+        let tuning = Tuning::for_kernels(&e.kernels).map_err(|_| {
             Fail::from(Error::Unsupported {
                 what: "the tuning table MEDLEY_GEMM_TUNING names cannot be read or parsed",
             })

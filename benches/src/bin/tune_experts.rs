@@ -5,7 +5,9 @@
 //! against host f64 dot products before timing it (a configuration that
 //! fails is reported and never chosen), and writes the best configuration
 //! per (epilogue, dtype, bucket, generation) to the table medley-cuda reads
-//! (`MEDLEY_GEMM_TUNING`, or compiled in from `cuda/tuning/h100.txt`).
+//! (`MEDLEY_GEMM_TUNING`; a table saved as `cuda/tuning/<gpu>.txt` and
+//! listed in `BUILTIN_TABLES` of `cuda/src/experts.rs` becomes that device's
+//! built-in table).
 //!
 //! Usage: `tune_experts [--out FILE] [--report FILE] [--dtype bf16|f16|both]`
 //! (defaults: `medley-tuning.txt`, `tuning-report.md`, both).
