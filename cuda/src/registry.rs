@@ -226,7 +226,9 @@ impl Kernels {
         }
         let dev = driver::current_device()?;
         let sm_count = driver::device_attribute(dev, driver::ATTR_SM_COUNT)? as u32;
-        let device_name = driver::device_name(dev)?;
+        // Only tuning-table lookup uses the name: a failed query gives ""
+        // (the fallback table) rather than no kernels.
+        let device_name = driver::device_name(dev).unwrap_or_default();
         let cc = (
             driver::device_attribute(dev, driver::ATTR_CC_MAJOR)?,
             driver::device_attribute(dev, driver::ATTR_CC_MINOR)?,
