@@ -45,10 +45,15 @@ pub const PTX_DIR_ENV: &str = "MEDLEY_PTX_DIR";
 /// The replacement text of `file` from [`PTX_DIR_ENV`], NUL-terminated, or
 /// `None` when the variable is unset or the folder has no such file.
 fn override_ptx(file: &str) -> Result<Option<Vec<u8>>, CudaError> {
-    let Some(dir) = std::env::var_os(PTX_DIR_ENV) else {
+    override_ptx_in(std::env::var_os(PTX_DIR_ENV).as_deref(), file)
+}
+
+/// [`override_ptx`] for the folder `dir` (`None`: no override).
+fn override_ptx_in(dir: Option<&std::ffi::OsStr>, file: &str) -> Result<Option<Vec<u8>>, CudaError> {
+    let Some(dir) = dir else {
         return Ok(None);
     };
-    match std::fs::read(std::path::Path::new(&dir).join(file)) {
+    match std::fs::read(std::path::Path::new(dir).join(file)) {
         Ok(mut text) if !text.contains(&0) => {
             text.push(0);
             Ok(Some(text))
@@ -572,5 +577,30 @@ impl Drop for Kernels {
         if let Ok(_g) = self.enter() {
             unload_all(&self.modules);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ptx_dir_replaces_only_the_modules_it_has() {
+        let dir = std::env::temp_dir().join(format!("medley-ptx-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ensemble.ptx"), b"// replaced\n").unwrap();
+        std::fs::write(dir.join("gating.ptx"), b"bad\0inside").unwrap();
+        let d = Some(dir.as_os_str());
+        assert_eq!(
+            override_ptx_in(d, "ensemble.ptx").unwrap().unwrap(),
+            b"// replaced\n\0"
+        );
+        assert!(override_ptx_in(d, "routing.ptx").unwrap().is_none());
+        assert!(matches!(
+            override_ptx_in(d, "gating.ptx"),
+            Err(CudaError::Unsupported { .. })
+        ));
+        assert!(override_ptx_in(None, "ensemble.ptx").unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
