@@ -56,35 +56,42 @@ pub(crate) const BATCH: usize = 8;
 /// `[q0 + l, stream]` (`l < BATCH`), in structure-of-arrays form so the
 /// rounds vectorize: `out[w][l]` is word `w` of block `l`. Bit-identical to
 /// the scalar function.
-#[inline]
+#[inline(always)] // compiled with the SIMD level of its caller (crate::simd)
 pub(crate) fn philox4x32_10_x8(q0: u64, stream: [u32; 2], key: [u32; 2]) -> [[u32; BATCH]; 4] {
-    let mut c0 = [0u32; BATCH];
-    let mut c1 = [0u32; BATCH];
-    let mut c2 = [stream[0]; BATCH];
-    let mut c3 = [stream[1]; BATCH];
+    // Every word lives in a u64 lane (high half zero): a round's products
+    // are then whole-lane multiplies of zero-extended words (`pmuludq` /
+    // `vpmuludq`), and hi / lo a shift and a mask. With u32 lanes LLVM
+    // left the 32x32->64 products scalar: 3x slower with AVX-512, 1.3x with
+    // SSE2 (measured on the development VM).
+    const LO: u64 = 0xFFFF_FFFF;
+    let mut c0 = [0u64; BATCH];
+    let mut c1 = [0u64; BATCH];
+    let mut c2 = [stream[0] as u64; BATCH];
+    let mut c3 = [stream[1] as u64; BATCH];
     for l in 0..BATCH {
         let q = q0.wrapping_add(l as u64);
-        c0[l] = q as u32;
-        c1[l] = (q >> 32) as u32;
+        c0[l] = q & LO;
+        c1[l] = q >> 32;
     }
-    let mut k = key;
+    let (mut k0, mut k1) = (key[0] as u64, key[1] as u64);
     for round in 0..10 {
         if round > 0 {
-            k[0] = k[0].wrapping_add(W0);
-            k[1] = k[1].wrapping_add(W1);
+            k0 = (k0 + W0 as u64) & LO;
+            k1 = (k1 + W1 as u64) & LO;
         }
         for l in 0..BATCH {
-            let (hi0, lo0) = mulhilo(M0, c0[l]);
-            let (hi1, lo1) = mulhilo(M1, c2[l]);
-            let n0 = hi1 ^ c1[l] ^ k[0];
-            let n2 = hi0 ^ c3[l] ^ k[1];
+            let p0 = c0[l] * M0 as u64;
+            let p1 = c2[l] * M1 as u64;
+            let n0 = (p1 >> 32) ^ c1[l] ^ k0;
+            let n2 = (p0 >> 32) ^ c3[l] ^ k1;
             c0[l] = n0;
-            c1[l] = lo1;
+            c1[l] = p1 & LO;
             c2[l] = n2;
-            c3[l] = lo0;
+            c3[l] = p0 & LO;
         }
     }
-    [c0, c1, c2, c3]
+    let words = |c: [u64; BATCH]| core::array::from_fn(|l| c[l] as u32);
+    [words(c0), words(c1), words(c2), words(c3)]
 }
 
 /// The random word for element `index` of stream `stream` under `seed`.

@@ -4,6 +4,7 @@
 
 use medley_core::distill::{DistillOutput, distill};
 use medley_core::ensemble::{Config, Model, Output, Plausibility, combine};
+use medley_core::merge::gta::{Gta, GtaOptions, TaskParams, merge as gta_merge};
 use medley_core::merge::linear::linear;
 use medley_core::simd::{self, Level};
 use medley_core::softmax::{log_softmax, logsumexp, softmax, softmax_inplace};
@@ -83,6 +84,30 @@ fn run_all(a: &[f32], b: &[f32], v: usize) -> Vec<u32> {
     put(&m);
     linear(&[a, b], &[0.25, -0.75], false, &mut m).unwrap();
     put(&m);
+    // Task-vector merges (TIES, DARE-TIES, DELLA, task arithmetic) of a and
+    // b onto their mean: the tile walks run under simd::dispatch.
+    let base: Vec<f32> = a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect();
+    let params = [
+        TaskParams {
+            density: 0.4,
+            ..TaskParams::new(0.8)
+        },
+        TaskParams {
+            density: 0.7,
+            ..TaskParams::new(0.5)
+        },
+    ];
+    for opts in [
+        GtaOptions::task_arithmetic(),
+        GtaOptions::ties(),
+        GtaOptions::dare_ties(11, 3),
+        GtaOptions::della(Some(v), 5, 2),
+    ] {
+        let plan = Gta::new(base.len(), &params, &opts).unwrap();
+        let mut scratch = vec![0u32; plan.scratch_len()];
+        gta_merge(&[a, b], &base, &params, &opts, &mut scratch, &mut out).unwrap();
+        put(&out);
+    }
     bits
 }
 

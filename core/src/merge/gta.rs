@@ -1066,9 +1066,24 @@ impl GtaApply {
 }
 
 /// Uniform draws `rng::uniform(seed, stream, start + j)` for `j < out.len()`,
-/// one Philox block per 4 elements (the layout of [`crate::rng`]).
+/// one Philox block per 4 elements (the layout of [`crate::rng`]), at the
+/// machine's SIMD level ([`crate::simd::dispatch`], bit-identical at every
+/// level): the Philox rounds widen to 8 blocks per vector with AVX-512
+/// (DARE-TIES 1.8x faster in f32 and bf16 on the development VM,
+/// benches/results/merge.md). The walks around it stay portable: their
+/// loops are memory-bound, and no gain from dispatching them showed
+/// through the VM's noise.
 #[inline]
 fn uniforms(seed: u64, stream: [u32; 2], start: u64, out: &mut [f32]) {
+    crate::simd::dispatch(
+        #[inline(always)]
+        || uniforms_at_level(seed, stream, start, out),
+    )
+}
+
+/// [`uniforms`]' body, compiled into each SIMD level's wrapper.
+#[inline(always)]
+fn uniforms_at_level(seed: u64, stream: [u32; 2], start: u64, out: &mut [f32]) {
     const SCALE: f32 = 1.0 / 16_777_216.0;
     let key = [seed as u32, (seed >> 32) as u32];
     let end = start + out.len() as u64;
