@@ -30,11 +30,7 @@ def warp_stage(T, H, A2, steps, lab):
     L.append(f"    // {lab}: the maximum by its order key (one redux.sync; NaN as -inf)")
     L.append("    setp.nan.f32    %q, rm, rm;")
     L.append("    @%q mov.f32     rm, 0fFF800000;")
-    L.append("    mov.b32         %b1, rm;")
-    L += key("%b1", "%b1", "%b2")
-    L.append("    redux.sync.max.s32 %b3, %b1, 0xffffffff;")
-    L += key("%b3", "%b3", "%b2")
-    L.append("    mov.b32         %nm, %b3;")
+    L += redux_max("%nm", "rm")
     L.append("    // every partial rebased to it (empty ones, e = 0 or NaN, give 0)")
     L.append("    sub.f32         %d1, rm, %nm;")
     L.append("    mul.f32         %e1, %d1, %k;")
@@ -65,11 +61,7 @@ def warp_stage(T, H, A2, steps, lab):
         L.append("    and.pred        %q2, %q2, %q;")
         L.append("    max.f32         %o2, r2, rv;")
         L.append("    @%q2 mov.f32    %o2, r2;")
-        L.append("    mov.b32         %b1, %o2;")
-        L += key("%b1", "%b1", "%b2")
-        L.append("    redux.sync.max.s32 %b1, %b1, 0xffffffff;")
-        L += key("%b1", "%b1", "%b2")
-        L.append("    mov.b32         r2, %b1;")
+        L += redux_max("r2", "%o2")
     L += key("%b3", "%b3", "%b2")
     L.append("    mov.b32         rv, %b3;")
     L.append("    mov.u32         ri, %b4;")
@@ -83,6 +75,37 @@ def warp_stage(T, H, A2, steps, lab):
         if T: L.append("    add.f32         rt, rt, %ot;")
         if H: L.append("    add.f32         rh, rh, %oh;")
     return L
+
+def store_tuple(u):
+    """The tuple (32 bytes: m s v i, then t h f a2) to shared memory at %t."""
+    L = ["    mov.b32         %b3, rm;", "    mov.b32         %b4, rs;", "    mov.b32         %b2, rv;",
+         "    st.shared.v4.b32 [%t], {%b3, %b4, %b2, ri};"]
+    if u:
+        L += ["    mov.b32         %b3, rt;", "    mov.b32         %b4, rh;", "    mov.b32         %b2, r2;",
+              "    st.shared.v4.b32 [%t+16], {%b3, %b4, rf, %b2};"]
+    else:
+        L.append("    st.shared.u32   [%t+16], rf;")
+    return L
+
+
+def load_tuple(u):
+    """The tuple back from shared memory at %t (store_tuple's layout)."""
+    L = ["    ld.shared.v4.b32 {%b3, %b4, %b2, ri}, [%t];",
+         "    mov.b32         rm, %b3;", "    mov.b32         rs, %b4;", "    mov.b32         rv, %b2;"]
+    if u:
+        L += ["    ld.shared.v4.b32 {%b3, %b4, rf, %b2}, [%t+16];",
+              "    mov.b32         rt, %b3;", "    mov.b32         rh, %b4;", "    mov.b32         r2, %b2;"]
+    else:
+        L.append("    ld.shared.u32   rf, [%t+16];")
+    return L
+
+
+def redux_max(dst, src):
+    """dst = the warp's maximum of float src (by its order key; no NaN)."""
+    return (["    mov.b32         %b1, " + src + ";"] + key("%b1", "%b1", "%b2")
+            + ["    redux.sync.max.s32 %b1, %b1, 0xffffffff;"] + key("%b1", "%b1", "%b2")
+            + ["    mov.b32         " + dst + ", %b1;"])
+
 
 def func(name, T, H, A2, doc):
     u = T or H or A2
@@ -119,13 +142,7 @@ def func(name, T, H, A2, doc):
     L.append(f"    @%q bra         {P}_W1;")
     L.append("    mov.u32         %b1, sRedP;")
     L.append("    mad.lo.u32      %t, %warp, 32, %b1;")
-    L.append("    mov.b32         %b2, rv;")
-    L.append("    mov.b32         %b3, rm;\n    mov.b32         %b4, rs;\n    st.shared.v4.b32 [%t], {%b3, %b4, %b2, ri};")
-    if u:
-        L.append("    mov.b32         %b3, rt;\n    mov.b32         %b4, rh;\n    mov.b32         %b2, r2;")
-        L.append("    st.shared.v4.b32 [%t+16], {%b3, %b4, rf, %b2};")
-    else:
-        L.append("    st.shared.u32   [%t+16], rf;")
+    L += store_tuple(u)
     L.append(f"{P}_W1:")
     L.append("    bar.sync        0;")
     L.append("    setp.ne.u32     %q, %warp, 0;")
@@ -143,36 +160,18 @@ def func(name, T, H, A2, doc):
     L.append(f"    @%q bra         {P}_ID;")
     L.append("    mov.u32         %b1, sRedP;")
     L.append("    mad.lo.u32      %t, %lane, 32, %b1;")
-    L.append("    ld.shared.v4.b32 {%b3, %b4, %b2, ri}, [%t];")
-    L.append("    mov.b32         rm, %b3;\n    mov.b32         rs, %b4;\n    mov.b32         rv, %b2;")
-    if u:
-        L.append("    ld.shared.v4.b32 {%b3, %b4, rf, %b2}, [%t+16];")
-        L.append("    mov.b32         rt, %b3;\n    mov.b32         rh, %b4;\n    mov.b32         r2, %b2;")
-    else:
-        L.append("    ld.shared.u32   rf, [%t+16];")
+    L += load_tuple(u)
     L.append(f"{P}_ID:")
     L += warp_stage(T, H, A2, (4, 2, 1), "warp 0")
     L.append("    // warp 0, lane 0 publishes the result")
     L.append("    setp.ne.u32     %q, %lane, 0;")
     L.append(f"    @%q bra         {P}_B2;")
     L.append("    mov.u32         %t, sRedR;")
-    L.append("    mov.b32         %b3, rm;\n    mov.b32         %b4, rs;\n    mov.b32         %b2, rv;")
-    L.append("    st.shared.v4.b32 [%t], {%b3, %b4, %b2, ri};")
-    if u:
-        L.append("    mov.b32         %b3, rt;\n    mov.b32         %b4, rh;\n    mov.b32         %b2, r2;")
-        L.append("    st.shared.v4.b32 [%t+16], {%b3, %b4, rf, %b2};")
-    else:
-        L.append("    st.shared.u32   [%t+16], rf;")
+    L += store_tuple(u)
     L.append(f"{P}_B2:")
     L.append("    bar.sync        0;")
     L.append("    mov.u32         %t, sRedR;")
-    L.append("    ld.shared.v4.b32 {%b3, %b4, %b2, ri}, [%t];")
-    L.append("    mov.b32         rm, %b3;\n    mov.b32         rs, %b4;\n    mov.b32         rv, %b2;")
-    if u:
-        L.append("    ld.shared.v4.b32 {%b3, %b4, rf, %b2}, [%t+16];")
-        L.append("    mov.b32         rt, %b3;\n    mov.b32         rh, %b4;\n    mov.b32         r2, %b2;")
-    else:
-        L.append("    ld.shared.u32   rf, [%t+16];")
+    L += load_tuple(u)
     L.append("    ret;")
     L.append("}")
     return "\n".join(L) + "\n"
