@@ -567,7 +567,10 @@ pub struct Tuning {
 
 /// The built-in tables: the tuning harness's output per GPU, each naming
 /// its device on its `# device:` line. The first is the fallback.
-const BUILTIN_TABLES: [(&str, &str); 1] = [("cuda/tuning/h100.txt", include_str!("../tuning/h100.txt"))];
+const BUILTIN_TABLES: [(&str, &str); 2] = [
+    ("cuda/tuning/h100.txt", include_str!("../tuning/h100.txt")),
+    ("cuda/tuning/h200.txt", include_str!("../tuning/h200.txt")),
+];
 
 /// How [`Tuning::builtin_for`] chose its table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1113,14 +1116,15 @@ mod tests {
         let (t, m) = Tuning::builtin_for("NVIDIA H100 PCIe");
         assert_eq!((t.device(), m), (h100.device(), TableMatch::Model));
         assert_eq!(Tuning::builtin_for("nvidia h100 nvl").1, TableMatch::Model);
+        // The H200's own table (measured on one, 2026-12-04), for its
+        // variants too.
+        let (t, m) = Tuning::builtin_for("NVIDIA H200");
+        assert_eq!((t.device(), m), ("NVIDIA H200", TableMatch::Exact));
+        assert!(!t.entries().is_empty());
+        let (t, m) = Tuning::builtin_for("NVIDIA H200 NVL");
+        assert_eq!((t.device(), m), ("NVIDIA H200", TableMatch::Model));
         // No built-in table for these models (yet): the H100 table.
-        for name in [
-            "NVIDIA H200",
-            "NVIDIA A100-SXM4-80GB",
-            "NVIDIA GeForce RTX 4090",
-            "",
-            "H20",
-        ] {
+        for name in ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "", "H20"] {
             let (t, m) = Tuning::builtin_for(name);
             assert_eq!((t.device(), m), (h100.device(), TableMatch::Fallback), "{name:?}");
         }
