@@ -785,6 +785,9 @@ fn conformance_cpu_and_gpu() {
         }
         // MEDLEY_CONFORMANCE_VERSIONS=v1 (or v2) restricts the versions run.
         let only = std::env::var("MEDLEY_CONFORMANCE_VERSIONS").unwrap_or_default();
+        // MEDLEY_CONFORMANCE_TRACE=1 names each case before its GPU runs (the
+        // last name printed is the one a sanitizer stopped on).
+        let trace = std::env::var_os("MEDLEY_CONFORMANCE_TRACE").is_some();
         let versions: Vec<Version> = [Version::V1, Version::V2]
             .into_iter()
             .filter(|v| only.is_empty() || only.contains(&format!("{v:?}").to_lowercase()))
@@ -793,6 +796,22 @@ fn conformance_cpu_and_gpu() {
             for (c, cpu_o) in cases.iter().zip(&cpu) {
                 if version == Version::V2 && !v2_applies(c) {
                     continue;
+                }
+                if trace {
+                    eprintln!(
+                        "trace: {version:?} {}: M {} B {} V {} vms {:?} dtype {} {:?} {:?} t_out {} plaus {:?} per_row {}",
+                        c.name,
+                        c.m(),
+                        c.b,
+                        c.v,
+                        c.vms,
+                        c.dtype,
+                        c.mode,
+                        c.mask_rule,
+                        c.t_out,
+                        c.plaus,
+                        c.per_row
+                    );
                 }
                 gpu_runs += 1;
                 let plain = match run_gpu(&g, c, version, &ws, false) {
