@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Generates the block-wide reductions of ensemble_v2, ensemble_v2u and
-ensemble_v2s in ptx/ensemble.ptx: red_all, red_all_ul and red_all_u.
+ensemble_v2s in ptx/ensemble.ptx: red_all, red_all_ul and red_all_u, and
+the lean red_lin and red_lin_u (linear pass 2 without a renormalization,
+where every (max, sum, T) is (-inf, 0, 0): the same stage without the
+maximum, its rebase and those sums, so the remaining fields keep their
+bits).
 
 One warp stage, emitted per field set: the maximum and the argmax value by
 redux.sync on order-preserving keys (NaN as -inf, -0 as +0), the argmax index
 by redux.sync.min over the lanes holding that value, the flag by
 redux.sync.or, each partial's sum (and T) rebased to the maximum once, then
 the sums by a butterfly; warp 0 runs the stage again over the 8 warp
-partials. The three functions share the instructions of their common fields,
+partials. The functions share the instructions of their common fields,
 so max, sum and argmax are bit-identical whichever one runs.
 Usage: python3 ptx/gen/ensemble_red/gen.py [--write]: with --write it rewrites
-the three functions in ptx/ensemble.ptx (run ptx/check.sh after); without, it
+the functions in ptx/ensemble.ptx (run ptx/check.sh after); without, it
 checks that the file is current (CI).
 """
 import os
@@ -25,7 +29,25 @@ def key(dst, src_bits, tmp):
             f"    and.b32         {tmp}, {tmp}, 0x7FFFFFFF;",
             f"    xor.b32         {dst}, {src_bits}, {tmp};"]
 
-def warp_stage(T, H, A2, steps, lab):
+def warp_stage(T, H, A2, steps, lab, lin=False):
+    L = []
+    if not lin:
+        L += max_stage(T, lab)
+    L += arg_stage(A2)
+    if lin and not H:
+        return L
+    L.append("    // the sums by a butterfly (every lane ends with the same bits)")
+    for off in steps:
+        if not lin: L.append(f"    shfl.sync.bfly.b32 %os, rs, {off}, 0x1f, 0xffffffff;")
+        if T and not lin: L.append(f"    shfl.sync.bfly.b32 %ot, rt, {off}, 0x1f, 0xffffffff;")
+        if H: L.append(f"    shfl.sync.bfly.b32 %oh, rh, {off}, 0x1f, 0xffffffff;")
+        if not lin: L.append("    add.f32         rs, rs, %os;")
+        if T and not lin: L.append("    add.f32         rt, rt, %ot;")
+        if H: L.append("    add.f32         rh, rh, %oh;")
+    return L
+
+def max_stage(T, lab):
+    """The maximum and every partial's sum (and T) rebased to it."""
     L = []
     L.append(f"    // {lab}: the maximum by its order key (one redux.sync; NaN as -inf)")
     L.append("    setp.nan.f32    %q, rm, rm;")
@@ -44,6 +66,11 @@ def warp_stage(T, H, A2, steps, lab):
     L.append("    mul.f32         rs, rs, %e1;")
     L.append("    @!%q3 mov.f32   rs, 0f00000000;")
     L.append("    mov.f32         rm, %nm;")
+    return L
+
+def arg_stage(A2):
+    """The argmax (value, lowest index), the second largest and the flag."""
+    L = []
     L.append("    // the argmax: largest value key, then the lowest index holding it")
     L.append("    // (NaN as -inf, -0 as +0: value ties go to the lower index as before)")
     L.append("    setp.nan.f32    %q, rv, rv;")
@@ -66,14 +93,6 @@ def warp_stage(T, H, A2, steps, lab):
     L.append("    mov.b32         rv, %b3;")
     L.append("    mov.u32         ri, %b4;")
     L.append("    redux.sync.or.b32 rf, rf, 0xffffffff;")
-    L.append("    // the sums by a butterfly (every lane ends with the same bits)")
-    for off in steps:
-        L.append(f"    shfl.sync.bfly.b32 %os, rs, {off}, 0x1f, 0xffffffff;")
-        if T: L.append(f"    shfl.sync.bfly.b32 %ot, rt, {off}, 0x1f, 0xffffffff;")
-        if H: L.append(f"    shfl.sync.bfly.b32 %oh, rh, {off}, 0x1f, 0xffffffff;")
-        L.append("    add.f32         rs, rs, %os;")
-        if T: L.append("    add.f32         rt, rt, %ot;")
-        if H: L.append("    add.f32         rh, rh, %oh;")
     return L
 
 def store_tuple(u):
@@ -107,9 +126,9 @@ def redux_max(dst, src):
             + ["    mov.b32         " + dst + ", %b1;"])
 
 
-def func(name, T, H, A2, doc):
+def func(name, T, H, A2, doc, lin=False):
     u = T or H or A2
-    P = "RA" + name[7:].upper()
+    P = ("RL" if lin else "RA") + name[7:].upper()
     L = doc
     if u:
         L.append(f".func (.reg .f32 rm, .reg .f32 rs, .reg .f32 rv, .reg .u32 ri, .reg .u32 rf, .reg .f32 rt, .reg .f32 rh, .reg .f32 r2)")
@@ -121,9 +140,13 @@ def func(name, T, H, A2, doc):
     L.append("{")
     L.append("    .reg .pred  %q, %q2, %q3;")
     L.append("    .reg .b32   %lane, %warp, %t, %b1, %b2, %b3, %b4;")
-    L.append("    .reg .f32   %os, %nm, %e1, %d1, %k;")
-    if u: L.append("    .reg .f32   %ot, %oh, %o2;")
-    L.append("    mul.f32         %k, scale, 0f3FB8AA3B;")
+    if lin:
+        L.append("    .reg .f32   %os;")
+        if u: L.append("    .reg .f32   %oh, %o2;")
+    else:
+        L.append("    .reg .f32   %os, %nm, %e1, %d1, %k;")
+        if u: L.append("    .reg .f32   %ot, %oh, %o2;")
+        L.append("    mul.f32         %k, scale, 0f3FB8AA3B;")
     for r, a in (("rm", "m"), ("rs", "s"), ("rv", "v")):
         L.append(f"    mov.f32         {r}, {a};")
     L.append("    mov.u32         ri, i;")
@@ -132,7 +155,7 @@ def func(name, T, H, A2, doc):
         L.append("    mov.f32         rt, t;" if T else "    mov.f32         rt, 0f00000000;")
         L.append("    mov.f32         rh, h;")
         L.append("    mov.f32         r2, a2;" if A2 else "    mov.f32         r2, 0fFF800000;")
-    L += warp_stage(T, H, A2, (16, 8, 4, 2, 1), "each warp")
+    L += warp_stage(T, H, A2, (16, 8, 4, 2, 1), "each warp", lin)
     L.append("    // the 8 warp partials: warp 0 merges them (lanes 0..7; the others")
     L.append("    // carry the identity)")
     L.append("    mov.u32         %t, %tid.x;")
@@ -162,7 +185,7 @@ def func(name, T, H, A2, doc):
     L.append("    mad.lo.u32      %t, %lane, 32, %b1;")
     L += load_tuple(u)
     L.append(f"{P}_ID:")
-    L += warp_stage(T, H, A2, (4, 2, 1), "warp 0")
+    L += warp_stage(T, H, A2, (4, 2, 1), "warp 0", lin)
     L.append("    // warp 0, lane 0 publishes the result")
     L.append("    setp.ne.u32     %q, %lane, 0;")
     L.append(f"    @%q bra         {P}_B2;")
@@ -196,12 +219,24 @@ docs = {
                "// the other lanes' values and every lane's a2, one more redux.sync). One",
                "// pair of barriers for all.",
                "// Returns (max, sum, argmax value, index, flag, T, h, second largest)."],
+ 'red_lin': ["// red_lin: red_all for linear pass 2 without a renormalization, where",
+             "// every thread's (max, sum) is (-inf, 0) (only the renormalization's",
+             "// steps move them): the argmax and flag alone, red_all's instructions",
+             "// for them, so the same bits; m and s come back unchanged (red_all gives",
+             "// back exactly -inf and 0 for them). Saves the two max reductions, their",
+             "// rebases and the butterflies."],
+ 'red_lin_u': ["// red_lin_u: red_all_u for the same case (every (max, sum, T) is",
+               "// (-inf, 0, 0)): the argmax, second largest, flag and h alone, the same",
+               "// bits as red_all_u; m, s, t come back unchanged. Saves the two max",
+               "// reductions, their rebases and two of the three butterflies."],
 }
-ARGS = {'red_all': (0, 0, 0), 'red_all_ul': (1, 0, 1), 'red_all_u': (1, 1, 1)}
+ARGS = {'red_all': (0, 0, 0), 'red_all_ul': (1, 0, 1), 'red_all_u': (1, 1, 1),
+        'red_lin': (0, 0, 0, True), 'red_lin_u': (1, 1, 1, True)}
 
 
 def gen(name):
-    return func(name, *ARGS[name], list(docs[name]))
+    a = ARGS[name]
+    return func(name, *a[:3], list(docs[name]), *a[3:])
 
 
 def span(s, start_marker, fname):
@@ -220,13 +255,15 @@ new = gen('red_all')
 i = new.index('.func')
 out = out[:a] + new[:i] + DECL + new[i:] + out[e:]
 for n, m in (('red_all_u', '// red_all_u: red_all (the same steps'),
-             ('red_all_ul', '// red_all_ul: red_all_u without')):
+             ('red_all_ul', '// red_all_ul: red_all_u without'),
+             ('red_lin', '// red_lin: red_all for linear pass 2'),
+             ('red_lin_u', '// red_lin_u: red_all_u for')):
     a, e = span(out, m, n)
     out = out[:a] + gen(n) + out[e:]
 if '--write' in sys.argv:
     open(PTX, 'w').write(out)
 elif out != src:
-    sys.exit('ptx/gen/ensemble_red: red_all / red_all_ul / red_all_u in ptx/ensemble.ptx are stale '
+    sys.exit('ptx/gen/ensemble_red: red_all / red_all_ul / red_all_u / red_lin / red_lin_u in ptx/ensemble.ptx are stale '
              '(run python3 ptx/gen/ensemble_red/gen.py --write)')
 else:
     print('ptx/gen/ensemble_red: ptx/ensemble.ptx is current')

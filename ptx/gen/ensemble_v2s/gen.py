@@ -1,10 +1,21 @@
 #!/usr/bin/env python3
 """Regenerates ensemble_v2s at the end of ptx/ensemble.ptx.
 
-ensemble_v2s is ensemble_v2's text (copied from the file, so the two never
-drift apart) with its output phases replaced by the sampler: the fragments
-beside this script (v2s_header.ptx: the contract and v2s_select;
-v2s_sample.ptx: the sampling pass, the record merge and the outputs).
+ensemble_v2s is ensemble_v2's text (copied, so the two do not drift apart)
+with its output phases replaced by the sampler: the fragments beside this
+script (v2s_header.ptx: the contract and v2s_select; v2s_sample.ptx: the
+sampling pass, the record merge and the outputs).
+
+Which ensemble_v2: the one at V2_REV (a commit of this repository, read with
+git), plus the end-of-row barrier fix below, until a GPU run of the sampling
+suite validates a newer one. ensemble_v2's per-token fast paths and lean
+reductions of 2026-12-04 are not in the sampler yet: they were measured and
+conformance-tested on the H200 in ensemble_v2, and that session ran out of
+device time before the sampling suite could run on a regenerated
+ensemble_v2s. To move the sampler onto the current ensemble_v2: set V2_REV
+to None (the file's own ensemble_v2), fix the transforms below where they
+no longer match, --write, ptx/check.sh, then run cuda/tests/conformance.rs's
+sampling_cpu_and_gpu_pick_the_same_token on the GPU machine.
 Usage: python3 ptx/gen/ensemble_v2s/gen.py [--write]: with --write it rewrites
 ptx/ensemble.ptx from the "// ==== ensemble_v2s ====" marker on (run
 ptx/check.sh after); without, it checks that the file is current (CI).
@@ -16,7 +27,21 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTX = os.path.join(HERE, '..', '..', 'ensemble.ptx')
 src = open(PTX).read()
-lines = src.split('\n')
+# The ensemble_v2 the sampler derives from (see the docstring); None: the
+# file's own.
+V2_REV = 'a99f45df39615bcbedcbd171c37d9a2188af89bf'
+if V2_REV is None:
+    v2src = src
+else:
+    import subprocess
+    try:
+        v2src = subprocess.run(['git', '-C', os.path.join(HERE, '..', '..', '..'), 'show',
+                                V2_REV + ':ptx/ensemble.ptx'],
+                               check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit('ptx/gen/ensemble_v2s: cannot read ptx/ensemble.ptx at %s with git (%s); '
+                 'in a shallow clone: git fetch --unshallow' % (V2_REV, e))
+lines = v2src.split('\n')
 # ensemble_v2 entry: from its .visible line to the closing brace after V2_EXIT
 start = next(i for i, l in enumerate(lines) if l.startswith('.visible .entry ensemble_v2(.param'))
 end = next(i for i in range(start, len(lines)) if lines[i] == '}' and lines[i-2] == 'V2_EXIT:')
@@ -27,6 +52,10 @@ def rep(old, new, count=1):
     n = body.count(old)
     assert n == count, (n, old[:80])
     body = body.replace(old, new)
+
+# the end-of-row barrier, non-aligned (as ensemble_v2's since V2_REV)
+rep('    bar.sync        0;      // shared row state is rewritten next\n',
+    "    // shared row state is rewritten next. barrier.sync (not bar.sync, the\n    // .aligned form): a warp's threads reach this point on different paths\n    // (thread 0 or block 0 alone stores a row's values, rows end early on\n    // NaN or masked), and the aligned form requires them to execute the\n    // same barrier instruction together; compute-sanitizer's synccheck\n    // reported divergent threads at the aligned form. ptxas 13.0 emits the\n    // same SASS for both here.\n    barrier.sync    0;\n")
 
 rep('.visible .entry ensemble_v2(.param .align 8 .b8 p[520])', '.visible .entry ensemble_v2s(.param .align 8 .b8 p[552])')
 # extra registers
