@@ -14,8 +14,20 @@ fn ensemble(c: &mut Criterion) {
     for &v in &[32_000usize, 128_256] {
         for &b in &[1usize, 64] {
             for &m in &[2usize, 4, 8] {
+                // Inputs only for a group the command line's filter selects.
+                let g = format!("ensemble/M{m}_B{b}_V{v}");
+                let ids = [
+                    "memcpy",
+                    "linear/f32",
+                    "loglinear/f32",
+                    "linear/bf16",
+                    "loglinear/bf16",
+                ];
+                if !medley_benches::filter().any(ids.map(|i| format!("{g}/{i}"))) {
+                    continue;
+                }
                 let n = m * b * v;
-                let mut group = c.benchmark_group(format!("ensemble/M{m}_B{b}_V{v}"));
+                let mut group = c.benchmark_group(g);
                 group
                     .sample_size(10)
                     .warm_up_time(Duration::from_millis(300))
@@ -68,8 +80,18 @@ fn ensemble(c: &mut Criterion) {
 fn ensemble_uncertainty(c: &mut Criterion) {
     medley_benches::simd_level_from_env();
     for &(m, b, v) in &[(2usize, 64usize, 32_000usize), (2, 64, 128_256), (8, 64, 32_000)] {
+        let g = format!("ensemble_uncertainty/M{m}_B{b}_V{v}");
+        let ids = [
+            "linear/plain",
+            "linear/uncertainty",
+            "loglinear/plain",
+            "loglinear/uncertainty",
+        ];
+        if !medley_benches::filter().any(ids.map(|i| format!("{g}/{i}"))) {
+            continue;
+        }
         let n = m * b * v;
-        let mut group = c.benchmark_group(format!("ensemble_uncertainty/M{m}_B{b}_V{v}"));
+        let mut group = c.benchmark_group(g);
         group
             .sample_size(10)
             .warm_up_time(Duration::from_millis(300))

@@ -37,10 +37,39 @@ fn rotate_bytes() -> usize {
         .unwrap_or(ROTATE_BYTES)
 }
 
-fn ensemble(c: &mut Criterion) {
-    let Some(gpu) = Gpu::open_or_skip("cuda/ensemble benchmarks") else {
-        return;
+/// Whether shape (m, b) also runs with the uncertainty outputs.
+fn with_unc(m: usize, b: usize) -> &'static [bool] {
+    if [2, 8].contains(&m) && [1, 64, 256].contains(&b) {
+        &[false, true]
+    } else {
+        &[false]
+    }
+}
+
+/// The kernel versions shape (m, b) runs.
+fn versions(b: usize) -> &'static [Version] {
+    if b == 1 || b == 256 {
+        &[Version::Auto, Version::V1]
+    } else {
+        &[Version::Auto]
+    }
+}
+
+/// The benchmark id of one combination call.
+fn ensemble_id(m: usize, b: usize, v: usize, mode: &str, unc: bool, version: Version) -> String {
+    let name = match version {
+        Version::V1 => "v1",
+        _ => "v2",
     };
+    format!(
+        "cuda/ensemble/M{m}_B{b}_V{v}/{mode}{}/{name}",
+        if unc { "+unc" } else { "" }
+    )
+}
+
+fn ensemble(c: &mut Criterion) {
+    // Only the shapes the command line's filter selects get inputs (building
+    // the rotating inputs of every shape took most of a filtered run).
     let shapes: Vec<(usize, usize, usize)> = [32_000usize, 128_256]
         .iter()
         .flat_map(|&v| {
@@ -48,7 +77,22 @@ fn ensemble(c: &mut Criterion) {
                 .into_iter()
                 .flat_map(move |b| [2usize, 4, 8].into_iter().map(move |m| (m, b, v)))
         })
+        .filter(|&(m, b, v)| {
+            medley_benches::filter().any(["linear", "loglinear"].iter().flat_map(|mode| {
+                with_unc(m, b).iter().flat_map(move |&unc| {
+                    versions(b)
+                        .iter()
+                        .map(move |&ver| ensemble_id(m, b, v, mode, unc, ver))
+                })
+            }))
+        })
         .collect();
+    if shapes.is_empty() {
+        return;
+    }
+    let Some(gpu) = Gpu::open_or_skip("cuda/ensemble benchmarks") else {
+        return;
+    };
     let host = random_f32(11, 8 * 256 * 128_256, 8.0);
     for (m, b, v) in shapes {
         let set = m * b * v; // elements per input set (all models)
@@ -59,11 +103,7 @@ fn ensemble(c: &mut Criterion) {
         let input = Buffer::from_slice(&data).expect("inputs");
         let out = Buffer::zeroed(b * v * 4).expect("outputs");
         let unc_out: [Buffer; 4] = [(); 4].map(|_| Buffer::zeroed(b * 4).expect("uncertainty outputs"));
-        let with_unc: &[bool] = if [2, 8].contains(&m) && [1, 64, 256].contains(&b) {
-            &[false, true]
-        } else {
-            &[false]
-        };
+        let with_unc = with_unc(m, b);
         let ws_len = workspace_bytes(gpu.kernels(), b, v, m, 2).expect("workspace size");
         let ws = Buffer::zeroed(ws_len).expect("workspace");
         let bytes = (set * 2 + b * v * 4) as u64;
@@ -75,11 +115,7 @@ fn ensemble(c: &mut Criterion) {
             .throughput(Throughput::BytesDecimal(bytes));
         let weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
         let coefs: Vec<f32> = (0..m).map(|i| if i == m - 1 { -0.5 } else { 1.0 }).collect();
-        let versions: &[Version] = if b == 1 || b == 256 {
-            &[Version::Auto, Version::V1]
-        } else {
-            &[Version::Auto]
-        };
+        let versions = versions(b);
         let configs = [
             ("linear", DeviceConfig::linear(&weights)),
             ("loglinear", DeviceConfig::log_linear(&coefs)),
@@ -88,6 +124,7 @@ fn ensemble(c: &mut Criterion) {
             .iter()
             .flat_map(|(mode, cfg)| with_unc.iter().map(move |&unc| (*mode, cfg, unc)))
         {
+            let base_mode = mode;
             let mode = if unc {
                 format!("{mode}+unc")
             } else {
@@ -99,6 +136,11 @@ fn ensemble(c: &mut Criterion) {
                     Version::V1 => "v1",
                     _ => "v2",
                 };
+                // The filter above selected shapes by these ids.
+                assert_eq!(
+                    ensemble_id(m, b, v, base_mode, unc, version),
+                    format!("cuda/ensemble/M{m}_B{b}_V{v}/{mode}/{name}")
+                );
                 group.bench_function(BenchmarkId::new(&mode, name), |bch| {
                     bch.iter_custom(|iters| {
                         let start = Event::new().expect("event");
@@ -156,7 +198,34 @@ fn ensemble(c: &mut Criterion) {
 /// plain combination writing its f32 rows, on the same rotating inputs.
 /// Throughput counts only the bytes of the inputs (the floor of any
 /// sampler is reading them once).
+/// The sampling group's function names (its ids: group/mode/name).
+const SAMPLERS: [&str; 7] = [
+    "greedy",
+    "temperature",
+    "temperature_v1",
+    "min_p0.1",
+    "top_k50",
+    "top_p0.9",
+    "combine_rows",
+];
+
 fn sampling(c: &mut Criterion) {
+    // Inputs only for the groups the command line's filter selects.
+    let selected = |m: usize, b: usize, v: usize| {
+        medley_benches::filter().any(["linear", "loglinear"].iter().flat_map(|mode| {
+            SAMPLERS
+                .iter()
+                .map(move |name| format!("cuda/sample/M{m}_B{b}_V{v}/{mode}/{name}"))
+        }))
+    };
+    let any = [32_000usize, 128_256].iter().any(|&v| {
+        [1usize, 64, 256]
+            .iter()
+            .any(|&b| [2usize, 8].iter().any(|&m| selected(m, b, v)))
+    });
+    if !any {
+        return;
+    }
     let Some(gpu) = Gpu::open_or_skip("cuda/sample benchmarks") else {
         return;
     };
@@ -164,6 +233,9 @@ fn sampling(c: &mut Criterion) {
     for v in [32_000usize, 128_256] {
         for b in [1usize, 64, 256] {
             for m in [2usize, 8] {
+                if !selected(m, b, v) {
+                    continue;
+                }
                 let set = m * b * v;
                 let sets = rotate_bytes().div_ceil(set * 2).clamp(1, 4096);
                 let data: Vec<bf16> = (0..sets * set)
@@ -206,6 +278,7 @@ fn sampling(c: &mut Criterion) {
                     ("top_p0.9", Some(&topp), Version::Auto),
                     ("combine_rows", None, Version::Auto),
                 ];
+                assert!(samplers.iter().map(|s| s.0).eq(SAMPLERS));
                 for (mode, cfg) in &configs {
                     for (name, sp, version) in samplers {
                         group.bench_function(BenchmarkId::new(*mode, name), |bch| {

@@ -20,7 +20,21 @@ use medley_cuda::experts::{Epilogue, GemmDtype, Generation, Tuning, bucket};
 use medley_cuda::owned::Gpu;
 use std::time::Duration;
 
+/// The ids of one problem's group (selected by the command line's filter
+/// before its weights are built).
+fn problem_ids(name: &str, t: usize) -> impl Iterator<Item = String> + '_ {
+    ["gemm1", "gemm2"].into_iter().flat_map(move |e| {
+        ["mma", "wgmma"]
+            .into_iter()
+            .map(move |g| format!("cuda/experts/{name}_T{t}/{e}_{g}/bf16"))
+    })
+}
+
 fn experts(c: &mut Criterion) {
+    let selected = |name: &str, t: usize| medley_benches::filter().any(problem_ids(name, t));
+    if !SHAPES.iter().any(|s| TOKENS.iter().any(|&t| selected(s.0, t))) {
+        return;
+    }
     let Some(gpu) = Gpu::open_or_skip("cuda/experts benchmarks") else {
         return;
     };
@@ -41,6 +55,9 @@ fn experts(c: &mut Criterion) {
     let mut meta = Vec::new();
     for shape in SHAPES {
         for &t in &TOKENS {
+            if !selected(shape.0, t) {
+                continue;
+            }
             let p = match Problem::new(&gpu, shape, t) {
                 Ok(p) => p,
                 Err(why) => {
@@ -72,6 +89,10 @@ fn experts(c: &mut Criterion) {
                         "cuda/experts/{}_T{t} {ename}_{gname}: {}",
                         p.name,
                         id.config().name()
+                    );
+                    assert!(
+                        problem_ids(p.name, t)
+                            .any(|i| i == format!("cuda/experts/{}_T{t}/{ename}_{gname}/bf16", p.name))
                     );
                     group.bench_function(BenchmarkId::new(format!("{ename}_{gname}"), "bf16"), |bch| {
                         bch.iter_custom(|iters| {

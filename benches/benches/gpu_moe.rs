@@ -19,15 +19,41 @@ use std::time::Duration;
 
 const ROTATE_BYTES: usize = 120 << 20;
 
+/// The ids of one gating group (selected by the command line's filter
+/// before its inputs are built).
+fn gating_ids(e: usize, k: usize, t: usize) -> Vec<String> {
+    let mut names = vec!["topk_softmax"];
+    if e == 256 {
+        names.push("deepseek_v3");
+    }
+    names
+        .into_iter()
+        .flat_map(|n| ["bf16", "bf16_v1"].map(|p| format!("cuda/gating/E{e}_k{k}_T{t}/{n}/{p}")))
+        .collect()
+}
+
+const SHAPES: [(usize, usize); 4] = [(8, 2), (64, 6), (128, 8), (256, 8)];
+const TOKENS: [usize; 4] = [1, 64, 1024, 16384];
+
 fn gating(c: &mut Criterion) {
+    let selected = |e: usize, k: usize, t: usize| medley_benches::filter().any(gating_ids(e, k, t));
+    if !SHAPES
+        .iter()
+        .any(|&(e, k)| TOKENS.iter().any(|&t| selected(e, k, t)))
+    {
+        return;
+    }
     let Some(gpu) = Gpu::open_or_skip("cuda/gating benchmarks") else {
         return;
     };
     let host = random_f32(5, 1 << 22, 4.0);
     let bias_h = vec![0.0f32; 256];
     let bias = Buffer::from_slice(&bias_h).expect("bias");
-    for (e, k) in [(8usize, 2usize), (64, 6), (128, 8), (256, 8)] {
-        for t in [1usize, 64, 1024, 16384] {
+    for (e, k) in SHAPES {
+        for t in TOKENS {
+            if !selected(e, k, t) {
+                continue;
+            }
             let set = t * e;
             let sets = ROTATE_BYTES.div_ceil(set * 2).clamp(1, 4096);
             let data: Vec<bf16> = (0..sets * set)
@@ -56,6 +82,7 @@ fn gating(c: &mut Criterion) {
             for ((name, g), (param, kernel)) in
                 variants.iter().flat_map(|v| kernels.iter().map(move |k| (v, k)))
             {
+                assert!(gating_ids(e, k, t).contains(&format!("cuda/gating/E{e}_k{k}_T{t}/{name}/{param}")));
                 group.bench_function(BenchmarkId::new(*name, param), |bch| {
                     bch.iter_custom(|iters| {
                         let (start, end) = (Event::new().unwrap(), Event::new().unwrap());

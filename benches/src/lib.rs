@@ -2,8 +2,10 @@
 //! the memcpy ceiling every memory-bound benchmark is measured against.
 
 pub mod experts;
+pub mod filter;
 
 use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
+pub use filter::{Filter, filter};
 use std::hint::black_box;
 
 /// Deterministic pseudo-random `f32` values in `[-scale, scale)`
