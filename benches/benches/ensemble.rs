@@ -16,14 +16,14 @@ fn ensemble(c: &mut Criterion) {
             for &m in &[2usize, 4, 8] {
                 // Inputs only for a group the command line's filter selects.
                 let g = format!("ensemble/M{m}_B{b}_V{v}");
-                let ids = [
+                let names = [
                     "memcpy",
                     "linear/f32",
                     "loglinear/f32",
                     "linear/bf16",
                     "loglinear/bf16",
                 ];
-                if !medley_benches::filter().any(ids.map(|i| format!("{g}/{i}"))) {
+                if !medley_benches::filter().any_in(&g, &names) {
                     continue;
                 }
                 let n = m * b * v;
@@ -81,13 +81,13 @@ fn ensemble_uncertainty(c: &mut Criterion) {
     medley_benches::simd_level_from_env();
     for &(m, b, v) in &[(2usize, 64usize, 32_000usize), (2, 64, 128_256), (8, 64, 32_000)] {
         let g = format!("ensemble_uncertainty/M{m}_B{b}_V{v}");
-        let ids = [
+        let names = [
             "linear/plain",
             "linear/uncertainty",
             "loglinear/plain",
             "loglinear/uncertainty",
         ];
-        if !medley_benches::filter().any(ids.map(|i| format!("{g}/{i}"))) {
+        if !medley_benches::filter().any_in(&g, &names) {
             continue;
         }
         let n = m * b * v;

@@ -73,6 +73,11 @@ impl Filter {
     pub fn any<S: AsRef<str>, I: IntoIterator<Item = S>>(&self, ids: I) -> bool {
         ids.into_iter().any(|id| self.matches(id.as_ref()))
     }
+
+    /// Whether this run selects any benchmark `group/name` of `group`.
+    pub fn any_in(&self, group: &str, names: &[&str]) -> bool {
+        self.any(names.iter().map(|n| format!("{group}/{n}")))
+    }
 }
 
 /// This process's filter ([`Filter::from_args`] of its command line).
@@ -99,6 +104,8 @@ mod tests {
         assert!(!r.matches("cuda/ensemble/M4_B1_V32000/linear/v2"));
         assert!(r.any(["cuda/sample/M2_B1_V32000/linear/greedy", id]));
         assert!(!r.any(["cuda/sample/M2_B1_V32000/linear/greedy"]));
+        assert!(r.any_in("cuda/ensemble/M2_B1_V32000", &["linear/v1", "linear+unc/v2"]));
+        assert!(!r.any_in("cuda/ensemble/M2_B1_V32000", &["linear/v1"]));
         // A substring match, as criterion's regex filter.
         assert!(f(&["--bench", "cuda/"]).matches(id));
         assert!(!f(&["--bench", "merge/"]).matches(id));
