@@ -179,17 +179,15 @@ const MAX_TEAMS: usize = 1024;
 /// Per team: `ensemble_v2s`'s three 256-bin u64 histogram buffers.
 const SELECT_HIST_BYTES: usize = 3 * 256 * 8;
 
-/// L2 bytes a wave of v2 blocks may keep live between its two reads of
-/// the logits (linear mode; log-linear keeps its scores on chip).
-const L2_BUDGET: usize = 16 << 20;
-
 /// The v2 split for `rows x vocab` outputs of `n_models` models with
 /// `elem_bytes`-byte logits: `Ok(None)` when v2 cannot run on this device
 /// or for this shape (empty, or rows too long for the grid).
 ///
 /// Errors (never a panic or a wrapped product): `elem_bytes` not 2 or 4,
 /// more than [`MAX_DEVICE_MODELS`] models, `rows` or `vocab` above the
-/// kernels' 32-bit limits.
+/// kernels' 32-bit limits. `log_linear` names the mode: both modes share
+/// one split today (see the split's documentation in the source), and the
+/// argument stays so that a split per mode needs no change of this API.
 pub fn v2_plan(
     kernels: &Kernels,
     rows: usize,
@@ -232,7 +230,7 @@ fn plan_v2(
     vocab: usize,
     n_models: usize,
     elem_bytes: usize,
-    log_linear: bool,
+    _log_linear: bool,
 ) -> Option<V2Plan> {
     if !kernels.cooperative() || rows == 0 || vocab == 0 || n_models == 0 {
         return None;
@@ -250,25 +248,7 @@ fn plan_v2(
     if g_max == 0 {
         return None;
     }
-    // Linear mode reads a piece's logits twice: bound the chunk so a
-    // wave's inputs stay in L2 for the second read. Log-linear keeps its
-    // scores in shared memory: the largest chunk (fewest blocks per row,
-    // fewest barrier arrivals).
-    let target = if log_linear {
-        V2_MAX_CHUNK
-    } else {
-        (L2_BUDGET / (g_max * n_models * elem_bytes)).clamp(1024, V2_MAX_CHUNK) & !7
-    };
-    let mut chunks = vocab.div_ceil(target);
-    // Few rows: split them further so every SM has work, but keep at least
-    // one full 2048-token step per block (more blocks than that only add
-    // arrivals at the row's barrier).
-    if rows * chunks < g_max {
-        chunks = chunks.max(g_max.div_ceil(rows).min(vocab.div_ceil(2048)));
-    }
-    chunks = chunks.min(g_max).max(1);
-    let chunk = vocab.div_ceil(chunks).next_multiple_of(8);
-    let chunks = vocab.div_ceil(chunk);
+    let (chunk, chunks, teams) = split_v2(rows, vocab, g_max, elem_bytes);
     // Rows too long for the grid at V2_MAX_CHUNK per block, or a device
     // without that much shared memory per block: v1 runs.
     if chunk > V2_MAX_CHUNK
@@ -276,12 +256,52 @@ fn plan_v2(
     {
         return None;
     }
-    let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);
     Some(V2Plan {
         chunk: chunk as u32,
         chunks: chunks as u32,
         teams: teams as u32,
     })
+}
+
+/// A v2 row's fixed cost, in bytes of one block's piece: what a row costs
+/// beyond streaming its piece (the team barriers, the per-model reductions
+/// and merges, the first loads' latency). Fit on the H200 (2026-12-04,
+/// `benches/results/ensemble-plan.md`): a team's time per row was close to
+/// `ROW_COST_BYTES + chunk x elem_bytes` times a per-model constant for
+/// chunks of 1976 to 11664 tokens at M = 2 and 8; the same-run benchmarks
+/// of every shape did not move between 4096 and 18432.
+const ROW_COST_BYTES: usize = 9216;
+
+/// The split of `rows` rows of `vocab` tokens over `g_max >= 1` co-resident
+/// blocks: `(chunk, chunks, teams)`. Each row is `chunks` blocks of `chunk`
+/// tokens (a multiple of 8; above [`V2_MAX_CHUNK`] only when a row is too
+/// long for the grid, where the caller falls back to v1), `teams` rows run
+/// at once (`teams x chunks <= g_max`), so a call takes
+/// `ceil(rows / teams)` rounds. The number of blocks per row ranges from
+/// the fewest [`V2_MAX_CHUNK`] allows to one per 2048 tokens (a block
+/// below one full 2048-token step only adds arrivals at the row's
+/// barrier), at most `g_max`; the one minimizing
+/// `rounds x (ROW_COST_BYTES + chunk x elem_bytes)` wins, fewer blocks
+/// per row on a tie. Both modes: log-linear keeps its scores on chip and
+/// linear reads its piece twice, but in both a row's fixed cost (barriers,
+/// merges, latency) is what a short piece cannot hide, and the rounds are
+/// what a split that leaves SMs idle costs.
+fn split_v2(rows: usize, vocab: usize, g_max: usize, elem_bytes: usize) -> (usize, usize, usize) {
+    let lo = vocab.div_ceil(V2_MAX_CHUNK).clamp(1, g_max);
+    let hi = vocab.div_ceil(2048).min(g_max).max(lo);
+    let mut best = (usize::MAX, 0, 0, 0);
+    for n in lo..=hi {
+        let chunk = vocab.div_ceil(n).next_multiple_of(8);
+        let chunks = vocab.div_ceil(chunk);
+        let teams = (g_max / chunks).min(rows).clamp(1, MAX_TEAMS);
+        let cost = rows
+            .div_ceil(teams)
+            .saturating_mul(ROW_COST_BYTES + chunk * elem_bytes);
+        if cost < best.0 {
+            best = (cost, chunk, chunks, teams);
+        }
+    }
+    (best.1, best.2, best.3)
 }
 
 /// Workspace bytes [`Combine`] needs to run `ensemble_v2` for this call
@@ -1074,6 +1094,47 @@ impl crate::Launch for Sample<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The split's invariants over a grid of shapes and grid sizes (the H100
+    /// and H200 have 132 SMs; 528 = 4 blocks each), and the shapes whose
+    /// H200 timings chose it (benches/results/ensemble-plan.md).
+    #[test]
+    fn split_v2_covers_rows_within_the_grid_in_the_fewest_rounds_it_can() {
+        for g_max in [1usize, 7, 132, 528, 2048] {
+            for vocab in [1usize, 8, 2047, 2048, 2049, 32_000, 128_256, 1 << 20, 1 << 24] {
+                for rows in [1usize, 2, 8, 63, 64, 65, 256, 5000] {
+                    for eb in [2usize, 4] {
+                        let (chunk, chunks, teams) = split_v2(rows, vocab, g_max, eb);
+                        let at = format!("rows {rows} vocab {vocab} g_max {g_max} elem {eb}");
+                        assert_eq!(chunk % 8, 0, "{at}");
+                        assert!(chunk * chunks >= vocab && chunk * (chunks - 1) < vocab, "{at}");
+                        assert!(chunks >= 1 && chunks <= g_max, "{at}");
+                        assert!(teams >= 1 && teams <= rows.min(MAX_TEAMS), "{at}");
+                        if chunk <= V2_MAX_CHUNK {
+                            assert!(teams * chunks <= g_max, "{at}");
+                        }
+                        // A row of at least one 2048-token step per block never
+                        // gets more blocks than such steps.
+                        if vocab >= 2048 && chunk <= V2_MAX_CHUNK {
+                            assert!(chunks <= vocab.div_ceil(2048), "{at}");
+                        }
+                    }
+                }
+            }
+        }
+        // 64 rows of 32000 bf16 tokens on 528 blocks: one round of 8 blocks a
+        // row, every row at once (the split before took 9 blocks a row, so 58 teams and two
+        // rounds: 34.3 -> 19.8 us linear, 21.1 -> 13.4 us log-linear, M = 2).
+        assert_eq!(split_v2(64, 32_000, 528, 2), (4000, 8, 64));
+        // 256 rows of 128256: 12 blocks of 10688 tokens, 44 teams, 6 rounds
+        // (before, linear at M = 8: 65 blocks of 1976, 8 teams, 32 rounds:
+        // 1214 -> 532 us).
+        assert_eq!(split_v2(256, 128_256, 528, 2), (10688, 12, 44));
+        // Decode: one row over every 2048-token step.
+        assert_eq!(split_v2(1, 128_256, 528, 2), (2040, 63, 1));
+        // Too long for the grid: more than V2_MAX_CHUNK a block (v1 runs).
+        assert!(split_v2(1, 1 << 24, 528, 2).0 > V2_MAX_CHUNK);
+    }
 
     /// A fake device view (never dereferenced: build_params only checks
     /// shapes, nullness and alignment).
