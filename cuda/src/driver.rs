@@ -24,6 +24,10 @@ pub type CuStream = *mut c_void;
 pub type CuEvent = *mut c_void;
 /// `CUdeviceptr`.
 pub type CuDevicePtr = u64;
+/// `CUgraph`.
+pub type CuGraph = *mut c_void;
+/// `CUgraphExec`.
+pub type CuGraphExec = *mut c_void;
 
 /// `CUDA_SUCCESS`.
 pub const SUCCESS: i32 = 0;
@@ -112,6 +116,7 @@ unsafe extern "C" {
     #[link_name = "cuEventDestroy_v2"]
     fn cuEventDestroy(event: CuEvent) -> c_int;
     fn cuStreamSynchronize(stream: CuStream) -> c_int;
+    fn cuCtxSynchronize() -> c_int;
     #[link_name = "cuMemsetD8Async"]
     fn cuMemsetD8Async(ptr: CuDevicePtr, value: u8, n: usize, stream: CuStream) -> c_int;
     #[link_name = "cuMemcpyHtoDAsync_v2"]
@@ -132,6 +137,13 @@ unsafe extern "C" {
     ) -> c_int;
     #[link_name = "cuMemcpyDtoHAsync_v2"]
     fn cuMemcpyDtoHAsync(dst: *mut c_void, src: CuDevicePtr, n: usize, stream: CuStream) -> c_int;
+    #[link_name = "cuStreamBeginCapture_v2"]
+    fn cuStreamBeginCapture(stream: CuStream, mode: c_int) -> c_int;
+    fn cuStreamEndCapture(stream: CuStream, graph: *mut CuGraph) -> c_int;
+    fn cuGraphInstantiateWithFlags(exec: *mut CuGraphExec, graph: CuGraph, flags: u64) -> c_int;
+    fn cuGraphLaunch(exec: CuGraphExec, stream: CuStream) -> c_int;
+    fn cuGraphExecDestroy(exec: CuGraphExec) -> c_int;
+    fn cuGraphDestroy(graph: CuGraph) -> c_int;
 }
 
 /// A failed driver call: the raw `CUresult` and the entry point that
@@ -484,6 +496,13 @@ pub unsafe fn stream_synchronize(stream: CuStream) -> Result<(), DriverError> {
     check(unsafe { cuStreamSynchronize(stream) }, "cuStreamSynchronize")
 }
 
+/// Waits for all work of the current context, every stream and pending
+/// copies (tests and benchmarks only).
+pub fn context_synchronize() -> Result<(), DriverError> {
+    // SAFETY: no arguments; fails cleanly without a current context.
+    check(unsafe { cuCtxSynchronize() }, "cuCtxSynchronize")
+}
+
 /// `cuMemsetD8Async`.
 ///
 /// # Safety
@@ -564,6 +583,91 @@ impl Drop for Event {
         // SAFETY: the event is owned and destroyed once.
         let _ = unsafe { cuEventDestroy(self.0) };
     }
+}
+
+/// `CUstreamCaptureMode`: what other threads may do while a stream is
+/// being captured (the driver's rules for "potentially unsafe" calls such
+/// as `cuMemAlloc` or a synchronous copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(i32)]
+pub enum CaptureMode {
+    /// `CU_STREAM_CAPTURE_MODE_GLOBAL`: an unsafe call on any thread that
+    /// has not opted out fails while the capture runs (the strictest).
+    Global = 0,
+    /// `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`: only this thread's unsafe
+    /// calls fail (the usual choice of inference engines).
+    #[default]
+    ThreadLocal = 1,
+    /// `CU_STREAM_CAPTURE_MODE_RELAXED`: nothing is refused.
+    Relaxed = 2,
+}
+
+/// `cuStreamBeginCapture`: from now on work enqueued on `stream` is
+/// recorded into a graph instead of running.
+///
+/// # Safety
+/// `stream` must be a valid stream of the current context other than the
+/// legacy default stream (0).
+pub unsafe fn stream_begin_capture(stream: CuStream, mode: CaptureMode) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller; mode is a valid enumerator.
+    check(
+        unsafe { cuStreamBeginCapture(stream, mode as c_int) },
+        "cuStreamBeginCapture",
+    )
+}
+
+/// `cuStreamEndCapture`: the graph recorded since
+/// [`stream_begin_capture`] (owned by the caller: [`graph_destroy`]).
+///
+/// # Safety
+/// `stream` must be valid and capturing.
+pub unsafe fn stream_end_capture(stream: CuStream) -> Result<CuGraph, DriverError> {
+    let mut g = core::ptr::null_mut();
+    // SAFETY: guaranteed by the caller; g is an out-pointer.
+    let rc = unsafe { cuStreamEndCapture(stream, &mut g) };
+    check(rc, "cuStreamEndCapture")?;
+    Ok(g)
+}
+
+/// `cuGraphInstantiateWithFlags(graph, 0)`: an executable graph (owned by
+/// the caller: [`graph_exec_destroy`]).
+///
+/// # Safety
+/// `graph` must be live; its context must be current.
+pub unsafe fn graph_instantiate(graph: CuGraph) -> Result<CuGraphExec, DriverError> {
+    let mut e = core::ptr::null_mut();
+    // SAFETY: guaranteed by the caller; e is an out-pointer.
+    let rc = unsafe { cuGraphInstantiateWithFlags(&mut e, graph, 0) };
+    check(rc, "cuGraphInstantiateWithFlags")?;
+    Ok(e)
+}
+
+/// `cuGraphLaunch`: enqueues one replay of `exec` on `stream`.
+///
+/// # Safety
+/// `exec` must be live; `stream` valid in its context; every device
+/// pointer the graph's nodes captured must still be valid.
+pub unsafe fn graph_launch(exec: CuGraphExec, stream: CuStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    check(unsafe { cuGraphLaunch(exec, stream) }, "cuGraphLaunch")
+}
+
+/// `cuGraphExecDestroy`.
+///
+/// # Safety
+/// `exec` must be live and is dead afterwards.
+pub unsafe fn graph_exec_destroy(exec: CuGraphExec) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    check(unsafe { cuGraphExecDestroy(exec) }, "cuGraphExecDestroy")
+}
+
+/// `cuGraphDestroy`.
+///
+/// # Safety
+/// `graph` must be live and is dead afterwards.
+pub unsafe fn graph_destroy(graph: CuGraph) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    check(unsafe { cuGraphDestroy(graph) }, "cuGraphDestroy")
 }
 
 /// An opaque 128-byte TMA descriptor (`CUtensorMap`), passed to kernels by

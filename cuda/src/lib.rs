@@ -40,6 +40,7 @@ pub mod error;
 pub mod experts;
 pub mod gating;
 mod gemm_table;
+pub mod graph;
 pub mod mem;
 #[cfg(feature = "testing")]
 pub mod owned;

@@ -10,12 +10,13 @@ use crate::mem::{DeviceSlice, DeviceSliceMut, Stream};
 use crate::registry::Kernels;
 use cust::memory::{CopyDestination, DeviceBuffer};
 
-/// A device with its own context, one stream and the loaded kernels.
+/// A device with its own context, two streams and the loaded kernels.
 #[derive(Debug)]
 pub struct Gpu {
     kernels: Kernels,
     load_ms: f64,
     stream: cust::stream::Stream,
+    graph_stream: cust::stream::Stream,
     _ctx: cust::context::Context,
 }
 
@@ -65,10 +66,13 @@ impl Gpu {
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let stream = cust::stream::Stream::new(cust::stream::StreamFlags::DEFAULT, None)
             .map_err(|e| OpenError::Failed(format!("stream creation failed ({e:?})")))?;
+        let graph_stream = cust::stream::Stream::new(cust::stream::StreamFlags::NON_BLOCKING, None)
+            .map_err(|e| OpenError::Failed(format!("stream creation failed ({e:?})")))?;
         Ok(Gpu {
             kernels,
             load_ms,
             stream,
+            graph_stream,
             _ctx: ctx,
         })
     }
@@ -107,10 +111,25 @@ impl Gpu {
         unsafe { Stream::from_raw(self.stream.as_inner().cast()) }
     }
 
-    /// Waits for everything queued on the stream.
+    /// A second stream, non-blocking, for capturing CUDA graphs
+    /// ([`crate::graph::Graph`]) and replaying them. Capturing the blocking
+    /// [`Gpu::stream`] would be invalidated by any legacy-default-stream
+    /// operation in the context while the capture runs (a synchronous copy
+    /// on another test thread: `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`, 906).
+    /// Not ordered with the legacy stream: synchronize before and after.
+    pub fn graph_stream(&self) -> Stream<'_> {
+        // SAFETY: the stream is owned by self and outlives the view.
+        unsafe { Stream::from_raw(self.graph_stream.as_inner().cast()) }
+    }
+
+    /// Waits for everything queued on both streams.
     pub fn synchronize(&self) -> Result<(), DriverError> {
-        // SAFETY: the stream is live; its context was made current by open.
-        unsafe { driver::stream_synchronize(self.stream.as_inner().cast()) }
+        // SAFETY: the streams are live; their context was made current by
+        // open.
+        unsafe {
+            driver::stream_synchronize(self.stream.as_inner().cast())?;
+            driver::stream_synchronize(self.graph_stream.as_inner().cast())
+        }
     }
 }
 
@@ -178,6 +197,26 @@ impl Buffer {
         // SAFETY: as `view`; tests use each output view for one launch at a
         // time and synchronize before reading the buffer back.
         unsafe { DeviceSliceMut::from_raw(self.as_raw(), n) }
+    }
+
+    /// Overwrites the buffer's first bytes with `data` and waits until they
+    /// are in device memory (a context-wide synchronize, so work on any
+    /// stream enqueued afterwards sees them, non-blocking streams
+    /// included). The device address stays, so a captured graph reads the
+    /// new values.
+    pub fn upload<T: bytemuck::Pod>(&mut self, data: &[T]) -> Result<(), String> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.len() > self.len() {
+            return Err(format!(
+                "upload of {} bytes into a buffer of {}",
+                bytes.len(),
+                self.len()
+            ));
+        }
+        let mut head = self.buf.index(..bytes.len());
+        head.copy_from(bytes)
+            .map_err(|e| format!("copy to device failed ({e:?})"))?;
+        driver::context_synchronize().map_err(|e| e.to_string())
     }
 
     /// Copies the first `n` elements of type `T` back to the host
