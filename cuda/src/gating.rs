@@ -18,7 +18,16 @@ use medley_core::moe::MAX_K;
 use medley_core::moe::gating::{GroupScore, GroupedConfig, Scoring};
 
 use crate::specs::{GATE_WARPS as WARPS, gate_smem};
-pub use crate::specs::{MAX_DEVICE_EXPERTS, V2_MAX_EXPERTS};
+pub use crate::specs::{MAX_DEVICE_EXPERTS, V2_MAX_EXPERTS, V3_MAX_EXPERTS};
+
+/// The v2 entry of a mode.
+fn v2_kernel(mode: u32) -> Kernel {
+    if mode == 2 {
+        Kernel::GateGroupedV2
+    } else {
+        Kernel::GateTopkV2
+    }
+}
 
 /// Which gating kernel runs. Both give the same bits (the core's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +43,18 @@ pub enum GateKernel {
     /// `gate_topk_v2`: keys in registers, unrolled; an error above
     /// [`V2_MAX_EXPERTS`].
     V2,
+    /// `gate_topk_v3`: sorted per-lane lists of index-carrying keys, one
+    /// `redux.sync` per pick. **Not yet run on a GPU**: assembled by ptxas
+    /// 13.0 for sm_80 and sm_90 and its key transform and sorting network
+    /// checked exhaustively by its generator, but its GPU conformance test
+    /// (cuda/tests/moe.rs, `gate_topk_v3_matches_the_core_bit_for_bit`)
+    /// has not run yet, so [`GateKernel::Auto`] does not pick it. Only
+    /// renormalized top-k softmax
+    /// ([`Gating::TopkSoftmax`] with `renormalize`, [`Gating::KeepTopkSoftmax`])
+    /// over f16 or bf16 logits with `E <= V3_MAX_EXPERTS` (256),
+    /// `E % 8 == 0` and rows starting 16-byte aligned; anything else is
+    /// [`CudaError::Unsupported`].
+    V3,
 }
 
 /// Router logits `[T, E]` in device memory.
@@ -271,13 +292,27 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
             p.scale = cfg.routed_scaling_factor;
         }
     }
-    let v2 = match kernel {
-        GateKernel::Auto => e <= V2_MAX_EXPERTS && (p.mode == 2 || e > 64 || t < 4096),
-        GateKernel::V1 => false,
-        GateKernel::V2 if e <= V2_MAX_EXPERTS => true,
+    // gate_topk_v3: 16-bit logits in whole 16-byte vectors per lane, at
+    // most 8 per lane, renormalized top-k softmax.
+    let v3_ok = (p.dtype & 255 == 1 || p.dtype & 255 == 2)
+        && p.dtype & 256 != 0
+        && e.is_multiple_of(8)
+        && e <= V3_MAX_EXPERTS
+        && p.mode == 1;
+    let which = match kernel {
+        GateKernel::Auto if e <= V2_MAX_EXPERTS && (p.mode == 2 || e > 64 || t < 4096) => v2_kernel(p.mode),
+        GateKernel::Auto | GateKernel::V1 => Kernel::GateTopk,
+        GateKernel::V2 if e <= V2_MAX_EXPERTS => v2_kernel(p.mode),
         GateKernel::V2 => {
             return Err(CudaError::Unsupported {
                 what: "gate_topk_v2 takes at most V2_MAX_EXPERTS (512) experts",
+            });
+        }
+        GateKernel::V3 if v3_ok => Kernel::GateTopkV3,
+        GateKernel::V3 => {
+            return Err(CudaError::Unsupported {
+                what: "gate_topk_v3 takes renormalized top-k softmax over f16/bf16 logits with E <= 256, \
+                       E % 8 == 0 and 16-byte aligned rows",
             });
         }
     };
@@ -285,16 +320,19 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
         return Ok(());
     }
     let _ctx = kernels.enter()?;
-    let f = *kernels.func(match (v2, p.mode) {
-        (false, _) => Kernel::GateTopk,
-        (true, 2) => Kernel::GateGroupedV2,
-        (true, _) => Kernel::GateTopkV2,
-    });
+    let f = *kernels.func(which);
     let grid = (t as u32).div_ceil(WARPS);
-    let smem = gate_smem(e);
+    let smem = if which == Kernel::GateTopkV3 {
+        0
+    } else {
+        gate_smem(e)
+    };
     // SAFETY: `p` is the single 80-byte by-value parameter of gate_topk,
-    // gate_topk_v2 and gate_grouped_v2 (same layout; size asserted; the v2
-    // kernels run only modes they implement, E <= V2_MAX_EXPERTS); every device view was checked above against the extent the
+    // gate_topk_v2, gate_grouped_v2 and gate_topk_v3 (same layout; size
+    // asserted; the v2 kernels run only modes they implement, E <=
+    // V2_MAX_EXPERTS; v3 only under `v3_ok`: mode 1, 16-bit logits, E <=
+    // 256 in whole aligned 16-byte vectors, so its one vector load per lane
+    // stays inside the row); every device view was checked above against the extent the
     // kernel touches (T rows of stride elements, T * k ids and weights, E
     // bias values) and is non-null and aligned; the dynamic shared memory
     // is the 8 * (E + 256) * 4 bytes the kernel indexes; the stream belongs

@@ -21,6 +21,9 @@ pub const MAX_DEVICE_EXPERTS: usize = 1024;
 /// 16 registers per lane); `GateKernel::Auto` runs `gate_topk` above.
 pub const V2_MAX_EXPERTS: usize = 512;
 
+/// Most experts `gate_topk_v3` takes (8 keys per lane, one warp).
+pub const V3_MAX_EXPERTS: usize = 256;
+
 /// Most local experts `routing::align` takes (its per-warp counts live in
 /// shared memory).
 pub const MAX_ALIGN_EXPERTS: usize = 1024;
@@ -82,7 +85,7 @@ const fn spec(module: usize, entry: &'static CStr, cooperative: bool, smem: u32)
 }
 
 /// Every [`Kernel`]'s row, in [`Kernel::ALL`] order.
-pub const SPECS: [KernelSpec; 12] = [
+pub const SPECS: [KernelSpec; 13] = [
     spec(module::UTIL, c"fill_u32", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
@@ -110,6 +113,7 @@ pub const SPECS: [KernelSpec; 12] = [
     spec(module::ENSEMBLE, c"ensemble_v2u", true, V2_MAX_SMEM),
     spec(module::ENSEMBLE, c"ensemble_sample", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2s", true, V2_MAX_SMEM),
+    spec(module::GATING_V2, c"gate_topk_v3", false, 0),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -150,11 +154,15 @@ pub enum Kernel {
     /// the row write;
     /// launched cooperatively).
     EnsembleV2S,
+    /// `gating_v2.ptx: gate_topk_v3` (one warp per token over sorted
+    /// index-carrying keys; f16/bf16, `E <= 256`, `E % 8 == 0`, aligned
+    /// rows; renormalized top-k softmax only).
+    GateTopkV3,
 }
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
@@ -167,6 +175,7 @@ impl Kernel {
         Kernel::EnsembleV2U,
         Kernel::EnsembleSample,
         Kernel::EnsembleV2S,
+        Kernel::GateTopkV3,
     ];
 
     /// The kernel's row of [`SPECS`].
@@ -305,6 +314,7 @@ mod tests {
             "ensemble_v2u",
             "ensemble_sample",
             "ensemble_v2s",
+            "gate_topk_v3",
         ];
         for (k, name) in Kernel::ALL.iter().zip(names) {
             assert_eq!(k.entry().to_str().unwrap(), name);

@@ -20,7 +20,7 @@ use medley_core::moe::{ExpertRange, NO_EXPERT};
 use medley_core::{Rows, bf16, f16};
 mod calls;
 use calls::{align, combine, gate_with, permute};
-use medley_cuda::gating::{GateKernel, Gating, RouterLogits, V2_MAX_EXPERTS};
+use medley_cuda::gating::{GateKernel, Gating, RouterLogits, V2_MAX_EXPERTS, V3_MAX_EXPERTS};
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
 use medley_cuda::routing::{AlignOutput, DeviceMatrix, DeviceMatrixMut};
@@ -134,6 +134,81 @@ impl GateCase {
                     s[g.below(e)] = f32::INFINITY;
                     s[g.below(e)] = f32::INFINITY;
                 }
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// Whether `gate_topk_v3` takes this case (renormalized modes, 16-bit
+    /// logits, E a multiple of 8 up to 256; the buffers are aligned).
+    fn v3_applies(&self) -> bool {
+        matches!(self.mode, 1 | 2)
+            && matches!(self.dtype, 1 | 2)
+            && self.e.is_multiple_of(8)
+            && self.e <= V3_MAX_EXPERTS
+    }
+
+    /// A case `gate_topk_v3` takes, with its edge values: many ties, both
+    /// zeros, NaN of either sign, +-inf entries and rows.
+    fn random_v3(seed: u64) -> GateCase {
+        let mut g = Gen(seed);
+        let es = [8usize, 16, 32, 64, 128, 160, 256];
+        let e = es[g.below(es.len())];
+        let t = if g.chance(0.25) {
+            1 + g.below(3000)
+        } else {
+            g.below(70)
+        };
+        let mut c = GateCase {
+            t,
+            e,
+            k: 1 + g.below(e.min(32)),
+            dtype: 1 + g.below(2) as u8,
+            logits: Vec::new(),
+            mode: 1 + g.below(2) as u8,
+            n_group: 1,
+            topk_group: 1,
+            scoring: Scoring::Softmax,
+            group_score: GroupScore::Max,
+            renorm: true,
+            scale: 1.0,
+            bias: None,
+        };
+        let grid = g.chance(0.4);
+        let big = if c.dtype == 1 { 60000.0 } else { 1e30 };
+        c.logits = (0..t * e)
+            .map(|_| {
+                let x = match g.below(50) {
+                    0 => f32::NEG_INFINITY,
+                    1 => -0.0,
+                    2 => 0.0,
+                    3 => big,
+                    4 => -big,
+                    _ if grid => g.below(7) as f32 - 3.0,
+                    _ => g.range(-8.0, 8.0) as f32,
+                };
+                round(c.dtype, x)
+            })
+            .collect();
+        for row in 0..t {
+            let s = &mut c.logits[row * e..(row + 1) * e];
+            match g.below(30) {
+                0 => s.fill(f32::NEG_INFINITY),
+                1 => s[g.below(e)] = f32::NAN,
+                2 => s[g.below(e)] = f32::from_bits(0xFFC0_0000), // -NaN
+                3 => s[g.below(e)] = f32::INFINITY,
+                4 => {
+                    s[g.below(e)] = f32::INFINITY;
+                    s[g.below(e)] = f32::INFINITY;
+                }
+                5 => s.fill(0.0),
+                6 => {
+                    for (i, x) in s.iter_mut().enumerate() {
+                        *x = if i % 2 == 0 { -0.0 } else { 0.0 };
+                    }
+                }
+                7 => s.fill(f32::INFINITY),
                 _ => {}
             }
         }
@@ -263,6 +338,9 @@ fn gating_matches_the_core_bit_for_bit() {
         if c.e <= V2_MAX_EXPERTS {
             v.push(GateKernel::V2);
         }
+        if c.v3_applies() {
+            v.push(GateKernel::V3);
+        }
         v
     };
     for (c, kernel) in cases
@@ -302,7 +380,7 @@ fn gating_matches_the_core_bit_for_bit() {
         }
     }
     eprintln!(
-        "gating: {} cases, {runs} GPU runs (gate_topk and gate_topk_v2), {} differ from the core",
+        "gating: {} cases, {runs} GPU runs (gate_topk, gate_topk_v2, gate_topk_v3), {} differ from the core",
         cases.len(),
         failures.len()
     );
@@ -310,6 +388,105 @@ fn gating_matches_the_core_bit_for_bit() {
         eprintln!("  {f}");
     }
     assert!(failures.is_empty());
+}
+
+#[test]
+fn gate_topk_v3_matches_the_core_bit_for_bit() {
+    let n: u64 = std::env::var("MEDLEY_MOE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let cases: Vec<GateCase> = (0..n).map(|s| GateCase::random_v3(0x7E53_0000 + s)).collect();
+    assert!(cases.iter().all(GateCase::v3_applies));
+    let Some(g) = gpu() else { return };
+    let mut failures = Vec::new();
+    let (mut rows, mut special) = (0, 0);
+    for c in &cases {
+        let (ids, w) = c.cpu();
+        rows += c.t;
+        special += w.iter().filter(|x| x.is_nan() || **x == 0.0).count();
+        // V3 forced, and Auto (v2 here until v3 has GPU numbers).
+        for kernel in [GateKernel::V3, GateKernel::Auto] {
+            match c.gpu(&g, kernel) {
+                Err(e) => failures.push(format!("{kernel:?} T={} E={} k={}: {e}", c.t, c.e, c.k)),
+                Ok((gi, gw)) => {
+                    let wb = |v: &[f32]| {
+                        v.iter()
+                            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                            .collect::<Vec<_>>()
+                    };
+                    if gi != ids || wb(&gw) != wb(&w) {
+                        let at = (0..ids.len())
+                            .find(|&i| gi[i] != ids[i] || wb(&gw[i..i + 1]) != wb(&w[i..i + 1]))
+                            .unwrap();
+                        let row = at / c.k;
+                        failures.push(format!(
+                            "{kernel:?} T={} E={} k={} mode={} dtype={}: slot {at}: gpu ({}, {}) cpu ({}, {}); row {:?}",
+                            c.t,
+                            c.e,
+                            c.k,
+                            c.mode,
+                            c.dtype,
+                            gi[at],
+                            gw[at],
+                            ids[at],
+                            w[at],
+                            &c.logits[row * c.e..(row * c.e + c.e).min(row * c.e + 16)]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "gate_topk_v3: {} cases, {rows} rows ({special} NaN or zero weights), {} differ from the core",
+        cases.len(),
+        failures.len()
+    );
+    for f in failures.iter().take(10) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty());
+}
+
+#[test]
+fn gate_topk_v3_refuses_what_it_does_not_take() {
+    let Some(g) = gpu() else { return };
+    let base = GateCase::random_v3(0x7E53_F000);
+    for (what, f) in [
+        (
+            "f32 logits",
+            (|c: &mut GateCase| c.dtype = 0) as fn(&mut GateCase),
+        ),
+        ("E = 60", |c| {
+            c.e = 60;
+            c.k = c.k.min(60);
+            c.logits.truncate(c.t * 60);
+        }),
+        ("E = 264", |c| {
+            c.e = 264;
+            c.logits.resize(c.t * 264, 0.0);
+        }),
+        ("softmax over E (mode 0)", |c| c.mode = 0),
+    ] {
+        let mut c = base.clone();
+        c.t = c.t.max(1);
+        c.logits.resize(c.t * c.e, 1.0);
+        f(&mut c);
+        assert!(!c.v3_applies(), "{what}");
+        let err = c.gpu(&g, GateKernel::V3).unwrap_err();
+        assert!(err.contains("Unsupported"), "{what}: {err}");
+        // Auto runs another kernel, bit-exact too.
+        let (gi, gw) = c.gpu(&g, GateKernel::Auto).unwrap();
+        let (ids, w) = c.cpu();
+        assert_eq!(gi, ids, "{what}");
+        let wb = |v: &[f32]| {
+            v.iter()
+                .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(wb(&gw), wb(&w), "{what}");
+    }
 }
 
 #[test]

@@ -765,8 +765,245 @@ ENTRIES = (
 )
 
 
+# ------------------------------------------------------------ gate_topk_v3
+# Batcher's odd-even merge sort of 8 (19 comparators), descending: slot 0
+# ends up the lane's largest key. (Checked by the 0-1 principle in
+# v3_self_check below, which `main` runs before writing.)
+SORT8 = [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (1, 2), (5, 6),
+         (0, 4), (1, 5), (2, 6), (3, 7), (2, 4), (3, 5), (1, 2), (3, 4), (5, 6)]
+
+
+def v3_key(h):
+    """The key gate_topk_v3 builds from a 16-bit float pattern h (its index
+    part left 0): the f32 order key of h << 16, plus 1 so that -0 meets +0,
+    low half cleared. Mirrors the PTX below; used by v3_self_check."""
+    x = (h << 16) & 0xFFFFFFFF
+    mask = (0xFFFFFFFF if x >> 31 else 0) | 0x80000000
+    return (((x ^ mask) + 1) & 0xFFFFFFFF) & 0xFFFF0000
+
+
+def v3_self_check():
+    """Fails the generator (before anything is written) if the sort network
+    does not sort or the key transform does not order bf16 and f16 values
+    the way the core compares their f32 widenings (-0 == +0)."""
+    import math
+    import struct
+
+    for bits in range(256):
+        a = [(bits >> i) & 1 for i in range(8)]
+        for i, j in SORT8:
+            a[i], a[j] = max(a[i], a[j]), min(a[i], a[j])
+        assert a == sorted(a, reverse=True), bits
+    for name, f in (
+        ("bf16", lambda h: struct.unpack(">f", struct.pack(">I", h << 16))[0]),
+        ("f16", lambda h: struct.unpack(">e", struct.pack(">H", h))[0]),
+    ):
+        vals = sorted((h for h in range(65536) if not math.isnan(f(h))), key=f)
+        for a, b in zip(vals, vals[1:]):
+            assert (v3_key(a) < v3_key(b)) if f(a) < f(b) else (v3_key(a) == v3_key(b)), (name, a, b)
+        inf, ninf = (0xFF80, 0x0080) if name == "bf16" else (0xFC00, 0x0400)
+        for h in range(65536):
+            k = v3_key(h) >> 16
+            if math.isnan(f(h)):
+                assert k > inf or k < ninf, (name, h)
+            else:
+                assert ninf <= k <= inf, (name, h)
+
+
+def v3_body():
+    comment("this lane's 8 logits (16-byte vector load; lanes past E hold none)")
+    ins("shl.b32", "%e", "%lane", "3")
+    ins("setp.lt.u32", "%hv", "%e", "%E")
+    ins("mul.wide.u32", "%o", "%row", "%stride")
+    ins("shl.b64", "%o", "%o", "1")
+    ins("add.u64", "%rowp", "%logits", "%o")
+    ins("mul.wide.u32", "%o", "%e", "2")
+    ins("add.u64", "%a", "%rowp", "%o")
+    for s in range(8):
+        ins("mov.u32", K(s), "0")
+    emit("    @!%hv bra       V3_KEYED;")
+    ws = [r(f"w{i}", "b32") for i in range(4)]
+    emit(f"    ld.global.nc.v4.b32 {{{ws[0]}, {ws[1]}, {ws[2]}, {ws[3]}}}, [%a];")
+    comment("key = (order key of the value as f32) + 1, high half; low half 0xFFFF - index")
+    ins("sub.u32", "%ib", "65535", "%e")
+    for j in range(8):
+        x = r("x", "b32")
+        if j % 2 == 0:
+            ins("shl.b32", x, ws[j // 2], "16")
+        else:
+            ins("and.b32", x, ws[j // 2], "0xFFFF0000")
+        ins("shr.s32", "%t", x, "31")
+        ins("or.b32", "%t", "%t", "0x80000000")
+        ins("xor.b32", x, x, "%t")
+        ins("add.u32", x, x, "1")
+        ins("and.b32", x, x, "0xFFFF0000")
+        ins("sub.u32", "%t", "%ib", str(j))
+        ins("or.b32", K(j), x, "%t")
+    comment("sorted descending (Batcher's network of 8)")
+    for i, j in SORT8:
+        ins("max.u32", "%t", K(i), K(j))
+        ins("min.u32", K(j), K(i), K(j))
+        ins("mov.u32", K(i), "%t")
+    label("V3_KEYED")
+    comment("the row's smallest key (NaN check); lanes without logits do not count")
+    ins("selp.b32", "%t", K(7), "0xFFFFFFFF", "%hv")
+    ins("redux.sync.min.u32", "%rmin", "%t", "0xffffffff")
+    comment("k rounds: the warp's largest head wins (keys are unique), its lane pops it")
+    for rd in range(32):
+        if rd > 0:
+            ins("setp.le.u32", "%q", "%k", str(rd))
+            emit("    @%q bra         V3_PICKED;")
+        ins("redux.sync.max.u32", "%rk", K(0), "0xffffffff")
+        if rd == 0:
+            ins("mov.u32", "%rk0", "%rk")
+        ins("setp.eq.u32", "%qw", K(0), "%rk")
+        for s in range(7):
+            ins("mov.u32", K(s), K(s + 1), pred="%qw")
+        ins("mov.u32", K(7), "0", pred="%qw")
+        ins("setp.eq.u32", "%q", "%lane", str(rd))
+        ins("mov.u32", "%myk", "%rk", pred="%q")
+    label("V3_PICKED")
+    comment("NaN anywhere: above +inf's key or below -inf's (%kinf, %kninf per dtype)")
+    ins("shr.u32", "%t", "%rk0", "16")
+    ins("setp.gt.u32", "%q", "%t", "%kinf")
+    ins("shr.u32", "%u", "%rmin", "16")
+    ins("setp.lt.u32", "%q2", "%u", "%kninf")
+    ins("or.pred", "%q", "%q", "%q2")
+    emit("    @%q bra         V3_ROW_NAN;")
+    ins("setp.eq.u32", "%q", "%t", "%kninf")
+    emit("    @%q bra         V3_ROW_MASKED;")
+    comment("this lane's pick: index and value")
+    ins("and.b32", "%myi", "%myk", "0xFFFF")
+    ins("sub.u32", "%myi", "65535", "%myi")
+    ins("shr.u32", "%u", "%myk", "16")
+    ins("setp.lt.u32", "%q", "%u", "32768")
+    ins("sub.u32", "%u", "%u", "1", pred="%q")
+    ins("not.b32", "%u", "%u", pred="%q")
+    ins("xor.b32", "%u", "%u", "0x8000", pred="!%q")
+    ins("and.b32", "%u", "%u", "0xFFFF")
+    emit("    @%isf16 bra     V3_F16;")
+    ins("shl.b32", "%u", "%u", "16")
+    ins("mov.b32", "%myv", "%u")
+    emit("    bra.uni         V3_VALUED;")
+    label("V3_F16")
+    ins("cvt.u16.u32", "%h0", "%u")
+    ins("cvt.f32.f16", "%myv", "%h0")
+    label("V3_VALUED")
+    ins("shfl.sync.idx.b32", "%v0", "%myv", "0", "0x1f", "0xffffffff")
+    comment("softmax over the k kept logits (the +inf limit when the best is +inf)")
+    ins("setp.eq.u32", "%q", "%t", "%kinf")
+    emit("    @!%q bra        V3_FIN;")
+    ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
+    ins("and.pred", "%q", "%q", "%lt_k")
+    ins("selp.u32", "%t", "1", "0", "%q")
+    ins("redux.sync.add.u32", "%t", "%t", "0xffffffff")
+    ins("cvt.rn.f32.u32", "%y", "%t")
+    ins("div.rn.f32", "%y", "0f3F800000", "%y")
+    ins("selp.f32", "%w", "%y", "0f00000000", "%q")
+    emit("    bra.uni         V3_WRITE;")
+    label("V3_FIN")
+    ins("sub.rn.f32", "%y", "%myv", "%v0")
+    cexp("%y", "%y", "p")
+    seq_sum("%s", "%y", "K3")
+    ins("div.rn.f32", "%w", "%y", "%s")
+    emit("    bra.uni         V3_WRITE;")
+    label("V3_ROW_NAN")
+    ins("mov.u32", "%myi", "%lane")
+    ins("mov.f32", "%w", "0f7FFFFFFF")
+    emit("    bra.uni         V3_WRITE;")
+    label("V3_ROW_MASKED")
+    ins("mov.u32", "%myi", "%lane")
+    ins("mov.f32", "%w", "0f00000000")
+    label("V3_WRITE")
+    emit("    @!%lt_k bra     V3_EXIT;")
+    ins("mad.lo.u32", "%t", "%row", "%k", "%lane")
+    ins("mul.wide.u32", "%o", "%t", "4")
+    ins("add.u64", "%a", "%ids", "%o")
+    ins("st.global.u32", "[%a]", "%myi")
+    ins("add.u64", "%a", "%wts", "%o")
+    ins("st.global.f32", "[%a]", "%w")
+    label("V3_EXIT")
+    ins("ret")
+
+
+V3_PROLOGUE = """\
+    mov.u32         %th, %tid.x;
+    shr.u32         %warp, %th, 5;
+    mov.u32         %lane, %laneid;
+    mov.u32         %t, %ctaid.x;
+    mad.lo.u32      %row, %t, 8, %warp;
+    ld.param.u32    %T, [p+32];
+    setp.ge.u32     %q, %row, %T;
+    @%q bra         V3_EXIT;
+    ld.param.u64    %logits, [p+0];
+    ld.param.u64    %ids, [p+8];
+    ld.param.u64    %wts, [p+16];
+    ld.param.u32    %E, [p+36];
+    ld.param.u32    %stride, [p+40];
+    ld.param.u32    %k, [p+44];
+    ld.param.u32    %dtype, [p+48];
+    and.b32         %dtype, %dtype, 255;
+    setp.eq.u32     %isf16, %dtype, 1;
+    selp.b32        %kinf, 0xFC00, 0xFF80, %isf16;
+    selp.b32        %kninf, 0x0400, 0x0080, %isf16;
+    cvta.to.global.u64 %logits, %logits;
+    cvta.to.global.u64 %ids, %ids;
+    cvta.to.global.u64 %wts, %wts;
+    setp.lt.u32     %lt_k, %lane, %k;
+"""
+
+V3_FIXED = {
+    "pred": "q q2 qw lt_k isf16 hv",
+    "b16": "h0",
+    "b32": "th warp lane row T E stride k dtype kinf kninf e ib t u rk rk0 rmin myk myi",
+    "b64": "logits ids wts rowp a o",
+    "f32": "myv v0 y w s",
+}
+
+
+def entry_v3():
+    out.clear()
+    regs.clear()
+    for ty, names in V3_FIXED.items():
+        for n in names.split():
+            r(n, ty)
+    v3_body()
+    code = out[:]
+    by_ty = {}
+    for n, ty in regs.items():
+        by_ty.setdefault(ty, []).append("%" + n)
+    decl = []
+    for ty in ("pred", "b16", "b32", "b64", "f32"):
+        names = by_ty.get(ty, [])
+        for i in range(0, len(names), 12):
+            decl.append(f"    .reg .{ty:<5} " + ", ".join(names[i : i + 12]) + ";")
+    text = [
+        "// gate_topk_v3: mode 1 (top-k, then softmax over the kept logits:",
+        "// renormalized topk_softmax and keep_topk_softmax) for 16-bit logits",
+        "// (f16, bf16) with E <= 256, E % 8 == 0 and 16-byte aligned rows (the",
+        "// launcher checks; the others run gate_topk_v2). Lane l holds elements",
+        "// 8l..8l+7 as unique 32-bit keys: the high half is the f32 order key of",
+        "// the value plus one (so -0 and +0 meet: the core canonicalizes -0), the",
+        "// low half 0xFFFF - index (ties to the lower index). A lane sorts its 8",
+        "// keys once (19 compare-exchanges); a selection round is one",
+        "// redux.sync.max over the lanes' heads and a shift in the winning lane.",
+        "// NaN shows as a key above +inf's or below -inf's. Same parameter block,",
+        "// launch shape (one warp per token, 8 per block) and bits as gate_topk;",
+        "// no shared memory.",
+        ".visible .entry gate_topk_v3(.param .align 8 .b8 p[80]) .maxnreg 40",
+        "{",
+        *decl,
+        "",
+        V3_PROLOGUE.rstrip("\n"),
+        *code,
+        "}",
+    ]
+    return "\n".join(text) + "\n"
+
+
 def generate():
-    return "\n".join(entry(*e) for e in ENTRIES)
+    v3_self_check()
+    return "\n".join([*(entry(*e) for e in ENTRIES), entry_v3()])
 
 
 def entry(name, grouped, what):
