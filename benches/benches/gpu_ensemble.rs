@@ -16,10 +16,11 @@ use medley_benches::random_f32;
 use medley_core::bf16;
 use medley_core::sample::Sampling;
 use medley_cuda::Launch;
-use medley_cuda::driver::Event;
+use medley_cuda::driver::{CaptureMode, Event};
 use medley_cuda::ensemble::{
     Combine, DeviceConfig, DeviceLogits, DeviceModel, DeviceOutput, Sample, Version, workspace_bytes,
 };
+use medley_cuda::graph::Graph;
 use medley_cuda::mem::{DeviceRows, DeviceRowsMut};
 use medley_cuda::owned::{Buffer, Gpu};
 use std::time::Duration;
@@ -46,21 +47,28 @@ fn with_unc(m: usize, b: usize) -> &'static [bool] {
     }
 }
 
-/// The kernel versions shape (m, b) runs.
-fn versions(b: usize) -> &'static [Version] {
-    if b == 1 || b == 256 {
-        &[Version::Auto, Version::V1]
-    } else {
-        &[Version::Auto]
+/// The kernel versions shape (m, b) runs: (name, version, replayed from a
+/// CUDA graph). Decode shapes (B = 1, 8) also run `v2_graph`: the default
+/// kernel replayed from a graph holding [`GRAPH_CALLS`] calls (call i
+/// reads input set i % sets), as short kernels are timed in SGLang.
+fn versions(b: usize) -> &'static [(&'static str, Version, bool)] {
+    match b {
+        1 => &[
+            ("v2", Version::Auto, false),
+            ("v1", Version::V1, false),
+            ("v2_graph", Version::Auto, true),
+        ],
+        8 => &[("v2", Version::Auto, false), ("v2_graph", Version::Auto, true)],
+        256 => &[("v2", Version::Auto, false), ("v1", Version::V1, false)],
+        _ => &[("v2", Version::Auto, false)],
     }
 }
 
+/// Calls recorded in one graph of the `v2_graph` variant.
+const GRAPH_CALLS: usize = 256;
+
 /// The benchmark id of one combination call.
-fn ensemble_id(m: usize, b: usize, v: usize, mode: &str, unc: bool, version: Version) -> String {
-    let name = match version {
-        Version::V1 => "v1",
-        _ => "v2",
-    };
+fn ensemble_id(m: usize, b: usize, v: usize, mode: &str, unc: bool, name: &str) -> String {
     format!(
         "cuda/ensemble/M{m}_B{b}_V{v}/{mode}{}/{name}",
         if unc { "+unc" } else { "" }
@@ -82,7 +90,7 @@ fn ensemble(c: &mut Criterion) {
                 with_unc(m, b).iter().flat_map(move |&unc| {
                     versions(b)
                         .iter()
-                        .map(move |&ver| ensemble_id(m, b, v, mode, unc, ver))
+                        .map(move |&(name, _, _)| ensemble_id(m, b, v, mode, unc, name))
                 })
             }))
         })
@@ -131,16 +139,58 @@ fn ensemble(c: &mut Criterion) {
                 mode.to_string()
             };
             let linear = cfg.mode == medley_core::ensemble::Mode::Linear;
-            for &version in versions {
-                let name = match version {
-                    Version::V1 => "v1",
-                    _ => "v2",
+            // Call i of a run reads input set i % sets.
+            let call = |i: usize, version: Version, st: medley_cuda::Stream<'_>| {
+                let s = (i % sets) * set;
+                let models: Vec<DeviceModel<'_>> = (0..m)
+                    .map(|k| {
+                        let off = (s + k * b * v) * 2;
+                        // SAFETY: [off, off + b*v*2) lies inside `input`, which outlives the launch.
+                        let slice = unsafe {
+                            medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, b * v)
+                        };
+                        DeviceModel {
+                            logits: DeviceLogits::BF16(DeviceRows::dense(slice, b, v).unwrap()),
+                            temperature: 1.0,
+                        }
+                    })
+                    .collect();
+                let o = DeviceOutput {
+                    log_probs: Some(DeviceRowsMut::dense(out.view_mut::<f32>(b * v), b, v).unwrap()),
+                    entropy: unc.then(|| unc_out[0].view_mut(b)),
+                    top1_prob: unc.then(|| unc_out[1].view_mut(b)),
+                    margin: unc.then(|| unc_out[2].view_mut(b)),
+                    disagreement: (unc && linear).then(|| unc_out[3].view_mut(b)),
+                    ..Default::default()
                 };
+                let w = (version != Version::V1).then(|| ws.view_mut::<u8>(ws.len()));
+                let mut c = Combine::new(&models, cfg, o).with_version(version);
+                c.workspace = w;
+                c.launch(gpu.kernels(), st)
+            };
+            for &(name, version, graph) in versions {
+                if graph && unc {
+                    continue;
+                }
                 // The filter above selected shapes by these ids.
-                assert_eq!(
-                    ensemble_id(m, b, v, base_mode, unc, version),
-                    format!("cuda/ensemble/M{m}_B{b}_V{v}/{mode}/{name}")
-                );
+                let id = ensemble_id(m, b, v, base_mode, unc, name);
+                assert_eq!(id, format!("cuda/ensemble/M{m}_B{b}_V{v}/{mode}/{name}"));
+                if !medley_benches::filter().matches(&id) {
+                    continue;
+                }
+                if graph {
+                    let n = GRAPH_CALLS;
+                    let graph =
+                        Graph::capture_counted(gpu.graph_stream(), CaptureMode::ThreadLocal, n, |st| {
+                            (0..n).try_for_each(|i| call(i, version, st))
+                        })
+                        .expect("capture");
+                    group.bench_function(BenchmarkId::new(&mode, name), |bch| {
+                        // SAFETY: `input`, `out` and `ws` outlive `graph`.
+                        bch.iter_custom(|iters| unsafe { medley_benches::time_graph(&gpu, &graph, iters) })
+                    });
+                    continue;
+                }
                 group.bench_function(BenchmarkId::new(&mode, name), |bch| {
                     bch.iter_custom(|iters| {
                         let start = Event::new().expect("event");
@@ -148,37 +198,7 @@ fn ensemble(c: &mut Criterion) {
                         // SAFETY: the stream is the Gpu's own, live here.
                         unsafe { start.record(gpu.stream().raw()) }.expect("record");
                         for i in 0..iters as usize {
-                            let s = (i % sets) * set;
-                            let models: Vec<DeviceModel<'_>> = (0..m)
-                                .map(|k| {
-                                    let off = (s + k * b * v) * 2;
-                                    // SAFETY: [off, off + b*v*2) lies inside `input`, which outlives the launch.
-                                    let slice = unsafe {
-                                        medley_cuda::mem::DeviceSlice::from_raw(
-                                            input.as_raw() + off as u64,
-                                            b * v,
-                                        )
-                                    };
-                                    DeviceModel {
-                                        logits: DeviceLogits::BF16(DeviceRows::dense(slice, b, v).unwrap()),
-                                        temperature: 1.0,
-                                    }
-                                })
-                                .collect();
-                            let o = DeviceOutput {
-                                log_probs: Some(
-                                    DeviceRowsMut::dense(out.view_mut::<f32>(b * v), b, v).unwrap(),
-                                ),
-                                entropy: unc.then(|| unc_out[0].view_mut(b)),
-                                top1_prob: unc.then(|| unc_out[1].view_mut(b)),
-                                margin: unc.then(|| unc_out[2].view_mut(b)),
-                                disagreement: (unc && linear).then(|| unc_out[3].view_mut(b)),
-                                ..Default::default()
-                            };
-                            let w = (version != Version::V1).then(|| ws.view_mut::<u8>(ws.len()));
-                            let mut call = Combine::new(&models, cfg, o).with_version(version);
-                            call.workspace = w;
-                            call.launch(gpu.kernels(), gpu.stream()).expect("launch");
+                            call(i, version, gpu.stream()).expect("launch");
                         }
                         // SAFETY: as above.
                         unsafe { end.record(gpu.stream().raw()) }.expect("record");

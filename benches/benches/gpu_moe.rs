@@ -4,20 +4,27 @@
 //! plus ids and weights written. Shapes of the PyTorch baselines (E, k) =
 //! (8, 2), (64, 6), (128, 8), (256, 8) for T in {1, 64, 1024, 16384}, plus
 //! DeepSeek-V3 grouped routing at E = 256. `bf16` runs the default kernel
-//! (`gate_topk_v2` at these sizes), `bf16_v1` the reference `gate_topk`.
+//! (`gate_topk_v2` / `gate_grouped_v2` at these sizes), `bf16_v1` the
+//! reference `gate_topk`, `bf16_v3` `gate_topk_v3` (softmax top-k only),
+//! `bf16_graph` the default kernel replayed from a CUDA graph that holds
+//! [`GRAPH_CALLS`] calls (call i reads input set i % sets), as SGLang times its
+//! router: the launch overhead is paid once per replay.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
 use medley_core::bf16;
 use medley_core::moe::gating::GroupedConfig;
 use medley_cuda::Launch;
-use medley_cuda::driver::Event;
+use medley_cuda::driver::{CaptureMode, Event};
 use medley_cuda::gating::{Gate, GateKernel, Gating, RouterLogits};
+use medley_cuda::graph::Graph;
 use medley_cuda::mem::DeviceRows;
 use medley_cuda::owned::{Buffer, Gpu};
 use std::time::Duration;
 
 const ROTATE_BYTES: usize = 120 << 20;
+/// Calls recorded in one graph of the `bf16_graph` variant.
+const GRAPH_CALLS: usize = 1024;
 
 /// The ids of one gating group (selected by the command line's filter
 /// before its inputs are built).
@@ -28,7 +35,12 @@ fn gating_ids(e: usize, k: usize, t: usize) -> Vec<String> {
     }
     names
         .into_iter()
-        .flat_map(|n| ["bf16", "bf16_v1"].map(|p| format!("cuda/gating/E{e}_k{k}_T{t}/{n}/{p}")))
+        .flat_map(|n| {
+            ["bf16", "bf16_v1", "bf16_v3", "bf16_graph"]
+                .into_iter()
+                .filter(move |p| !(n == "deepseek_v3" && *p == "bf16_v3"))
+                .map(move |p| format!("cuda/gating/E{e}_k{k}_T{t}/{n}/{p}"))
+        })
         .collect()
 }
 
@@ -78,27 +90,54 @@ fn gating(c: &mut Criterion) {
                     },
                 ));
             }
-            let kernels = [("bf16", GateKernel::Auto), ("bf16_v1", GateKernel::V1)];
-            for ((name, g), (param, kernel)) in
+            let kernels = [
+                ("bf16", GateKernel::Auto, false),
+                ("bf16_v1", GateKernel::V1, false),
+                ("bf16_v3", GateKernel::V3, false),
+                ("bf16_graph", GateKernel::Auto, true),
+            ];
+            // Call i of a run reads input set i % sets.
+            let call = |i: usize, g: &Gating<'_>, kernel: GateKernel, s: medley_cuda::Stream<'_>| {
+                let off = (i % sets) * set * 2;
+                // SAFETY: [off, off + set * 2) lies inside `input`.
+                let slice =
+                    unsafe { medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, set) };
+                let logits = RouterLogits::BF16(DeviceRows::dense(slice, t, e).unwrap());
+                Gate::new(logits, k, g, ids.view_mut(t * k), w.view_mut(t * k))
+                    .with_kernel(kernel)
+                    .launch(gpu.kernels(), s)
+            };
+            for ((name, g), (param, kernel, graph)) in
                 variants.iter().flat_map(|v| kernels.iter().map(move |k| (v, k)))
             {
+                // gate_topk_v3 takes the softmax top-k rows only.
+                if *name == "deepseek_v3" && *param == "bf16_v3" {
+                    continue;
+                }
                 assert!(gating_ids(e, k, t).contains(&format!("cuda/gating/E{e}_k{k}_T{t}/{name}/{param}")));
+                if !medley_benches::filter().matches(&format!("cuda/gating/E{e}_k{k}_T{t}/{name}/{param}")) {
+                    continue;
+                }
+                if *graph {
+                    let n = GRAPH_CALLS;
+                    let graph =
+                        Graph::capture_counted(gpu.graph_stream(), CaptureMode::ThreadLocal, n, |s| {
+                            (0..n).try_for_each(|i| call(i, g, *kernel, s))
+                        })
+                        .expect("capture");
+                    group.bench_function(BenchmarkId::new(*name, param), |bch| {
+                        // SAFETY: `input`, `ids` and `w` outlive `graph`.
+                        bch.iter_custom(|iters| unsafe { medley_benches::time_graph(&gpu, &graph, iters) })
+                    });
+                    continue;
+                }
                 group.bench_function(BenchmarkId::new(*name, param), |bch| {
                     bch.iter_custom(|iters| {
                         let (start, end) = (Event::new().unwrap(), Event::new().unwrap());
                         // SAFETY: the Gpu's own stream is live.
                         unsafe { start.record(gpu.stream().raw()) }.unwrap();
                         for i in 0..iters as usize {
-                            let off = (i % sets) * set * 2;
-                            // SAFETY: [off, off + set * 2) lies inside `input`.
-                            let slice = unsafe {
-                                medley_cuda::mem::DeviceSlice::from_raw(input.as_raw() + off as u64, set)
-                            };
-                            let logits = RouterLogits::BF16(DeviceRows::dense(slice, t, e).unwrap());
-                            Gate::new(logits, k, g, ids.view_mut(t * k), w.view_mut(t * k))
-                                .with_kernel(*kernel)
-                                .launch(gpu.kernels(), gpu.stream())
-                                .expect("launch");
+                            call(i, g, *kernel, gpu.stream()).expect("launch");
                         }
                         // SAFETY: as above.
                         unsafe { end.record(gpu.stream().raw()) }.unwrap();

@@ -52,3 +52,37 @@ pub fn simd_level_from_env() {
     };
     force(level);
 }
+
+/// Criterion's time for `iters` calls recorded in `graph` (which holds
+/// [`Graph::calls`] of them, back to back): replays the graph
+/// `ceil(iters / calls)` times between two events on the Gpu's graph stream and
+/// scales the elapsed time to `iters` calls. This is how SGLang and
+/// Triton's `do_bench_cudagraph` time short kernels: launch overhead is
+/// paid once per replay, not once per call.
+///
+/// # Safety
+/// Every buffer the graph's calls name must be alive.
+///
+/// [`Graph::calls`]: medley_cuda::graph::Graph::calls
+pub unsafe fn time_graph(
+    gpu: &medley_cuda::owned::Gpu,
+    graph: &medley_cuda::graph::Graph,
+    iters: u64,
+) -> std::time::Duration {
+    use medley_cuda::driver::Event;
+    let per = graph.calls().max(1) as u64;
+    let replays = iters.div_ceil(per).max(1);
+    let (start, end) = (Event::new().expect("event"), Event::new().expect("event"));
+    // SAFETY: the Gpu's own stream is live.
+    unsafe { start.record(gpu.graph_stream().raw()) }.expect("record");
+    for _ in 0..replays {
+        // SAFETY: the caller keeps every buffer the graph's calls name
+        // alive (this function's contract).
+        unsafe { graph.launch(gpu.graph_stream()) }.expect("graph launch");
+    }
+    // SAFETY: as above.
+    unsafe { end.record(gpu.graph_stream().raw()) }.expect("record");
+    end.synchronize().expect("sync");
+    let ms = end.elapsed_ms(&start).expect("elapsed") as f64;
+    std::time::Duration::from_secs_f64(ms / 1e3 * iters as f64 / (replays * per) as f64)
+}
