@@ -849,6 +849,7 @@ def v3_body():
     ins("selp.b32", "%t", K(7), "0xFFFFFFFF", "%hv")
     ins("redux.sync.min.u32", "%rmin", "%t", "0xffffffff")
     comment("k rounds: the warp's largest head wins (keys are unique), its lane pops it")
+    ins("mov.u32", "%myk", "0")  # lanes >= k get no pick (their values are never used)
     for rd in range(32):
         if rd > 0:
             ins("setp.le.u32", "%q", "%k", str(rd))

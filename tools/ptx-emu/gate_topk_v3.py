@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""Runs gate_topk_v3's PTX (ptx/gating_v2.ptx) in a small warp emulator on
+the CPU and compares its ids and weights bit for bit with the core
+(medley_moe_topk_softmax / medley_moe_keep_topk_softmax of the C ABI's
+cdylib, so the reference is the Rust core itself).
+
+Not a substitute for the GPU conformance test (cuda/tests/moe.rs): it
+checks the kernel's logic as written (registers, predicates, branches, the
+key transform, the sort, the rounds, the NaN / masked / +inf rows, the
+exponential and the sums), not what ptxas makes of it, and it models
+memory and the warp collectives only as far as this kernel uses them.
+
+Usage: cargo build -p medley-ffi && python3 tools/ptx-emu/gate_topk_v3.py [ROWS]
+(ROWS: about how many token rows to emulate over all cases, default 1500;
+about 15 ms a row). Needs numpy. Exit 1 on any difference. MEDLEY_EMU_PTX
+points it at another PTX file (how its sensitivity was checked: five
+deliberate mutations of the kernel, -0/+0, tie order, one sort comparator,
+the NaN-below--inf check and the +inf rows, each fail it). MEDLEY_EMU_SEED
+picks the cases (default 0x7E53, what CI runs).
+"""
+import ctypes
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+M32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------ parsing
+def load_entry(name):
+    text = open(os.environ.get("MEDLEY_EMU_PTX", os.path.join(ROOT, "ptx/gating_v2.ptx"))).read()
+    start = text.index(f".visible .entry {name}(")
+    body = text[text.index("{", start) + 1 :]
+    depth, end = 1, 0
+    for i, ch in enumerate(body):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth == 0:
+            end = i
+            break
+    lines = [ln.split("//")[0].strip() for ln in body[:end].splitlines()]
+    prog, labels = [], {}
+    for ln in lines:
+        if not ln or ln.startswith(".reg"):
+            continue
+        if ln.endswith(":"):
+            labels[ln[:-1]] = len(prog)
+            continue
+        assert ln.endswith(";"), ln
+        ln = ln[:-1]
+        pred = None
+        if ln.startswith("@"):
+            p, ln = ln.split(None, 1)
+            pred = (p[1:].lstrip("!"), p.startswith("@!"))
+        op, _, rest = ln.partition(" ")
+        args = split_args(rest.strip())
+        prog.append((pred, op, args))
+    return prog, labels
+
+
+def split_args(s):
+    out, cur, depth = [], "", 0
+    for ch in s:
+        if ch in "{[":
+            depth += 1
+        if ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+# ------------------------------------------------------------------ values
+def f2b(x):
+    return struct.unpack("<I", struct.pack("<f", np.float32(x)))[0]
+
+
+def b2f(b):
+    return np.frombuffer(struct.pack("<I", b & M32), dtype=np.float32)[0]
+
+
+def s32(v):
+    v &= M32
+    return v - (1 << 32) if v >> 31 else v
+
+
+class Lane:
+    def __init__(self, sregs):
+        self.r = dict(sregs)
+        self.pc = 0
+        self.done = False
+
+    def val(self, a):
+        if a.startswith("%"):
+            return self.r[a]
+        if a.startswith("0f"):
+            return int(a[2:], 16)
+        if a.startswith("0x") or a.startswith("-0x"):
+            return int(a, 16) & M32
+        return int(a) & M32
+
+
+SYNC = ("redux.sync", "shfl.sync")
+
+
+def step(lane, ins, mem, params, labels):
+    """Executes one non-collective instruction; returns False at a
+    collective (not executed) so the warp can run it for every lane."""
+    pred, op, a = ins
+    if pred is not None:
+        v = lane.r[pred[0]]
+        if v == pred[1]:  # predicate false (or !true)
+            lane.pc += 1
+            return True
+    if op.startswith(SYNC):
+        return False
+    lane.pc += 1
+    R = lane.r
+    base = op.split(".")[0]
+    ty = op.split(".")[-1]
+    if base == "bra":
+        lane.pc = labels[a[0]]
+    elif base == "ret":
+        lane.done = True
+    elif op == "ld.param.u32":
+        off = int(re.match(r"\[p\+(\d+)\]", a[1]).group(1))
+        R[a[0]] = struct.unpack_from("<I", params, off)[0]
+    elif op == "ld.param.u64":
+        off = int(re.match(r"\[p\+(\d+)\]", a[1]).group(1))
+        R[a[0]] = struct.unpack_from("<Q", params, off)[0]
+    elif op == "cvta.to.global.u64":
+        R[a[0]] = R[a[1]]
+    elif op.startswith("ld.global") and ".v4." in op:
+        regs = [x.strip() for x in a[0].strip("{}").split(",")]
+        addr = R[a[1].strip("[]")]
+        for i, rg in enumerate(regs):
+            R[rg] = mem.load32(addr + 4 * i)
+    elif op.startswith("st.global"):
+        mem.store32(R[a[0].strip("[]")], lane.val(a[1]))
+    elif base == "mov":
+        R[a[0]] = lane.val(a[1])
+    elif base == "selp":
+        R[a[0]] = lane.val(a[1]) if R[a[3]] else lane.val(a[2])
+    elif base == "setp":
+        cmp_, t = op.split(".")[1], op.split(".")[-1]
+        x, y = lane.val(a[1]), lane.val(a[2])
+        if t == "f32":
+            fx, fy = b2f(x), b2f(y)
+            res = {
+                "lt": fx < fy, "le": fx <= fy, "gt": fx > fy, "ge": fx >= fy,
+                "eq": fx == fy, "ne": fx != fy, "nan": bool(np.isnan(fx) or np.isnan(fy)),
+            }[cmp_]
+        else:
+            if t == "s32":
+                x, y = s32(x), s32(y)
+            res = {"lt": x < y, "le": x <= y, "gt": x > y, "ge": x >= y, "eq": x == y, "ne": x != y}[cmp_]
+        R[a[0]] = bool(res)
+    elif op in ("and.pred", "or.pred"):
+        x, y = R[a[1]], R[a[2]]
+        R[a[0]] = (x and y) if base == "and" else (x or y)
+    elif ty in ("u32", "s32", "b32") and base in ("add", "sub", "and", "or", "xor", "shl", "shr", "max", "min", "not", "mul", "mad"):
+        x = lane.val(a[1])
+        y = lane.val(a[2]) if len(a) > 2 else 0
+        if base == "add":
+            v = x + y
+        elif base == "sub":
+            v = x - y
+        elif base == "and":
+            v = x & y
+        elif base == "or":
+            v = x | y
+        elif base == "xor":
+            v = x ^ y
+        elif base == "not":
+            v = ~x
+        elif base == "shl":
+            v = x << y if y < 32 else 0
+        elif base == "shr":
+            v = (s32(x) >> min(y, 31)) if ty == "s32" else (x >> y if y < 32 else 0)
+        elif base == "max":
+            v = max(s32(x), s32(y)) if ty == "s32" else max(x, y)
+        elif base == "min":
+            v = min(s32(x), s32(y)) if ty == "s32" else min(x, y)
+        elif op == "mul.wide.u32":
+            R[a[0]] = x * y
+            return True
+        elif op == "mad.lo.u32":
+            v = x * y + lane.val(a[3])
+        else:
+            raise NotImplementedError(op)
+        R[a[0]] = v & M32
+    elif op in ("add.u64", "shl.b64"):
+        x, y = lane.val(a[1]), lane.val(a[2])
+        R[a[0]] = ((x + y) if base == "add" else (x << y)) & 0xFFFFFFFFFFFFFFFF
+    elif ty == "f32" and base in ("add", "sub", "mul", "div"):
+        x, y = b2f(lane.val(a[1])), b2f(lane.val(a[2]))
+        with np.errstate(all="ignore"):
+            v = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y}[base]
+        assert op.split(".")[1] == "rn", op
+        R[a[0]] = f2b(np.float32(v))
+    elif op == "cvt.u16.u32":
+        R[a[0]] = lane.val(a[1]) & 0xFFFF
+    elif op == "cvt.f32.f16":
+        h = np.frombuffer(struct.pack("<H", lane.val(a[1]) & 0xFFFF), dtype=np.float16)[0]
+        R[a[0]] = f2b(np.float32(h))
+    elif op == "cvt.rn.f32.u32":
+        R[a[0]] = f2b(np.float32(lane.val(a[1])))
+    else:
+        raise NotImplementedError(op)
+    return True
+
+
+def collective(lanes, ins):
+    pred, op, a = ins
+    assert pred is None, ins
+    if op.startswith("redux.sync"):
+        kind = op.split(".")[2]
+        vals = [ln.val(a[1]) for ln in lanes]
+        v = {"max": max, "min": min, "add": lambda x: sum(x) & M32}[kind](vals)
+        for ln in lanes:
+            ln.r[a[0]] = v
+    elif op == "shfl.sync.idx.b32":
+        src = [ln.val(a[1]) for ln in lanes]
+        for ln in lanes:
+            ln.r[a[0]] = src[ln.val(a[2]) & 31]
+    else:
+        raise NotImplementedError(op)
+    for ln in lanes:
+        ln.pc += 1
+
+
+class Mem:
+    def __init__(self):
+        self.seg = {}
+
+    def add(self, base, data):
+        self.seg[base] = bytearray(data)
+
+    def _find(self, addr):
+        for b, d in self.seg.items():
+            if b <= addr < b + len(d):
+                return d, addr - b
+        raise IndexError(f"address {addr:#x} outside every buffer")
+
+    def load32(self, addr):
+        d, o = self._find(addr)
+        assert o + 4 <= len(d), f"load past the end at {addr:#x}"
+        return struct.unpack_from("<I", d, o)[0]
+
+    def store32(self, addr, v):
+        d, o = self._find(addr)
+        assert o + 4 <= len(d), f"store past the end at {addr:#x}"
+        struct.pack_into("<I", d, o, v & M32)
+
+
+def run_row(prog, labels, mem, params, row):
+    block, warp = divmod(row, 8)
+    lanes = [Lane({"%tid.x": warp * 32 + l, "%laneid": l, "%ctaid.x": block}) for l in range(32)]
+    # %tid.x etc. are read with mov.u32 %th, %tid.x: resolve them as registers
+    while True:
+        live = [ln for ln in lanes if not ln.done]
+        if not live:
+            return
+        for ln in live:
+            while not ln.done and step(ln, prog[ln.pc], mem, params, labels):
+                if ln.pc >= len(prog):
+                    ln.done = True
+        waiting = [ln for ln in lanes if not ln.done]
+        if not waiting:
+            return
+        assert len(waiting) == 32, "a collective with exited lanes"
+        pcs = {ln.pc for ln in waiting}
+        assert len(pcs) == 1, f"lanes at different collectives: {pcs}"
+        collective(waiting, prog[waiting[0].pc])
+
+
+# ------------------------------------------------------------------ cases
+def case_rows(rng, e, t, dtype):
+    grid = rng.random() < 0.4
+    big = 60000.0 if dtype == 1 else 1e30
+    x = np.where(grid, rng.integers(0, 7, size=(t, e)) - 3.0, rng.uniform(-8, 8, size=(t, e))).astype(np.float32)
+    special = rng.integers(0, 50, size=(t, e))
+    x[special == 0] = -np.inf
+    x[special == 1] = -0.0
+    x[special == 2] = 0.0
+    x[special == 3] = big
+    x[special == 4] = -big
+    for r in range(t):
+        kind = rng.integers(0, 30)
+        if kind == 0:
+            x[r] = -np.inf
+        elif kind == 1:
+            x[r, rng.integers(e)] = np.nan
+        elif kind == 2:
+            x[r, rng.integers(e)] = -np.nan
+        elif kind == 3:
+            x[r, rng.integers(e)] = np.inf
+        elif kind == 4:
+            x[r, rng.integers(e)] = np.inf
+            x[r, rng.integers(e)] = np.inf
+        elif kind == 5:
+            x[r] = 0.0
+        elif kind == 6:
+            x[r] = np.where(np.arange(e) % 2 == 0, -0.0, 0.0)
+        elif kind == 7:
+            x[r] = np.inf
+    if dtype == 1:
+        bits = x.astype(np.float16).view(np.uint16)
+        neg = np.isnan(x) & np.signbit(x)
+        bits = np.where(neg, np.uint16(0xFE00), bits)
+    else:
+        b = x.view(np.uint32)
+        rnd = ((b >> 16) & 1) + 0x7FFF
+        bits = ((b + rnd) >> 16).astype(np.uint16)
+        bits = np.where(np.isnan(x), np.where(np.signbit(x), 0xFFC0, 0x7FC0), bits).astype(np.uint16)
+    return bits
+
+
+class Rows(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("data_len", ctypes.c_size_t), ("dtype", ctypes.c_uint32),
+                ("rows", ctypes.c_size_t), ("len", ctypes.c_size_t), ("stride", ctypes.c_size_t)]
+
+
+def core(lib, bits, k, mode, dtype):
+    t, e = bits.shape
+    buf = np.ascontiguousarray(bits)
+    rows = Rows(buf.ctypes.data, buf.size, dtype, t, e, 0)
+    ids = np.zeros(t * k, dtype=np.uint32)
+    w = np.zeros(t * k, dtype=np.float32)
+    pi, pw = ids.ctypes.data, w.ctypes.data
+    if mode == 1:
+        st = lib.medley_moe_topk_softmax(ctypes.addressof(rows), k, 1, pi, t * k, pw, t * k, None)
+    else:
+        st = lib.medley_moe_keep_topk_softmax(ctypes.addressof(rows), k, pi, t * k, pw, t * k, None)
+    assert st == 0, st
+    return ids, w
+
+
+def main():
+    want_rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1500
+    import glob
+
+    # The C ABI's cdylib from `cargo test --workspace` (debug) or a release
+    # build; MEDLEY_FFI_SO overrides.
+    so = os.environ.get("MEDLEY_FFI_SO") or next(
+        (p for p in (os.path.join(ROOT, f"target/{m}/libmedley_ffi.so") for m in ("release", "debug")) if os.path.exists(p)),
+        None,
+    )
+    if so is None:
+        sys.exit("no libmedley_ffi.so: run `cargo build -p medley-ffi` (or `cargo test --workspace`) first")
+    try:
+        lib = ctypes.CDLL(so)
+    except OSError:
+        # No driver here: load the stub libcuda.so.1 medley-cuda's build
+        # script generated next to it (the CPU functions never call it).
+        build = os.path.dirname(so)
+        stubs = sorted(glob.glob(os.path.join(build, "build/medley-cuda-*/out/stub/libcuda.so.1")))
+        if not stubs:
+            sys.exit(f"{so} needs libcuda.so.1 and no stub was found under {build}/build")
+        ctypes.CDLL(stubs[-1], mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(so)
+    P, sz = ctypes.c_void_p, ctypes.c_size_t
+    lib.medley_moe_topk_softmax.argtypes = [P, sz, ctypes.c_uint32, P, sz, P, sz, P]
+    lib.medley_moe_keep_topk_softmax.argtypes = [P, sz, P, sz, P, sz, P]
+    lib.medley_moe_topk_softmax.restype = lib.medley_moe_keep_topk_softmax.restype = ctypes.c_uint32
+    prog, labels = load_entry("gate_topk_v3")
+    seed = int(os.environ.get("MEDLEY_EMU_SEED", "0x7E53"), 0)
+    rng = np.random.default_rng(seed)
+    done, cases, bad = 0, 0, []
+    while done < want_rows:
+        e = int(rng.choice([8, 16, 32, 64, 128, 160, 256]))
+        t = int(rng.integers(1, 40))
+        k = int(rng.integers(1, min(e, 32) + 1))
+        dtype = int(rng.integers(1, 3))
+        mode = int(rng.integers(1, 3))
+        bits = case_rows(rng, e, t, dtype)
+        ids_c, w_c = core(lib, bits, k, mode, dtype)
+        mem = Mem()
+        L, I, W = 0x1000_0000, 0x2000_0000, 0x3000_0000
+        mem.add(L, bits.tobytes())
+        mem.add(I, b"\xa5" * (4 * t * k))
+        mem.add(W, b"\xa5" * (4 * t * k))
+        params = bytearray(80)
+        struct.pack_into("<QQQQ", params, 0, L, I, W, 0)
+        struct.pack_into("<IIIIIIIIIIIf", params, 32, t, e, e, k, dtype | 256, 1, 0, 1, 1, 1, 0, 1.0)
+        # Every warp of the grid (ceil(T / 8) blocks of 8): those past T
+        # must return without touching memory (a store would land outside
+        # every buffer and raise).
+        for row in range(-(-t // 8) * 8):
+            run_row(prog, labels, mem, params, row)
+        ids_g = np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32)
+        w_g = np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32)
+        wb = lambda v: np.where(np.isnan(v.view(np.float32)), np.uint32(M32), v.view(np.uint32))
+        if not (np.array_equal(ids_g, ids_c) and np.array_equal(wb(w_g), wb(w_c.view(np.uint32)))):
+            at = int(np.nonzero((ids_g != ids_c) | (wb(w_g) != wb(w_c.view(np.uint32))))[0][0])
+            bad.append(f"E={e} T={t} k={k} dtype={dtype} mode={mode}: slot {at}: emulated ({ids_g[at]}, "
+                       f"{w_g[at]:#x}) core ({ids_c[at]}, {w_c.view(np.uint32)[at]:#x}); row {bits[at // k][:16]}")
+        done += t
+        cases += 1
+    print(f"gate_topk_v3 emulated (seed {seed:#x}): {cases} cases, {done} rows, {len(bad)} differ from the core")
+    for b in bad[:10]:
+        print("  " + b)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
