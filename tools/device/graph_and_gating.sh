@@ -46,4 +46,5 @@ for est in pathlib.Path(sys.argv[1], "criterion").glob("**/new/estimates.json"):
 print(json.dumps(r, indent=0))
 PY
 rm -rf "$out/criterion"
+python3 benches/tools/graph_table.py "$out" | tee "$out/tables.md"
 lap done
