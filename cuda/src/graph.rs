@@ -39,7 +39,8 @@ use crate::error::CudaError;
 use crate::mem::Stream;
 
 /// An instantiated CUDA graph (`CUgraph` plus its `CUgraphExec`), owned:
-/// both are destroyed on drop.
+/// both are destroyed on drop, which must happen before the captured
+/// context is destroyed (as for the [`crate::Kernels`] the calls used).
 #[derive(Debug)]
 pub struct Graph {
     graph: CuGraph,
