@@ -51,6 +51,14 @@ struct GateCase {
     bias: Option<Vec<f32>>,
 }
 
+/// Weight bits for comparing GPU and CPU: every NaN as one value (the
+/// kernels write 0x7FFFFFFF, the core `f32::NAN`).
+fn wb(v: &[f32]) -> Vec<u32> {
+    v.iter()
+        .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+        .collect()
+}
+
 fn round(dtype: u8, x: f32) -> f32 {
     match dtype {
         1 => f16::from_f32(x).to_f32(),
@@ -352,11 +360,6 @@ fn gating_matches_the_core_bit_for_bit() {
         match c.gpu(&g, kernel) {
             Err(e) => failures.push(format!("{kernel:?} E={} k={} mode={}: {e}", c.e, c.k, c.mode)),
             Ok((gi, gw)) => {
-                let wb = |v: &[f32]| {
-                    v.iter()
-                        .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
-                        .collect::<Vec<_>>()
-                };
                 if gi != ids || wb(&gw) != wb(&w) {
                     let at = (0..ids.len())
                         .find(|&i| gi[i] != ids[i] || wb(&gw[i..i + 1]) != wb(&w[i..i + 1]))
@@ -410,11 +413,6 @@ fn gate_topk_v3_matches_the_core_bit_for_bit() {
             match c.gpu(&g, kernel) {
                 Err(e) => failures.push(format!("{kernel:?} T={} E={} k={}: {e}", c.t, c.e, c.k)),
                 Ok((gi, gw)) => {
-                    let wb = |v: &[f32]| {
-                        v.iter()
-                            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
-                            .collect::<Vec<_>>()
-                    };
                     if gi != ids || wb(&gw) != wb(&w) {
                         let at = (0..ids.len())
                             .find(|&i| gi[i] != ids[i] || wb(&gw[i..i + 1]) != wb(&w[i..i + 1]))
@@ -480,11 +478,6 @@ fn gate_topk_v3_refuses_what_it_does_not_take() {
         let (gi, gw) = c.gpu(&g, GateKernel::Auto).unwrap();
         let (ids, w) = c.cpu();
         assert_eq!(gi, ids, "{what}");
-        let wb = |v: &[f32]| {
-            v.iter()
-                .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
-                .collect::<Vec<_>>()
-        };
         assert_eq!(wb(&gw), wb(&w), "{what}");
     }
 }

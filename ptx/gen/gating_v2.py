@@ -685,23 +685,25 @@ def grouped_section():
 
 
 
-def tail():
-    label("V2_ROW_NAN")
+def tail(pre="V2"):
+    """The NaN and masked rows' outputs, then the write of lane j < k's
+    pick (labels prefixed `pre`: each entry has its own)."""
+    label(f"{pre}_ROW_NAN")
     ins("mov.u32", "%myi", "%lane")
     ins("mov.f32", "%w", "0f7FFFFFFF")
-    emit("    bra.uni         V2_WRITE;")
-    label("V2_ROW_MASKED")
+    emit(f"    bra.uni         {pre}_WRITE;")
+    label(f"{pre}_ROW_MASKED")
     ins("mov.u32", "%myi", "%lane")
     ins("mov.f32", "%w", "0f00000000")
-    label("V2_WRITE")
-    emit("    @!%lt_k bra     V2_EXIT;")
+    label(f"{pre}_WRITE")
+    emit(f"    @!%lt_k bra     {pre}_EXIT;")
     ins("mad.lo.u32", "%t", "%row", "%k", "%lane")
     ins("mul.wide.u32", "%o", "%t", "4")
     ins("add.u64", "%a", "%ids", "%o")
     ins("st.global.u32", "[%a]", "%myi")
     ins("add.u64", "%a", "%wts", "%o")
     ins("st.global.f32", "[%a]", "%w")
-    label("V2_EXIT")
+    label(f"{pre}_EXIT")
     ins("ret")
 
 
@@ -908,23 +910,7 @@ def v3_body():
     seq_sum("%s", "%y", "K3")
     ins("div.rn.f32", "%w", "%y", "%s")
     emit("    bra.uni         V3_WRITE;")
-    label("V3_ROW_NAN")
-    ins("mov.u32", "%myi", "%lane")
-    ins("mov.f32", "%w", "0f7FFFFFFF")
-    emit("    bra.uni         V3_WRITE;")
-    label("V3_ROW_MASKED")
-    ins("mov.u32", "%myi", "%lane")
-    ins("mov.f32", "%w", "0f00000000")
-    label("V3_WRITE")
-    emit("    @!%lt_k bra     V3_EXIT;")
-    ins("mad.lo.u32", "%t", "%row", "%k", "%lane")
-    ins("mul.wide.u32", "%o", "%t", "4")
-    ins("add.u64", "%a", "%ids", "%o")
-    ins("st.global.u32", "[%a]", "%myi")
-    ins("add.u64", "%a", "%wts", "%o")
-    ins("st.global.f32", "[%a]", "%w")
-    label("V3_EXIT")
-    ins("ret")
+    tail("V3")
 
 
 V3_PROLOGUE = """\
