@@ -54,26 +54,15 @@ const M: usize = 3;
 const B: usize = 5;
 const V: usize = 50_000;
 
-/// splitmix64.
-struct Rng(u64);
+#[path = "../../core/tests/common/mod.rs"]
+mod common;
+use common::Gen as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
-        (0..n)
-            .map(|_| {
-                let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-                bf16::from_f32((2.0 * u - 1.0) * scale)
-            })
-            .collect()
-    }
+/// `n` bf16 values uniform in `[-scale, scale)`.
+fn bf16s(r: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(r.range(-scale as f64, scale as f64) as f32))
+        .collect()
 }
 
 /// The inputs of one step (uploaded into the same buffers for each set).
@@ -88,10 +77,10 @@ impl Inputs {
     fn new(seed: u64) -> Inputs {
         let mut r = Rng(seed);
         Inputs {
-            router: r.bf16s(T * E, 4.0),
-            router_g: r.bf16s(T * EG, 4.0),
-            x: r.bf16s(T * H, 2.0),
-            logits: r.bf16s(M * B * V, 8.0),
+            router: bf16s(&mut r, T * E, 4.0),
+            router_g: bf16s(&mut r, T * EG, 4.0),
+            x: bf16s(&mut r, T * H, 2.0),
+            logits: bf16s(&mut r, M * B * V, 8.0),
         }
     }
 }
@@ -163,8 +152,8 @@ impl Step {
             .expect("a bf16 expert GEMM configuration for this device");
         let (len, nblocks) = block_padded_len(n, E, choice.block_m).unwrap();
         let mut r = Rng(0x6A_0F);
-        let w13 = r.bf16s(E * 2 * I * H, 2.0 / (H as f32).sqrt());
-        let w2 = r.bf16s(E * H * I, 2.0 / (I as f32).sqrt());
+        let w13 = bf16s(&mut r, E * 2 * I * H, 2.0 / (H as f32).sqrt());
+        let w2 = bf16s(&mut r, E * H * I, 2.0 / (I as f32).sqrt());
         let ws_len = workspace_bytes(k, B, V, M, 2).unwrap();
         assert!(ws_len > 0, "the split-row ensemble kernel applies at B={B} V={V}");
         let z = |n: usize| Buffer::zeroed(n).unwrap();
@@ -428,7 +417,7 @@ fn a_call_that_fails_inside_the_capture_ends_it_with_the_calls_error() {
     let Some(gpu) = Gpu::open_or_skip("graph") else {
         return;
     };
-    let router = Buffer::from_slice(&Rng(3).bf16s(T * E, 4.0)).unwrap();
+    let router = Buffer::from_slice(&bf16s(&mut Rng(3), T * E, 4.0)).unwrap();
     let (ids, wt) = (
         Buffer::zeroed(T * K * 4).unwrap(),
         Buffer::zeroed(T * K * 4).unwrap(),
