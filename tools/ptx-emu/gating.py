@@ -24,7 +24,8 @@ Usage: cargo build -p medley-ffi && python3 tools/ptx-emu/gating.py [ROWS]
 (ROWS: about how many token rows to emulate over all cases, default 1500;
 about 15 ms a row for v3, 60 for v2). Needs numpy. Exit 1 on any
 difference. MEDLEY_EMU_SEED picks the cases (default 0x7E53, what CI
-runs). MEDLEY_EMU_PTX points it at another PTX file: five deliberate
+runs). MEDLEY_EMU_COUNT=E,k counts the PTX instructions a warp issues per
+token, v2 beside v3. MEDLEY_EMU_PTX points it at another PTX file: five deliberate
 mutations of gate_topk_v3 (the +1 that joins -0 and +0, the tie order, one
 sort comparator, the NaN-below--inf check, the +inf rows) each fail it.
 """
@@ -330,24 +331,42 @@ class Mem:
 
 
 def run_row(prog, labels, mem, params, row):
+    """Runs one warp (token row); returns the PTX instructions the warp
+    issues: the union over lanes of (instruction, n-th visit), so a
+    divergent path counts once for the lanes that take it, predicated-off
+    instructions count, a collective counts once."""
     block, warp = divmod(row, 8)
     lanes = [Lane({"%tid.x": warp * 32 + l, "%laneid": l, "%ctaid.x": block}) for l in range(32)]
-    # %tid.x etc. are read with mov.u32 %th, %tid.x: resolve them as registers
+    issued = set()
+    visits = [dict() for _ in lanes]
+
+    def mark(i, pc):
+        n = visits[i].get(pc, 0)
+        visits[i][pc] = n + 1
+        issued.add((pc, n))
+
     while True:
-        live = [ln for ln in lanes if not ln.done]
+        live = [i for i, ln in enumerate(lanes) if not ln.done]
         if not live:
-            return
-        for ln in live:
-            while not ln.done and step(ln, prog[ln.pc], mem, params, labels):
+            return len(issued)
+        for i in live:
+            ln = lanes[i]
+            while not ln.done:
+                pc = ln.pc
+                if not step(ln, prog[pc], mem, params, labels):
+                    break
+                mark(i, pc)
                 if ln.pc >= len(prog):
                     ln.done = True
-        waiting = [ln for ln in lanes if not ln.done]
+        waiting = [i for i, ln in enumerate(lanes) if not ln.done]
         if not waiting:
-            return
+            return len(issued)
         assert len(waiting) == 32, "a collective with exited lanes"
-        pcs = {ln.pc for ln in waiting}
+        pcs = {lanes[i].pc for i in waiting}
         assert len(pcs) == 1, f"lanes at different collectives: {pcs}"
-        collective(waiting, prog[waiting[0].pc])
+        for i in waiting:
+            mark(i, lanes[i].pc)
+        collective([lanes[i] for i in waiting], prog[lanes[0].pc])
 
 
 # ------------------------------------------------------------------ cases
@@ -414,6 +433,42 @@ def core(lib, bits, k, mode, dtype):
     return ids, w
 
 
+def count(lib):
+    """MEDLEY_EMU_COUNT=E,k: PTX instructions a warp issues per token for
+    v2 and v3 on 64 rows of bf16 logits uniform in [-8, 8) (renormalized
+    top-k softmax), checked against the core as in the main run. PTX, not
+    SASS: ptxas changes the absolute count (ncu measured 826 SASS warp
+    instructions per token for v2 at E 256, k 8); the ratio is the point."""
+    e, k = (int(x) for x in os.environ["MEDLEY_EMU_COUNT"].split(","))
+    rng = np.random.default_rng(1)
+    t = 64
+    x = rng.uniform(-8, 8, size=(t, e)).astype(np.float32)
+    b = x.view(np.uint32)
+    bits = ((b + ((b >> 16) & 1) + 0x7FFF) >> 16).astype(np.uint16)
+    ids_c, w_c = core(lib, bits, k, 1, 2)
+    for kernel in ("gate_topk_v2", "gate_topk_v3"):
+        global STRICT
+        STRICT = kernel == "gate_topk_v3"
+        prog, labels = load_entry(kernel)
+        mem = Mem()
+        L, I, W = 0x1000_0000, 0x2000_0000, 0x3000_0000
+        mem.add(L, bits.tobytes())
+        mem.add(I, bytes(4 * t * k))
+        mem.add(W, bytes(4 * t * k))
+        params = bytearray(80)
+        struct.pack_into("<QQQQ", params, 0, L, I, W, 0)
+        struct.pack_into("<IIIIIIIIIIIf", params, 32, t, e, e, k, 2 | 256, 1, 0, 1, 1, 1, 0, 1.0)
+        n = 0
+        for row in range(t):
+            if row % 8 == 0:
+                mem.add(SMEM, bytes(8 * (e + 256) * 4))
+            n += run_row(prog, labels, mem, params, row)
+        ok = np.array_equal(np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32), ids_c) and np.array_equal(
+            np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32), w_c.view(np.uint32))
+        print(f"{kernel}: E {e} k {k}: {n / t:.0f} PTX warp instructions per token ({'equal to' if ok else 'DIFFERS from'} the core)")
+    return 0
+
+
 def main():
     want_rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1500
     import glob
@@ -441,6 +496,8 @@ def main():
     lib.medley_moe_topk_softmax.argtypes = [P, sz, ctypes.c_uint32, P, sz, P, sz, P]
     lib.medley_moe_keep_topk_softmax.argtypes = [P, sz, P, sz, P, sz, P]
     lib.medley_moe_topk_softmax.restype = lib.medley_moe_keep_topk_softmax.restype = ctypes.c_uint32
+    if os.environ.get("MEDLEY_EMU_COUNT"):
+        return count(lib)
     kernel = os.environ.get("MEDLEY_EMU_KERNEL", "gate_topk_v3")
     v3 = kernel == "gate_topk_v3"
     assert kernel in ("gate_topk_v3", "gate_topk_v2"), kernel
