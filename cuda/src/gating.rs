@@ -29,7 +29,7 @@ fn v2_kernel(mode: u32) -> Kernel {
     }
 }
 
-/// Which gating kernel runs. Both give the same bits (the core's).
+/// Which gating kernel runs. All give the same bits (the core's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GateKernel {
     /// `gate_topk_v2` (`gate_grouped_v2` for grouped routing) when
