@@ -25,7 +25,9 @@ Usage: cargo build -p medley-ffi && python3 tools/ptx-emu/gating.py [ROWS]
 about 15 ms a row for v3, 60 for v2). Needs numpy. Exit 1 on any
 difference. MEDLEY_EMU_SEED picks the cases (default 0x7E53, what CI
 runs). MEDLEY_EMU_COUNT=E,k counts the PTX instructions a warp issues per
-token, v2 beside v3. MEDLEY_EMU_PTX points it at another PTX file: five deliberate
+token, v2 beside v3; MEDLEY_EMU_COUNT=deepseek counts gate_grouped_v2's at
+the DeepSeek-V3 configuration. MEDLEY_EMU_KERNEL=gate_grouped_v2 checks
+grouped routing against medley_moe_grouped_topk (random configurations). MEDLEY_EMU_PTX points it at another PTX file: five deliberate
 mutations of gate_topk_v3 (the +1 that joins -0 and +0, the tie order, one
 sort comparator, the NaN-below--inf check, the +inf rows) each fail it.
 """
@@ -190,8 +192,26 @@ def step(lane, ins, mem, params, labels):
         mem.store32(lane.val(a[0].strip("[]")), lane.val(a[1]))
     elif base == "selp":
         R[a[0]] = lane.val(a[1]) if R[a[3]] else lane.val(a[2])
-    elif op == "setp.eq.and.u32":
-        R[a[0]] = lane.val(a[1]) == lane.val(a[2]) and R[a[3]]
+    elif op in ("setp.eq.and.u32", "setp.le.and.u32", "setp.ne.and.u32"):
+        x, y = lane.val(a[1]), lane.val(a[2])
+        c = {"eq": x == y, "le": x <= y, "ne": x != y}[op.split(".")[1]]
+        p = R[a[3].lstrip("!")]
+        R[a[0]] = c and (not p if a[3].startswith("!") else p)
+    elif op == "setp.ne.u64":
+        R[a[0]] = lane.val(a[1]) != lane.val(a[2])
+    elif op == "div.u32":
+        R[a[0]] = lane.val(a[1]) // lane.val(a[2])
+    elif op in ("abs.f32", "neg.f32"):
+        v = lane.val(a[1])
+        R[a[0]] = (v & 0x7FFFFFFF) if base == "abs" else (v ^ 0x80000000)
+    elif op == "min.f32":
+        x, y = b2f(lane.val(a[1])), b2f(lane.val(a[2]))
+        if np.isnan(x) and np.isnan(y):
+            R[a[0]] = 0x7FFFFFFF
+        elif np.isnan(x) or np.isnan(y):
+            R[a[0]] = lane.val(a[2]) if np.isnan(x) else lane.val(a[1])
+        else:
+            R[a[0]] = f2b(min(x, y))
     elif base == "setp":
         cmp_, t = op.split(".")[1], op.split(".")[-1]
         x, y = lane.val(a[1]), lane.val(a[2])
@@ -433,6 +453,92 @@ def core(lib, bits, k, mode, dtype):
     return ids, w
 
 
+class GroupedConfig(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("k", ctypes.c_size_t), ("scoring", ctypes.c_uint32),
+                ("group_score", ctypes.c_uint32), ("n_group", ctypes.c_size_t), ("topk_group", ctypes.c_size_t),
+                ("renormalize", ctypes.c_uint32), ("routed_scaling_factor", ctypes.c_float)]
+
+
+def grouped(lib, want_rows, seed):
+    """MEDLEY_EMU_KERNEL=gate_grouped_v2: grouped (DeepSeek-V3 style) routing
+    against medley_moe_grouped_topk, random configurations (finite bias:
+    the core refuses a non-finite one, the kernel makes a NaN row)."""
+    P, sz = ctypes.c_void_p, ctypes.c_size_t
+    f = lib.medley_moe_grouped_topk
+    f.argtypes = [P, P, P, sz, P, sz, P, sz, P]
+    f.restype = ctypes.c_uint32
+    global STRICT
+    STRICT = False
+    prog, labels = load_entry("gate_grouped_v2")
+    rng = np.random.default_rng(seed)
+    done, cases, bad = 0, 0, []
+    deepseek = os.environ.get("MEDLEY_EMU_COUNT") == "deepseek"
+    issued = 0
+    while done < want_rows:
+        e = int(rng.choice([8, 16, 64, 128, 160, 256, 384, 512]))
+        divisors = [d for d in range(1, min(e, 256) + 1) if e % d == 0]
+        ng = int(rng.choice(divisors))
+        tkg = int(rng.integers(1, ng + 1))
+        gsc = int(rng.integers(0, 2)) if e // ng >= 2 else 1
+        scoring = int(rng.integers(0, 2))
+        reach = tkg * (e // ng)
+        k = int(rng.integers(1, min(reach, 32) + 1))
+        renorm = int(rng.integers(0, 2))
+        scale = float(rng.choice([1.0, 2.5]))
+        dtype = int(rng.integers(0, 3))
+        t = int(rng.integers(1, 20))
+        x = case_rows(rng, e, t, dtype)
+        bias = rng.uniform(-0.5, 0.5, size=e).astype(np.float32) if rng.random() < 0.6 else None
+        if deepseek:
+            # DeepSeek-V3: E 256, 8 groups, top-4 groups, k 8, sigmoid,
+            # top-2 sum, renormalized, x2.5, a bias; bf16 logits, no edge rows.
+            e, ng, tkg, k, scoring, gsc, renorm, scale, dtype, t = 256, 8, 4, 8, 1, 0, 1, 2.5, 2, 64
+            xf = rng.uniform(-8, 8, size=(t, e)).astype(np.float32).view(np.uint32)
+            x = ((xf + ((xf >> 16) & 1) + 0x7FFF) >> 16).astype(np.uint16)
+            bias = rng.uniform(-0.5, 0.5, size=e).astype(np.float32)
+        cfg = GroupedConfig(ctypes.sizeof(GroupedConfig), k, scoring, gsc, ng, tkg, renorm, scale)
+        buf = np.ascontiguousarray(x)
+        rows = Rows(buf.ctypes.data, buf.size, dtype, t, e, 0)
+        ids_c = np.zeros(t * k, dtype=np.uint32)
+        w_c = np.zeros(t * k, dtype=np.float32)
+        st = f(ctypes.addressof(rows), ctypes.addressof(cfg), None if bias is None else bias.ctypes.data,
+               0 if bias is None else e, ids_c.ctypes.data, t * k, w_c.ctypes.data, t * k, None)
+        assert st == 0, st
+        mem = Mem()
+        L, I, W, B = 0x1000_0000, 0x2000_0000, 0x3000_0000, 0x5000_0000
+        mem.add(L, x.tobytes())
+        mem.add(I, b"\xa5" * (4 * t * k))
+        mem.add(W, b"\xa5" * (4 * t * k))
+        if bias is not None:
+            mem.add(B, bias.tobytes())
+        size = 4 if dtype == 0 else 2
+        vec = 256 if (e * size) % 16 == 0 else 0
+        params = bytearray(80)
+        struct.pack_into("<QQQQ", params, 0, L, I, W, 0 if bias is None else B)
+        struct.pack_into("<IIIIIIIIIIIf", params, 32, t, e, e, k, dtype | vec, 2, scoring, ng, tkg, gsc, renorm, scale)
+        for row in range(-(-t // 8) * 8):
+            if row % 8 == 0:
+                mem.add(SMEM, b"\x5a" * (8 * (e + 256) * 4))
+            n = run_row(prog, labels, mem, params, row)
+            issued += n if row < t else 0
+        ids_g = np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32)
+        w_g = np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32)
+        wb = lambda v: np.where(np.isnan(v.view(np.float32)), np.uint32(M32), v.view(np.uint32))
+        if not (np.array_equal(ids_g, ids_c) and np.array_equal(wb(w_g), wb(w_c.view(np.uint32)))):
+            at = int(np.nonzero((ids_g != ids_c) | (wb(w_g) != wb(w_c.view(np.uint32))))[0][0])
+            bad.append(f"E={e} T={t} k={k} dtype={dtype} groups={tkg}/{ng} gsc={gsc} scoring={scoring} "
+                       f"renorm={renorm} bias={bias is not None}: slot {at}: emulated ({ids_g[at]}, {w_g[at]:#x}) "
+                       f"core ({ids_c[at]}, {w_c.view(np.uint32)[at]:#x})")
+        done += t
+        cases += 1
+    print(f"gate_grouped_v2 emulated (seed {seed:#x}): {cases} cases, {done} rows, {len(bad)} differ from the core")
+    if deepseek:
+        print(f"  DeepSeek-V3 configuration: {issued / done:.0f} PTX warp instructions per token")
+    for b in bad[:10]:
+        print("  " + b)
+    return 1 if bad else 0
+
+
 def count(lib):
     """MEDLEY_EMU_COUNT=E,k: PTX instructions a warp issues per token for
     v2 and v3 on 64 rows of bf16 logits uniform in [-8, 8) (renormalized
@@ -496,9 +602,13 @@ def main():
     lib.medley_moe_topk_softmax.argtypes = [P, sz, ctypes.c_uint32, P, sz, P, sz, P]
     lib.medley_moe_keep_topk_softmax.argtypes = [P, sz, P, sz, P, sz, P]
     lib.medley_moe_topk_softmax.restype = lib.medley_moe_keep_topk_softmax.restype = ctypes.c_uint32
+    if os.environ.get("MEDLEY_EMU_COUNT") == "deepseek":
+        sys.exit(grouped(lib, 64, 1))
     if os.environ.get("MEDLEY_EMU_COUNT"):
         return count(lib)
     kernel = os.environ.get("MEDLEY_EMU_KERNEL", "gate_topk_v3")
+    if kernel == "gate_grouped_v2":
+        sys.exit(grouped(lib, want_rows, int(os.environ.get("MEDLEY_EMU_SEED", "0x7E53"), 0)))
     v3 = kernel == "gate_topk_v3"
     assert kernel in ("gate_topk_v3", "gate_topk_v2"), kernel
     global STRICT
