@@ -51,6 +51,23 @@ struct GateCase {
     bias: Option<Vec<f32>>,
 }
 
+/// Cases per test: `MEDLEY_MOE_CASES=n` (compute-sanitizer runs use few),
+/// else `default`.
+fn moe_cases(default: usize) -> usize {
+    std::env::var("MEDLEY_MOE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Prints the first ten failures and fails if there is any.
+fn assert_none_failed(failures: &[String]) {
+    for f in failures.iter().take(10) {
+        eprintln!("  {f}");
+    }
+    assert!(failures.is_empty());
+}
+
 /// Weight bits for comparing GPU and CPU: every NaN as one value (the
 /// kernels write 0x7FFFFFFF, the core `f32::NAN`).
 fn wb(v: &[f32]) -> Vec<u32> {
@@ -318,11 +335,7 @@ impl GateCase {
 
 #[test]
 fn gating_matches_the_core_bit_for_bit() {
-    // MEDLEY_MOE_CASES=n runs n cases of each test (compute-sanitizer runs).
-    let n: u64 = std::env::var("MEDLEY_MOE_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
+    let n = moe_cases(400) as u64;
     let cases: Vec<GateCase> = (0..n).map(|s| GateCase::random(0x6A7E_0000 + s)).collect();
     // CPU half: the core's outputs are well formed (ids distinct, in range).
     for c in &cases {
@@ -387,18 +400,12 @@ fn gating_matches_the_core_bit_for_bit() {
         cases.len(),
         failures.len()
     );
-    for f in failures.iter().take(10) {
-        eprintln!("  {f}");
-    }
-    assert!(failures.is_empty());
+    assert_none_failed(&failures);
 }
 
 #[test]
 fn gate_topk_v3_matches_the_core_bit_for_bit() {
-    let n: u64 = std::env::var("MEDLEY_MOE_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let n = moe_cases(300) as u64;
     let cases: Vec<GateCase> = (0..n).map(|s| GateCase::random_v3(0x7E53_0000 + s)).collect();
     assert!(cases.iter().all(GateCase::v3_applies));
     let Some(g) = gpu() else { return };
@@ -441,10 +448,7 @@ fn gate_topk_v3_matches_the_core_bit_for_bit() {
         cases.len(),
         failures.len()
     );
-    for f in failures.iter().take(10) {
-        eprintln!("  {f}");
-    }
-    assert!(failures.is_empty());
+    assert_none_failed(&failures);
 }
 
 #[test]
@@ -487,10 +491,7 @@ fn routing_plan_permute_and_combine_match_the_core() {
     let mut rng = Gen(0x9047);
     let mut failures = Vec::new();
     let g = gpu();
-    let n: usize = std::env::var("MEDLEY_MOE_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+    let n = moe_cases(120);
     for case in 0..n.min(120) {
         let t = [0usize, 1, 2, 7, 33, 257, 1000, 4096][rng.below(8)];
         let k = 1 + rng.below(8);
@@ -657,8 +658,5 @@ fn routing_plan_permute_and_combine_match_the_core() {
             failures.len()
         );
     }
-    for f in failures.iter().take(10) {
-        eprintln!("  {f}");
-    }
-    assert!(failures.is_empty());
+    assert_none_failed(&failures);
 }

@@ -412,6 +412,32 @@ def body(grouped):
     tail()
 
 
+def kept_weights(best_is_inf, fin, write, tag, recheck=False):
+    """The core's kept_softmax for lane j's pick (%myv; %v0 the best): the
+    +inf limit (1 / count of +inf picks) when `best_is_inf` (a setp into
+    %q) holds, else exp(v - v0) over the sequential sum of the k picks.
+    `recheck` recomputes the +inf test before the select (v2's text)."""
+    comment("softmax over the k kept logits (the +inf limit when the best is +inf)")
+    ins(*best_is_inf)
+    emit(f"    @!%q bra        {fin};")
+    ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
+    ins("and.pred", "%q", "%q", "%lt_k")
+    ins("selp.u32", "%t", "1", "0", "%q")
+    ins("redux.sync.add.u32", "%t", "%t", "0xffffffff")
+    ins("cvt.rn.f32.u32", "%y", "%t")
+    ins("div.rn.f32", "%y", "0f3F800000", "%y")
+    if recheck:
+        ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
+    ins("selp.f32", "%w", "%y", "0f00000000", "%q")
+    emit(f"    bra.uni         {write};")
+    label(fin)
+    ins("sub.rn.f32", "%y", "%myv", "%v0")
+    cexp("%y", "%y", "p")
+    seq_sum("%s", "%y", tag)
+    ins("div.rn.f32", "%w", "%y", "%s")
+    emit(f"    bra.uni         {write};")
+
+
 def topk_section():
 
     comment("---------- modes 0 and 1: top-k of the logits ----------")
@@ -435,24 +461,7 @@ def topk_section():
     ins("div.rn.f32", "%w", "%y", "%sum")
     emit("    bra.uni         V2_WRITE;")
     label("V2_KEPT")
-    comment("softmax over the k kept logits (the +inf limit when the best is +inf)")
-    ins("setp.eq.f32", "%q", "%v0", "0f7F800000")
-    emit("    @!%q bra        V2_KEPT_FIN;")
-    ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
-    ins("and.pred", "%q", "%q", "%lt_k")
-    ins("selp.u32", "%t", "1", "0", "%q")
-    ins("redux.sync.add.u32", "%t", "%t", "0xffffffff")
-    ins("cvt.rn.f32.u32", "%y", "%t")
-    ins("div.rn.f32", "%y", "0f3F800000", "%y")
-    ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
-    ins("selp.f32", "%w", "%y", "0f00000000", "%q")
-    emit("    bra.uni         V2_WRITE;")
-    label("V2_KEPT_FIN")
-    ins("sub.rn.f32", "%y", "%myv", "%v0")
-    cexp("%y", "%y", "p")
-    seq_sum("%s", "%y", "K")
-    ins("div.rn.f32", "%w", "%y", "%s")
-    emit("    bra.uni         V2_WRITE;")
+    kept_weights(("setp.eq.f32", "%q", "%v0", "0f7F800000"), "V2_KEPT_FIN", "V2_WRITE", "K", recheck=True)
 
 
 
@@ -893,23 +902,7 @@ def v3_body():
     ins("cvt.f32.f16", "%myv", "%h0")
     label("V3_VALUED")
     ins("shfl.sync.idx.b32", "%v0", "%myv", "0", "0x1f", "0xffffffff")
-    comment("softmax over the k kept logits (the +inf limit when the best is +inf)")
-    ins("setp.eq.u32", "%q", "%t", "%kinf")
-    emit("    @!%q bra        V3_FIN;")
-    ins("setp.eq.f32", "%q", "%myv", "0f7F800000")
-    ins("and.pred", "%q", "%q", "%lt_k")
-    ins("selp.u32", "%t", "1", "0", "%q")
-    ins("redux.sync.add.u32", "%t", "%t", "0xffffffff")
-    ins("cvt.rn.f32.u32", "%y", "%t")
-    ins("div.rn.f32", "%y", "0f3F800000", "%y")
-    ins("selp.f32", "%w", "%y", "0f00000000", "%q")
-    emit("    bra.uni         V3_WRITE;")
-    label("V3_FIN")
-    ins("sub.rn.f32", "%y", "%myv", "%v0")
-    cexp("%y", "%y", "p")
-    seq_sum("%s", "%y", "K3")
-    ins("div.rn.f32", "%w", "%y", "%s")
-    emit("    bra.uni         V3_WRITE;")
+    kept_weights(("setp.eq.u32", "%q", "%t", "%kinf"), "V3_FIN", "V3_WRITE", "K3")
     tail("V3")
 
 

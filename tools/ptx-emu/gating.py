@@ -204,14 +204,6 @@ def step(lane, ins, mem, params, labels):
     elif op in ("abs.f32", "neg.f32"):
         v = lane.val(a[1])
         R[a[0]] = (v & 0x7FFFFFFF) if base == "abs" else (v ^ 0x80000000)
-    elif op == "min.f32":
-        x, y = b2f(lane.val(a[1])), b2f(lane.val(a[2]))
-        if np.isnan(x) and np.isnan(y):
-            R[a[0]] = 0x7FFFFFFF
-        elif np.isnan(x) or np.isnan(y):
-            R[a[0]] = lane.val(a[2]) if np.isnan(x) else lane.val(a[1])
-        else:
-            R[a[0]] = f2b(min(x, y))
     elif base == "setp":
         cmp_, t = op.split(".")[1], op.split(".")[-1]
         x, y = lane.val(a[1]), lane.val(a[2])
@@ -271,15 +263,16 @@ def step(lane, ins, mem, params, labels):
             v = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y}[base]
         assert op.split(".")[1] == "rn", op
         R[a[0]] = f2b(np.float32(v))
-    elif op == "max.f32":
-        x, y = b2f(lane.val(a[1])), b2f(lane.val(a[2]))
-        # PTX max.f32: a NaN input yields the other input; NaN only when both are
+    elif op in ("max.f32", "min.f32"):
+        xb, yb = lane.val(a[1]), lane.val(a[2])
+        x, y = b2f(xb), b2f(yb)
+        # PTX max/min.f32: a NaN input yields the other input; NaN only when both are
         if np.isnan(x) and np.isnan(y):
             R[a[0]] = 0x7FFFFFFF
         elif np.isnan(x) or np.isnan(y):
-            R[a[0]] = lane.val(a[2]) if np.isnan(x) else lane.val(a[1])
+            R[a[0]] = yb if np.isnan(x) else xb
         else:
-            R[a[0]] = f2b(max(x, y))
+            R[a[0]] = f2b(max(x, y) if base == "max" else min(x, y))
     elif op == "cvt.u32.u16":
         R[a[0]] = lane.val(a[1]) & 0xFFFF
     elif op == "cvt.u64.u32":
@@ -348,6 +341,17 @@ class Mem:
         d, o = self._find(addr)
         assert o + 4 <= len(d), f"store past the end at {addr:#x}"
         struct.pack_into("<I", d, o, v & M32)
+
+
+def first_difference(mem, I, W, ids_c, w_c):
+    """The emulated ids and weight bits (segments I and W of mem) and the
+    first slot where they differ from the core's (every NaN weight equal),
+    or None."""
+    ids_g = np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32)
+    w_g = np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32)
+    wb = lambda v: np.where(np.isnan(v.view(np.float32)), np.uint32(M32), v.view(np.uint32))
+    diff = np.nonzero((ids_g != ids_c) | (wb(w_g) != wb(w_c.view(np.uint32))))[0]
+    return ids_g, w_g, (int(diff[0]) if diff.size else None)
 
 
 def run_row(prog, labels, mem, params, row):
@@ -521,11 +525,8 @@ def grouped(lib, want_rows, seed):
                 mem.add(SMEM, b"\x5a" * (8 * (e + 256) * 4))
             n = run_row(prog, labels, mem, params, row)
             issued += n if row < t else 0
-        ids_g = np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32)
-        w_g = np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32)
-        wb = lambda v: np.where(np.isnan(v.view(np.float32)), np.uint32(M32), v.view(np.uint32))
-        if not (np.array_equal(ids_g, ids_c) and np.array_equal(wb(w_g), wb(w_c.view(np.uint32)))):
-            at = int(np.nonzero((ids_g != ids_c) | (wb(w_g) != wb(w_c.view(np.uint32))))[0][0])
+        ids_g, w_g, at = first_difference(mem, I, W, ids_c, w_c)
+        if at is not None:
             bad.append(f"E={e} T={t} k={k} dtype={dtype} groups={tkg}/{ng} gsc={gsc} scoring={scoring} "
                        f"renorm={renorm} bias={bias is not None}: slot {at}: emulated ({ids_g[at]}, {w_g[at]:#x}) "
                        f"core ({ids_c[at]}, {w_c.view(np.uint32)[at]:#x})")
@@ -569,8 +570,7 @@ def count(lib):
             if row % 8 == 0:
                 mem.add(SMEM, bytes(8 * (e + 256) * 4))
             n += run_row(prog, labels, mem, params, row)
-        ok = np.array_equal(np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32), ids_c) and np.array_equal(
-            np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32), w_c.view(np.uint32))
+        ok = first_difference(mem, I, W, ids_c, w_c)[2] is None
         print(f"{kernel}: E {e} k {k}: {n / t:.0f} PTX warp instructions per token ({'equal to' if ok else 'DIFFERS from'} the core)")
     return 0
 
@@ -648,11 +648,8 @@ def main():
             if row % 8 == 0 and not v3:
                 mem.add(SMEM, b"\x5a" * (8 * (e + 256) * 4))
             run_row(prog, labels, mem, params, row)
-        ids_g = np.frombuffer(bytes(mem.seg[I]), dtype=np.uint32)
-        w_g = np.frombuffer(bytes(mem.seg[W]), dtype=np.uint32)
-        wb = lambda v: np.where(np.isnan(v.view(np.float32)), np.uint32(M32), v.view(np.uint32))
-        if not (np.array_equal(ids_g, ids_c) and np.array_equal(wb(w_g), wb(w_c.view(np.uint32)))):
-            at = int(np.nonzero((ids_g != ids_c) | (wb(w_g) != wb(w_c.view(np.uint32))))[0][0])
+        ids_g, w_g, at = first_difference(mem, I, W, ids_c, w_c)
+        if at is not None:
             bad.append(f"E={e} T={t} k={k} dtype={dtype} mode={mode}: slot {at}: emulated ({ids_g[at]}, "
                        f"{w_g[at]:#x}) core ({ids_c[at]}, {w_c.view(np.uint32)[at]:#x}); row {x[at // k][:16]}")
         done += t
