@@ -4,11 +4,12 @@
 //! plus ids and weights written. Shapes of the PyTorch baselines (E, k) =
 //! (8, 2), (64, 6), (128, 8), (256, 8) for T in {1, 64, 1024, 16384}, plus
 //! DeepSeek-V3 grouped routing at E = 256. `bf16` runs the default kernel
-//! (`gate_topk_v2` / `gate_grouped_v2` at these sizes), `bf16_v1` the
-//! reference `gate_topk`, `bf16_v3` `gate_topk_v3` (softmax top-k only),
-//! `bf16_graph` the default kernel replayed from a CUDA graph that holds
-//! [`GRAPH_CALLS`] calls (call i reads input set i % sets), as SGLang times its
-//! router: the launch overhead is paid once per replay.
+//! (`GateKernel::Auto`: `gate_topk_v3` / `gate_grouped_v3` at these sizes),
+//! `bf16_v1` the reference `gate_topk`, `bf16_v2` `gate_topk_v2` /
+//! `gate_grouped_v2`, `bf16_v3` the v3 kernel; the `_graph` variants
+//! replay the same kernel from a CUDA graph that holds [`GRAPH_CALLS`]
+//! calls (call i reads input set i % sets), as SGLang times its router:
+//! the launch overhead is paid once per replay.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use medley_benches::random_f32;
@@ -36,13 +37,23 @@ fn gating_ids(e: usize, k: usize, t: usize) -> Vec<String> {
     names
         .into_iter()
         .flat_map(|n| {
-            ["bf16", "bf16_v1", "bf16_v3", "bf16_graph"]
+            KERNELS
                 .into_iter()
-                .filter(move |p| !(n == "deepseek_v3" && *p == "bf16_v3"))
-                .map(move |p| format!("cuda/gating/E{e}_k{k}_T{t}/{n}/{p}"))
+                .map(move |(p, _, _)| format!("cuda/gating/E{e}_k{k}_T{t}/{n}/{p}"))
         })
         .collect()
 }
+
+/// The variants: id, kernel, replayed from a graph.
+const KERNELS: [(&str, GateKernel, bool); 7] = [
+    ("bf16", GateKernel::Auto, false),
+    ("bf16_v1", GateKernel::V1, false),
+    ("bf16_v2", GateKernel::V2, false),
+    ("bf16_v3", GateKernel::V3, false),
+    ("bf16_graph", GateKernel::Auto, true),
+    ("bf16_v2_graph", GateKernel::V2, true),
+    ("bf16_v3_graph", GateKernel::V3, true),
+];
 
 const SHAPES: [(usize, usize); 4] = [(8, 2), (64, 6), (128, 8), (256, 8)];
 const TOKENS: [usize; 4] = [1, 64, 1024, 16384];
@@ -90,12 +101,6 @@ fn gating(c: &mut Criterion) {
                     },
                 ));
             }
-            let kernels = [
-                ("bf16", GateKernel::Auto, false),
-                ("bf16_v1", GateKernel::V1, false),
-                ("bf16_v3", GateKernel::V3, false),
-                ("bf16_graph", GateKernel::Auto, true),
-            ];
             // Call i of a run reads input set i % sets.
             let call = |i: usize, g: &Gating<'_>, kernel: GateKernel, s: medley_cuda::Stream<'_>| {
                 let off = (i % sets) * set * 2;
@@ -108,12 +113,8 @@ fn gating(c: &mut Criterion) {
                     .launch(gpu.kernels(), s)
             };
             for ((name, g), (param, kernel, graph)) in
-                variants.iter().flat_map(|v| kernels.iter().map(move |k| (v, k)))
+                variants.iter().flat_map(|v| KERNELS.iter().map(move |k| (v, k)))
             {
-                // gate_topk_v3 takes the softmax top-k rows only.
-                if *name == "deepseek_v3" && *param == "bf16_v3" {
-                    continue;
-                }
                 assert!(gating_ids(e, k, t).contains(&format!("cuda/gating/E{e}_k{k}_T{t}/{name}/{param}")));
                 if !medley_benches::filter().matches(&format!("cuda/gating/E{e}_k{k}_T{t}/{name}/{param}")) {
                     continue;

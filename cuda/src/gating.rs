@@ -32,6 +32,7 @@ fn v2_kernel(mode: u32) -> Kernel {
 /// Which gating kernel runs. All give the same bits (the core's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GateKernel {
+    /// The v3 kernel where it applies (see [`GateKernel::V3`]), else
     /// `gate_topk_v2` (`gate_grouped_v2` for grouped routing) when
     /// `E <= V2_MAX_EXPERTS`, except for many tokens over few experts
     /// (`T >= 4096`, `E <= 64`, not grouped), where `gate_topk` measured
@@ -43,17 +44,17 @@ pub enum GateKernel {
     /// `gate_topk_v2`: keys in registers, unrolled; an error above
     /// [`V2_MAX_EXPERTS`].
     V2,
-    /// `gate_topk_v3`: sorted per-lane lists of index-carrying keys, one
-    /// `redux.sync` per pick. **Not yet run on a GPU**: assembled by ptxas
-    /// 13.0 for sm_80 and sm_90 and its key transform and sorting network
-    /// checked exhaustively by its generator, but its GPU conformance test
-    /// (cuda/tests/moe.rs, `gate_topk_v3_matches_the_core_bit_for_bit`)
-    /// has not run yet, so [`GateKernel::Auto`] does not pick it. Only
-    /// renormalized top-k softmax
-    /// ([`Gating::TopkSoftmax`] with `renormalize`, [`Gating::KeepTopkSoftmax`])
-    /// over f16 or bf16 logits with `E <= V3_MAX_EXPERTS` (256),
-    /// `E % 8 == 0` and rows starting 16-byte aligned; anything else is
-    /// [`CudaError::Unsupported`].
+    /// `gate_topk_v3` for renormalized top-k softmax
+    /// ([`Gating::TopkSoftmax`] with `renormalize`, [`Gating::KeepTopkSoftmax`]):
+    /// sorted per-lane lists of index-carrying keys, one `redux.sync` per
+    /// pick; `gate_grouped_v3` for [`Gating::Grouped`] with
+    /// [`Scoring::Sigmoid`]: the experts' sigmoids in registers, group
+    /// scores by an xor butterfly over a group's lanes, two `redux.sync`
+    /// per pick. Both take f16 or bf16 logits with `E <= V3_MAX_EXPERTS`
+    /// (256), `E % 8 == 0` and rows starting 16-byte aligned;
+    /// `gate_grouped_v3` also a 16-byte aligned bias (or none) and either
+    /// no group limiting (`topk_group == n_group`) or groups of
+    /// `8 * 2^j` experts. Anything else is [`CudaError::Unsupported`].
     V3,
 }
 
@@ -292,27 +293,44 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
             p.scale = cfg.routed_scaling_factor;
         }
     }
-    // gate_topk_v3: 16-bit logits in whole 16-byte vectors per lane, at
-    // most 8 per lane, renormalized top-k softmax.
-    let v3_ok = (p.dtype & 255 == 1 || p.dtype & 255 == 2)
+    // The v3 kernels: 16-bit logits in whole 16-byte vectors per lane, at
+    // most 8 per lane; gate_topk_v3 renormalized top-k softmax,
+    // gate_grouped_v3 sigmoid grouped routing with a 16-byte aligned bias
+    // and groups of whole lanes (or none).
+    let v3_rows = (p.dtype & 255 == 1 || p.dtype & 255 == 2)
         && p.dtype & 256 != 0
         && e.is_multiple_of(8)
-        && e <= V3_MAX_EXPERTS
-        && p.mode == 1;
-    let which = match kernel {
-        GateKernel::Auto if e <= V2_MAX_EXPERTS && (p.mode == 2 || e > 64 || t < 4096) => v2_kernel(p.mode),
-        GateKernel::Auto | GateKernel::V1 => Kernel::GateTopk,
-        GateKernel::V2 if e <= V2_MAX_EXPERTS => v2_kernel(p.mode),
-        GateKernel::V2 => {
+        && e <= V3_MAX_EXPERTS;
+    let v3_kernel = match p.mode {
+        1 if v3_rows => Some(Kernel::GateTopkV3),
+        2 if v3_rows && p.scoring == 1 && p.bias.is_multiple_of(16) && {
+            let (lanes, ng) = (e / p.n_group as usize, p.n_group);
+            p.topk_group == ng || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two())
+        } =>
+        {
+            Some(Kernel::GateGroupedV3)
+        }
+        _ => None,
+    };
+    let which = match (kernel, v3_kernel) {
+        (GateKernel::Auto, Some(v3)) => v3,
+        (GateKernel::Auto, None) if e <= V2_MAX_EXPERTS && (p.mode == 2 || e > 64 || t < 4096) => {
+            v2_kernel(p.mode)
+        }
+        (GateKernel::Auto | GateKernel::V1, _) => Kernel::GateTopk,
+        (GateKernel::V2, _) if e <= V2_MAX_EXPERTS => v2_kernel(p.mode),
+        (GateKernel::V2, _) => {
             return Err(CudaError::Unsupported {
                 what: "gate_topk_v2 takes at most V2_MAX_EXPERTS (512) experts",
             });
         }
-        GateKernel::V3 if v3_ok => Kernel::GateTopkV3,
-        GateKernel::V3 => {
+        (GateKernel::V3, Some(v3)) => v3,
+        (GateKernel::V3, None) => {
             return Err(CudaError::Unsupported {
-                what: "gate_topk_v3 takes renormalized top-k softmax over f16/bf16 logits with E <= 256, \
-                       E % 8 == 0 and 16-byte aligned rows",
+                what: "the v3 gating kernels take f16/bf16 logits with E <= 256, E % 8 == 0 and 16-byte \
+                       aligned rows, and either renormalized top-k softmax or sigmoid grouped routing \
+                       (16-byte aligned bias; groups of a power-of-two multiple of 8 experts, or \
+                       topk_group == n_group)",
             });
         }
     };
@@ -322,17 +340,19 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
     let _ctx = kernels.enter()?;
     let f = *kernels.func(which);
     let grid = (t as u32).div_ceil(WARPS);
-    let smem = if which == Kernel::GateTopkV3 {
+    let smem = if matches!(which, Kernel::GateTopkV3 | Kernel::GateGroupedV3) {
         0
     } else {
         gate_smem(e)
     };
     // SAFETY: `p` is the single 80-byte by-value parameter of gate_topk,
-    // gate_topk_v2, gate_grouped_v2 and gate_topk_v3 (same layout; size
-    // asserted; the v2 kernels run only modes they implement, E <=
-    // V2_MAX_EXPERTS; v3 only under `v3_ok`: mode 1, 16-bit logits, E <=
-    // 256 in whole aligned 16-byte vectors, so its one vector load per lane
-    // stays inside the row); every device view was checked above against the extent the
+    // gate_topk_v2, gate_grouped_v2, gate_topk_v3 and gate_grouped_v3 (same
+    // layout; size asserted; the v2 kernels run only modes they implement,
+    // E <= V2_MAX_EXPERTS; the v3 kernels only as `v3_kernel` chose them:
+    // their mode, 16-bit logits, E <= 256 in whole aligned 16-byte vectors,
+    // so the one vector load per lane stays inside the row, and for
+    // gate_grouped_v3 a 16-byte aligned bias of E values read as 8 per
+    // lane); every device view was checked above against the extent the
     // kernel touches (T rows of stride elements, T * k ids and weights, E
     // bias values) and is non-null and aligned; the dynamic shared memory
     // is the 8 * (E + 256) * 4 bytes the kernel indexes; the stream belongs

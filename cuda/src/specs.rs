@@ -85,7 +85,7 @@ const fn spec(module: usize, entry: &'static CStr, cooperative: bool, smem: u32)
 }
 
 /// Every [`Kernel`]'s row, in [`Kernel::ALL`] order.
-pub const SPECS: [KernelSpec; 13] = [
+pub const SPECS: [KernelSpec; 14] = [
     spec(module::UTIL, c"fill_u32", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v1", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2", true, V2_MAX_SMEM),
@@ -114,6 +114,7 @@ pub const SPECS: [KernelSpec; 13] = [
     spec(module::ENSEMBLE, c"ensemble_sample", false, 0),
     spec(module::ENSEMBLE, c"ensemble_v2s", true, V2_MAX_SMEM),
     spec(module::GATING_V2, c"gate_topk_v3", false, 0),
+    spec(module::GATING_V2, c"gate_grouped_v3", false, 0),
 ];
 
 /// Every kernel entry point medley-cuda launches.
@@ -158,11 +159,16 @@ pub enum Kernel {
     /// index-carrying keys; f16/bf16, `E <= 256`, `E % 8 == 0`, aligned
     /// rows; renormalized top-k softmax only).
     GateTopkV3,
+    /// `gating_v2.ptx: gate_grouped_v3` (grouped, biased routing with
+    /// sigmoid scores, one warp per token, experts in registers; f16/bf16,
+    /// `E <= 256`, `E % 8 == 0`, aligned rows and bias, groups of whole
+    /// lanes).
+    GateGroupedV3,
 }
 
 impl Kernel {
     /// All kernels, in registry order.
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::FillU32,
         Kernel::EnsembleV1,
         Kernel::EnsembleV2,
@@ -176,6 +182,7 @@ impl Kernel {
         Kernel::EnsembleSample,
         Kernel::EnsembleV2S,
         Kernel::GateTopkV3,
+        Kernel::GateGroupedV3,
     ];
 
     /// The kernel's row of [`SPECS`].
@@ -315,6 +322,7 @@ mod tests {
             "ensemble_sample",
             "ensemble_v2s",
             "gate_topk_v3",
+            "gate_grouped_v3",
         ];
         for (k, name) in Kernel::ALL.iter().zip(names) {
             assert_eq!(k.entry().to_str().unwrap(), name);

@@ -49,6 +49,9 @@ struct GateCase {
     renorm: bool,
     scale: f32,
     bias: Option<Vec<f32>>,
+    /// The bias starts this many f32 into its buffer (1: not 16-byte
+    /// aligned, which the v3 kernels refuse).
+    bias_offset: usize,
 }
 
 /// Cases per test: `MEDLEY_MOE_CASES=n` (compute-sanitizer runs use few),
@@ -116,6 +119,7 @@ impl GateCase {
             renorm: g.chance(0.7),
             scale: if g.chance(0.5) { 1.0 } else { 2.5 },
             bias: None,
+            bias_offset: 0,
         };
         if mode == 3 {
             let divisors: Vec<usize> = (1..=e.min(256)).filter(|d| e.is_multiple_of(*d)).collect();
@@ -165,13 +169,66 @@ impl GateCase {
         c
     }
 
-    /// Whether `gate_topk_v3` takes this case (renormalized modes, 16-bit
-    /// logits, E a multiple of 8 up to 256; the buffers are aligned).
+    /// Whether a v3 kernel takes this case: 16-bit logits, E a multiple of
+    /// 8 up to 256 (the buffers are aligned), and either renormalized top-k
+    /// softmax (`gate_topk_v3`) or sigmoid grouped routing with an aligned
+    /// bias and groups of whole lanes, or none (`gate_grouped_v3`).
     fn v3_applies(&self) -> bool {
-        matches!(self.mode, 1 | 2)
-            && matches!(self.dtype, 1 | 2)
-            && self.e.is_multiple_of(8)
-            && self.e <= V3_MAX_EXPERTS
+        let rows = matches!(self.dtype, 1 | 2) && self.e.is_multiple_of(8) && self.e <= V3_MAX_EXPERTS;
+        let lanes = self.e / self.n_group;
+        let groups =
+            self.topk_group == self.n_group || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two());
+        rows && match self.mode {
+            1 | 2 => true,
+            3 => self.scoring == Scoring::Sigmoid && self.bias_offset == 0 && groups,
+            _ => false,
+        }
+    }
+
+    /// A grouped case `gate_grouped_v3` takes (half of them DeepSeek-V3's
+    /// configuration), over the logits of `random_v3`: a bias most of the
+    /// time, on a grid of 0.25 a third of the time (ties between selection
+    /// and group scores).
+    fn random_grouped_v3(seed: u64) -> GateCase {
+        let mut c = GateCase::random_v3(seed);
+        let mut g = Gen(seed ^ 0x6E0_0000);
+        c.mode = 3;
+        c.scoring = Scoring::Sigmoid;
+        c.renorm = g.chance(0.7);
+        c.scale = if g.chance(0.5) { 1.0 } else { 2.5 };
+        if c.e == 256 && g.chance(0.5) {
+            (c.n_group, c.topk_group, c.group_score, c.k) = (8, 4, GroupScore::Top2Sum, 8);
+            c.renorm = true;
+            c.scale = 2.5;
+        } else {
+            let ok: Vec<(usize, usize)> = (1..=c.e)
+                .filter(|d| c.e.is_multiple_of(*d))
+                .flat_map(|d| (1..=d).map(move |t| (d, t)))
+                .filter(|&(d, t)| {
+                    let lanes = c.e / d;
+                    t == d || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two())
+                })
+                .collect();
+            (c.n_group, c.topk_group) = ok[g.below(ok.len())];
+            c.group_score = if c.e / c.n_group >= 2 && g.chance(0.5) {
+                GroupScore::Top2Sum
+            } else {
+                GroupScore::Max
+            };
+            c.k = 1 + g.below((c.topk_group * (c.e / c.n_group)).min(32));
+        }
+        if g.chance(0.8) {
+            let grid = g.chance(0.35);
+            c.bias = Some(
+                (0..c.e)
+                    .map(|_| {
+                        let b = g.range(-0.5, 0.5) as f32;
+                        if grid { (b * 4.0).round() / 4.0 } else { b }
+                    })
+                    .collect(),
+            );
+        }
+        c
     }
 
     /// A case `gate_topk_v3` takes, with its edge values: many ties, both
@@ -199,6 +256,7 @@ impl GateCase {
             renorm: true,
             scale: 1.0,
             bias: None,
+            bias_offset: 0,
         };
         let grid = g.chance(0.4);
         let big = if c.dtype == 1 { 60000.0 } else { 1e30 };
@@ -293,7 +351,9 @@ impl GateCase {
         }?;
         let ids = Buffer::filled(n, POISON)?;
         let w = Buffer::filled(n, POISON)?;
-        let bias = Buffer::from_slice(self.bias.as_deref().unwrap_or(&[0.0f32]))?;
+        let mut bias_h = vec![0.0f32; self.bias_offset];
+        bias_h.extend_from_slice(self.bias.as_deref().unwrap_or(&[0.0f32]));
+        let bias = Buffer::from_slice(&bias_h)?;
         let te = self.t * self.e;
         let logits = match self.dtype {
             1 => RouterLogits::F16(DeviceRows::dense(input.view(te), self.t, self.e).unwrap()),
@@ -309,7 +369,15 @@ impl GateCase {
                     bias: None,
                     ..self.grouped()
                 },
-                bias: self.bias.as_ref().map(|b| bias.view(b.len())),
+                bias: self.bias.as_ref().map(|b| {
+                    // SAFETY: [bias_offset, bias_offset + len) f32 lie inside `bias`.
+                    unsafe {
+                        medley_cuda::mem::DeviceSlice::from_raw(
+                            bias.as_raw() + 4 * self.bias_offset as u64,
+                            b.len(),
+                        )
+                    }
+                }),
             },
         };
         gate_with(
@@ -404,9 +472,17 @@ fn gating_matches_the_core_bit_for_bit() {
 }
 
 #[test]
-fn gate_topk_v3_matches_the_core_bit_for_bit() {
+fn gate_v3_kernels_match_the_core_bit_for_bit() {
     let n = moe_cases(300) as u64;
-    let cases: Vec<GateCase> = (0..n).map(|s| GateCase::random_v3(0x7E53_0000 + s)).collect();
+    let cases: Vec<GateCase> = (0..n)
+        .map(|s| {
+            if s % 2 == 0 {
+                GateCase::random_v3(0x7E53_0000 + s)
+            } else {
+                GateCase::random_grouped_v3(0x7E53_0000 + s)
+            }
+        })
+        .collect();
     assert!(cases.iter().all(GateCase::v3_applies));
     let Some(g) = gpu() else { return };
     let mut failures = Vec::new();
@@ -415,8 +491,8 @@ fn gate_topk_v3_matches_the_core_bit_for_bit() {
         let (ids, w) = c.cpu();
         rows += c.t;
         special += w.iter().filter(|x| x.is_nan() || **x == 0.0).count();
-        // V3 forced, and Auto (v2 here until v3 has GPU numbers).
-        for kernel in [GateKernel::V3, GateKernel::Auto] {
+        // V3 forced, Auto (v3 too where it applies) and V2 beside them.
+        for kernel in [GateKernel::V3, GateKernel::Auto, GateKernel::V2] {
             match c.gpu(&g, kernel) {
                 Err(e) => failures.push(format!("{kernel:?} T={} E={} k={}: {e}", c.t, c.e, c.k)),
                 Ok((gi, gw)) => {
@@ -426,12 +502,16 @@ fn gate_topk_v3_matches_the_core_bit_for_bit() {
                             .unwrap();
                         let row = at / c.k;
                         failures.push(format!(
-                            "{kernel:?} T={} E={} k={} mode={} dtype={}: slot {at}: gpu ({}, {}) cpu ({}, {}); row {:?}",
+                            "{kernel:?} T={} E={} k={} mode={} dtype={} groups={}/{} {:?} bias={}: slot {at}: gpu ({}, {}) cpu ({}, {}); row {:?}",
                             c.t,
                             c.e,
                             c.k,
                             c.mode,
                             c.dtype,
+                            c.topk_group,
+                            c.n_group,
+                            c.group_score,
+                            c.bias.is_some(),
                             gi[at],
                             gw[at],
                             ids[at],
@@ -444,16 +524,47 @@ fn gate_topk_v3_matches_the_core_bit_for_bit() {
         }
     }
     eprintln!(
-        "gate_topk_v3: {} cases, {rows} rows ({special} NaN or zero weights), {} differ from the core",
+        "gate_v3: {} cases ({} grouped), {rows} rows ({special} NaN or zero weights), {} differ from the core",
         cases.len(),
+        cases.iter().filter(|c| c.mode == 3).count(),
         failures.len()
     );
     assert_none_failed(&failures);
 }
 
 #[test]
-fn gate_topk_v3_refuses_what_it_does_not_take() {
+fn gate_v3_kernels_refuse_what_they_do_not_take() {
     let Some(g) = gpu() else { return };
+    let grouped = GateCase::random_grouped_v3(0x7E53_F001);
+    for (what, f) in [
+        (
+            "grouped softmax scores",
+            (|c: &mut GateCase| c.scoring = Scoring::Softmax) as fn(&mut GateCase),
+        ),
+        ("misaligned bias", |c| {
+            c.bias = Some(vec![0.125; c.e]);
+            c.bias_offset = 1;
+        }),
+        ("groups of 24 experts", |c| {
+            c.e = 192;
+            c.logits.resize(c.t * 192, 0.5);
+            (c.n_group, c.topk_group, c.k) = (8, 3, c.k.min(24));
+            c.bias = None;
+        }),
+        ("f32 logits, grouped", |c| c.dtype = 0),
+    ] {
+        let mut c = grouped.clone();
+        c.t = c.t.max(1);
+        c.logits.resize(c.t * c.e, 1.0);
+        f(&mut c);
+        assert!(!c.v3_applies(), "{what}");
+        let err = c.gpu(&g, GateKernel::V3).unwrap_err();
+        assert!(err.contains("Unsupported"), "{what}: {err}");
+        let (gi, gw) = c.gpu(&g, GateKernel::Auto).unwrap();
+        let (ids, w) = c.cpu();
+        assert_eq!(gi, ids, "{what}");
+        assert_eq!(wb(&gw), wb(&w), "{what}");
+    }
     let base = GateCase::random_v3(0x7E53_F000);
     for (what, f) in [
         (
@@ -484,6 +595,53 @@ fn gate_topk_v3_refuses_what_it_does_not_take() {
         assert_eq!(gi, ids, "{what}");
         assert_eq!(wb(&gw), wb(&w), "{what}");
     }
+}
+
+/// A bias lives in device memory, so the core's check (finite values) is
+/// the kernels' to make: every row that is neither NaN nor masked becomes
+/// a NaN row (ids 0..k-1, NaN weights). All three grouped kernels.
+#[test]
+fn grouped_kernels_make_nan_rows_of_a_non_finite_bias() {
+    let n = moe_cases(40) as u64;
+    let Some(g) = gpu() else { return };
+    let mut failures = Vec::new();
+    let mut nan_rows = 0;
+    for s in 0..n {
+        let mut c = GateCase::random_grouped_v3(0xB1A5_0000 + s);
+        c.t = c.t.max(1);
+        c.logits.resize(c.t * c.e, 0.25);
+        let mut bias = c.bias.clone().unwrap_or_else(|| vec![0.0; c.e]);
+        c.bias = Some(bias.clone());
+        let (mut ids, mut w) = c.cpu();
+        for r in 0..c.t {
+            let row = &c.logits[r * c.e..(r + 1) * c.e];
+            let masked = row.iter().all(|&x| x == f32::NEG_INFINITY);
+            if !masked && !row.iter().any(|x| x.is_nan()) {
+                for j in 0..c.k {
+                    (ids[r * c.k + j], w[r * c.k + j]) = (j as u32, f32::NAN);
+                }
+                nan_rows += 1;
+            }
+        }
+        let mut rng = Gen(s);
+        bias[rng.below(c.e)] = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN][rng.below(3)];
+        c.bias = Some(bias);
+        for kernel in [GateKernel::V1, GateKernel::V2, GateKernel::V3, GateKernel::Auto] {
+            match c.gpu(&g, kernel) {
+                Err(e) => failures.push(format!("{kernel:?} E={} k={}: {e}", c.e, c.k)),
+                Ok((gi, gw)) if gi != ids || wb(&gw) != wb(&w) => {
+                    failures.push(format!("{kernel:?} T={} E={} k={}: differs", c.t, c.e, c.k))
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    eprintln!(
+        "non-finite bias: {n} cases, {nan_rows} rows made NaN, {} runs differ",
+        failures.len()
+    );
+    assert!(nan_rows > 0);
+    assert_none_failed(&failures);
 }
 
 #[test]

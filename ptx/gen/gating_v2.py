@@ -981,9 +981,299 @@ def entry_v3():
     return "\n".join(text) + "\n"
 
 
+# --------------------------------------------------------- gate_grouped_v3
+def g3_load16(xs):
+    """xs[0..8] = this lane's 8 logits as f32 (16-byte load of 16-bit
+    values; bf16 by a shift, f16 by cvt)."""
+    ws = [r(f"w{i}", "b32") for i in range(4)]
+    emit(f"    ld.global.nc.v4.b32 {{{ws[0]}, {ws[1]}, {ws[2]}, {ws[3]}}}, [%a];")
+    emit("    @%isf16 bra     G3_F16;")
+    for i in range(4):
+        ins("shl.b32", "%t", ws[i], "16")
+        ins("mov.b32", xs[2 * i], "%t")
+        ins("and.b32", "%t", ws[i], "-65536")
+        ins("mov.b32", xs[2 * i + 1], "%t")
+    emit("    bra.uni         G3_GOT;")
+    label("G3_F16")
+    for i in range(4):
+        ins("mov.b32", "{%h0, %h1}", ws[i])
+        ins("cvt.f32.f16", xs[2 * i], "%h0")
+        ins("cvt.f32.f16", xs[2 * i + 1], "%h1")
+    label("G3_GOT")
+
+
+def top2_merge(a1, a2, b1, b2, t):
+    """(a1, a2) = the two largest of the multiset {a1, a2, b1, b2}, given
+    a1 >= a2 and b1 >= b2 (finite values: max/min select exactly)."""
+    lo, hi2 = r(f"t2l{t}", "f32"), r(f"t2h{t}", "f32")
+    ins("min.f32", lo, a1, b1)
+    ins("max.f32", hi2, a2, b2)
+    ins("max.f32", a1, a1, b1)
+    ins("max.f32", a2, lo, hi2)
+
+
+def g3_body():
+    comment("this lane's 8 experts 8l..8l+7 (lanes past E hold none)")
+    ins("shl.b32", "%e", "%lane", "3")
+    ins("setp.lt.u32", "%hv", "%e", "%E")
+    ins("mul.wide.u32", "%o", "%row", "%stride")
+    ins("shl.b64", "%o", "%o", "1")
+    ins("add.u64", "%rowp", "%logits", "%o")
+    ins("mul.wide.u32", "%o", "%e", "2")
+    ins("add.u64", "%a", "%rowp", "%o")
+    xs = [r(f"x{j}", "f32") for j in range(8)]
+    bs = [r(f"b{j}", "f32") for j in range(8)]
+    ss = [r(f"s{j}", "f32") for j in range(8)]
+    for j in range(8):
+        ins("mov.f32", xs[j], "0fFF800000")
+        ins("mov.f32", bs[j], "0f00000000")
+    emit("    @!%hv bra       G3_GOT;")
+    comment("the bias first (independent of the logits; 16-byte aligned, the launcher checks)")
+    ins("mul.wide.u32", "%o", "%e", "4")
+    ins("add.u64", "%ba", "%biasg", "%o")
+    emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[0]}, {bs[1]}, {bs[2]}, {bs[3]}}}, [%ba];")
+    emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[4]}, {bs[5]}, {bs[6]}, {bs[7]}}}, [%ba+16];")
+    g3_load16(xs)
+    comment("NaN anywhere (a non-finite bias too, as gate_grouped_v2), all -inf (masked)")
+    ins("setp.ne.u32", "%nan", "0", "0")
+    ins("setp.ne.u32", "%bnan", "0", "0")
+    ins("setp.ne.u32", "%live", "0", "0")
+    for j in range(8):
+        ins("setp.nan.f32", "%q", xs[j], xs[j])
+        ins("or.pred", "%nan", "%nan", "%q")
+        ins("setp.neu.f32", "%q", xs[j], "0fFF800000")
+        ins("or.pred", "%live", "%live", "%q")
+        ins("abs.f32", "%y", bs[j])
+        ins("setp.equ.f32", "%q", "%y", "0f7F800000")
+        ins("or.pred", "%bnan", "%bnan", "%q")
+    ins("vote.sync.any.pred", "%nan", "%nan", "0xffffffff")
+    ins("vote.sync.any.pred", "%live", "%live", "0xffffffff")
+    ins("vote.sync.any.pred", "%bnan", "%bnan", "0xffffffff")
+    emit("    @%nan bra       G3_ROW_NAN;")
+    emit("    @!%live bra     G3_ROW_MASKED;")
+    emit("    @%bnan bra      G3_ROW_NAN;")
+    comment("scores s = 1 / (1 + exp(-x)) (the core's exp), selection scores s + b")
+    sel = [r(f"v{j}", "f32") for j in range(8)]
+    for j in range(8):
+        ins("neg.f32", ss[j], xs[j])
+    for j in range(8):
+        cexp(ss[j], ss[j], f"g{j}")
+    for j in range(8):
+        ins("add.rn.f32", ss[j], ss[j], "0f3F800000")
+        ins("div.rn.f32", ss[j], "0f3F800000", ss[j])
+    for j in range(8):
+        ins("add.rn.f32", sel[j], ss[j], bs[j], pred="%hasb")
+        ins("mov.f32", sel[j], ss[j], pred="!%hasb")
+    comment("every selection score is finite and not -0: max/min select exactly")
+    ins("setp.ge.u32", "%q", "%tkg", "%ng")
+    emit("    @%q bra         G3_KEYS;")
+    comment("group scores: the lane's top-2 of 8, then over the group's L lanes (xor butterfly)")
+    h = [r(f"th{i}", "f32") for i in range(4)]
+    l = [r(f"tl{i}", "f32") for i in range(4)]
+    for i in range(4):
+        ins("max.f32", h[i], sel[2 * i], sel[2 * i + 1])
+        ins("min.f32", l[i], sel[2 * i], sel[2 * i + 1])
+    top2_merge(h[0], l[0], h[1], l[1], "a")
+    top2_merge(h[2], l[2], h[3], l[3], "b")
+    top2_merge(h[0], l[0], h[2], l[2], "a")
+    o1, o2 = r("o1", "f32"), r("o2", "f32")
+    for d in (1, 2, 4, 8, 16):
+        ins("setp.ge.u32", "%q", str(d), "%L")
+        emit("    @%q bra         G3_GSCORED;")
+        ins("shfl.sync.bfly.b32", o1, h[0], str(d), "0x1f", "0xffffffff")
+        ins("shfl.sync.bfly.b32", o2, l[0], str(d), "0x1f", "0xffffffff")
+        top2_merge(h[0], l[0], o1, o2, "a")
+    label("G3_GSCORED")
+    ins("setp.eq.u32", "%q", "%gsc", "0")
+    ins("add.rn.f32", h[0], h[0], l[0], pred="%q")
+    comment("the group's rank in (score desc, index asc); kept when below topk_group")
+    ins("div.u32", "%g", "%lane", "%L")
+    ins("mov.u32", "%rank", "0")
+    ins("mov.u32", "%src", "0")
+    for c in range(4):
+        gv = []
+        for i in range(8):
+            hh = 8 * c + i
+            if i == 0 and c > 0:
+                ins("setp.le.u32", "%q", "%ng", str(hh))
+                emit("    @%q bra         G3_RANKED;")
+            v = r(f"gv{i}", "f32")
+            ins("shfl.sync.idx.b32", v, h[0], "%src", "0x1f", "0xffffffff")
+            ins("add.u32", "%src", "%src", "%L")
+            gv.append((hh, v))
+        for hh, v in gv:
+            ins("setp.eq.f32", "%q", v, h[0])
+            ins("setp.gt.and.u32", "%q", "%g", str(hh), "%q")
+            ins("setp.gt.or.f32", "%q", v, h[0], "%q")
+            ins("setp.gt.and.u32", "%q", "%ng", str(hh), "%q")
+            ins("selp.u32", "%t", "1", "0", "%q")
+            ins("add.u32", "%rank", "%rank", "%t")
+    label("G3_RANKED")
+    ins("setp.ge.u32", "%drop", "%rank", "%tkg")
+    emit("    bra.uni         G3_KEYED;")
+    label("G3_KEYS")
+    ins("setp.ne.u32", "%drop", "0", "0")
+    label("G3_KEYED")
+    comment("keys: hi = order key of s + b (0 for dropped groups and lanes past E),")
+    comment("lo = 7 - slot; sorted descending by (hi, lo), so ties go to the lower index")
+    hi = [r(f"kh{j}", "b32") for j in range(8)]
+    lo = [r(f"kl{j}", "b32") for j in range(8)]
+    ins("or.pred", "%drop", "%drop", "!%hv")
+    for j in range(8):
+        ins("mov.b32", "%t", sel[j])
+        ins("shr.s32", "%u", "%t", "31")
+        ins("or.b32", "%u", "%u", "0x80000000")
+        ins("xor.b32", hi[j], "%t", "%u")
+        ins("selp.b32", hi[j], "0", hi[j], "%drop")
+        ins("mov.u32", lo[j], str(7 - j))
+    for i, j in SORT8:
+        ins("setp.eq.u32", "%q", hi[j], hi[i])
+        ins("setp.gt.and.u32", "%q", lo[j], lo[i], "%q")
+        ins("setp.gt.or.u32", "%q", hi[j], hi[i], "%q")
+        ins("selp.b32", "%t", hi[j], hi[i], "%q")
+        ins("selp.b32", hi[j], hi[i], hi[j], "%q")
+        ins("mov.u32", hi[i], "%t")
+        ins("selp.b32", "%t", lo[j], lo[i], "%q")
+        ins("selp.b32", lo[j], lo[i], lo[j], "%q")
+        ins("mov.u32", lo[i], "%t")
+    comment("k rounds: the largest head value, then the lowest index holding it")
+    ins("mov.u32", "%myi", "0")
+    ins("add.u32", "%ib", "%e", "7")
+    for rd in range(32):
+        if rd > 0:
+            ins("setp.le.u32", "%q", "%k", str(rd))
+            emit("    @%q bra         G3_PICKED;")
+        ins("redux.sync.max.u32", "%rk", hi[0], "0xffffffff")
+        ins("sub.u32", "%t", "%ib", lo[0])
+        ins("setp.eq.u32", "%q", hi[0], "%rk")
+        ins("selp.b32", "%t", "%t", "0xFFFFFFFF", "%q")
+        ins("redux.sync.min.u32", "%ri", "%t", "0xffffffff")
+        ins("setp.eq.u32", "%qw", "%t", "%ri")
+        for s_ in range(7):
+            ins("mov.u32", hi[s_], hi[s_ + 1], pred="%qw")
+            ins("mov.u32", lo[s_], lo[s_ + 1], pred="%qw")
+        ins("mov.u32", hi[7], "0", pred="%qw")
+        ins("setp.eq.u32", "%q", "%lane", str(rd))
+        ins("mov.u32", "%myi", "%ri", pred="%q")
+    label("G3_PICKED")
+    comment("lane j < k: the unbiased score of its pick, from the lane holding it")
+    ins("shr.u32", "%src", "%myi", "3")
+    ins("and.b32", "%u", "%myi", "7")
+    gw = []
+    for j in range(8):
+        v = r(f"gv{j}", "f32")
+        ins("shfl.sync.idx.b32", v, ss[j], "%src", "0x1f", "0xffffffff")
+        gw.append(v)
+    ins("mov.f32", "%w", gw[0])
+    for j in range(1, 8):
+        ins("setp.eq.u32", "%q", "%u", str(j))
+        ins("selp.f32", "%w", gw[j], "%w", "%q")
+    ins("setp.eq.u32", "%q", "%renorm", "0")
+    emit("    @%q bra         G3_SCALE;")
+    seq_sum("%s", "%w", "G3")
+    ins("setp.gt.f32", "%q", "%s", "0f00000000")
+    ins("div.rn.f32", "%w", "%w", "%s", pred="%q")
+    label("G3_SCALE")
+    ins("mul.rn.f32", "%w", "%w", "%scale")
+    emit("    bra.uni         G3_WRITE;")
+    tail("G3")
+
+
+G3_PROLOGUE = """\
+    mov.u32         %th, %tid.x;
+    shr.u32         %warp, %th, 5;
+    mov.u32         %lane, %laneid;
+    mov.u32         %t, %ctaid.x;
+    mad.lo.u32      %row, %t, 8, %warp;
+    ld.param.u32    %T, [p+32];
+    setp.ge.u32     %q, %row, %T;
+    @%q bra         G3_EXIT;
+    ld.param.u64    %logits, [p+0];
+    ld.param.u64    %ids, [p+8];
+    ld.param.u64    %wts, [p+16];
+    ld.param.u64    %bias, [p+24];
+    ld.param.u32    %E, [p+36];
+    ld.param.u32    %stride, [p+40];
+    ld.param.u32    %k, [p+44];
+    ld.param.u32    %dtype, [p+48];
+    and.b32         %dtype, %dtype, 255;
+    setp.eq.u32     %isf16, %dtype, 1;
+    ld.param.u32    %ng, [p+60];
+    ld.param.u32    %tkg, [p+64];
+    ld.param.u32    %gsc, [p+68];
+    ld.param.u32    %renorm, [p+72];
+    ld.param.f32    %scale, [p+76];
+    cvta.to.global.u64 %logits, %logits;
+    cvta.to.global.u64 %ids, %ids;
+    cvta.to.global.u64 %wts, %wts;
+    setp.ne.u64     %hasb, %bias, 0;
+    cvta.to.global.u64 %biasg, %bias;
+    setp.lt.u32     %lt_k, %lane, %k;
+    // lanes per group: E / n_group / 8 (a power of two when groups are used)
+    div.u32         %L, %E, %ng;
+    shr.u32         %L, %L, 3;
+"""
+
+G3_FIXED = {
+    "pred": "q qw lt_k isf16 hv hasb nan bnan live drop",
+    "b16": "h0 h1",
+    "b32": "th warp lane row T E stride k dtype ng tkg gsc renorm L e g rank src ib t u rk ri myi",
+    "b64": "logits ids wts bias biasg rowp a ba o",
+    "f32": "scale w s y",
+}
+
+
+def entry_small(name, body, fixed, prologue, head, maxnreg):
+    out.clear()
+    regs.clear()
+    for ty, names in fixed.items():
+        for n in names.split():
+            r(n, ty)
+    body()
+    code = out[:]
+    by_ty = {}
+    for n, ty in regs.items():
+        by_ty.setdefault(ty, []).append("%" + n)
+    decl = []
+    for ty in ("pred", "b16", "b32", "b64", "f32"):
+        names = by_ty.get(ty, [])
+        for i in range(0, len(names), 12):
+            decl.append(f"    .reg .{ty:<5} " + ", ".join(names[i : i + 12]) + ";")
+    nreg = f" .maxnreg {maxnreg}" if maxnreg else ""
+    text = [
+        *("// " + ln if ln else "//" for ln in head),
+        f".visible .entry {name}(.param .align 8 .b8 p[80]){nreg}",
+        "{",
+        *decl,
+        "",
+        prologue.rstrip("\n"),
+        *code,
+        "}",
+    ]
+    return "\n".join(text) + "\n"
+
+
+G3_HEAD = [
+    "gate_grouped_v3: mode 2 (grouped, biased routing) with sigmoid scores",
+    "over 16-bit logits (f16, bf16), E <= 256, E % 8 == 0, 16-byte aligned",
+    "rows and bias, and groups of whole lanes (E / n_group a multiple of 8",
+    "whose eighth is a power of two), or no group limiting (topk_group ==",
+    "n_group); the launcher checks, the others run gate_grouped_v2. Lane l",
+    "holds experts 8l..8l+7 in registers: their 8 sigmoids issue together,",
+    "a group's top-2 is the lane's top-2 then an xor butterfly over the",
+    "group's lanes, a group's rank is counted from one shuffle per group, and",
+    "the top-k is picked from per-lane lists sorted once by (score key, index)",
+    "with two redux.sync per pick; the weights are the picks' unbiased scores",
+    "shuffled from the lanes holding them (no reload). Same parameter block,",
+    "launch shape (one warp per token, 8 per block) and bits as gate_topk;",
+    "no shared memory.",
+]
+
+
 def generate():
     v3_self_check()
-    return "\n".join([*(entry(*e) for e in ENTRIES), entry_v3()])
+    return "\n".join([*(entry(*e) for e in ENTRIES), entry_v3(),
+                      entry_small("gate_grouped_v3", g3_body, G3_FIXED, G3_PROLOGUE, G3_HEAD, 0)])
 
 
 def entry(name, grouped, what):

@@ -25,11 +25,16 @@ Usage: cargo build -p medley-ffi && python3 tools/ptx-emu/gating.py [ROWS]
 about 15 ms a row for v3, 60 for v2). Needs numpy. Exit 1 on any
 difference. MEDLEY_EMU_SEED picks the cases (default 0x7E53, what CI
 runs). MEDLEY_EMU_COUNT=E,k counts the PTX instructions a warp issues per
-token, v2 beside v3; MEDLEY_EMU_COUNT=deepseek counts gate_grouped_v2's at
-the DeepSeek-V3 configuration. MEDLEY_EMU_KERNEL=gate_grouped_v2 checks
-grouped routing against medley_moe_grouped_topk (random configurations). MEDLEY_EMU_PTX points it at another PTX file: five deliberate
-mutations of gate_topk_v3 (the +1 that joins -0 and +0, the tie order, one
-sort comparator, the NaN-below--inf check, the +inf rows) each fail it.
+token, v2 beside v3; MEDLEY_EMU_COUNT=deepseek counts gate_grouped_v2's and
+gate_grouped_v3's at the DeepSeek-V3 configuration. MEDLEY_EMU_KERNEL=gate_grouped_v2 checks
+grouped routing against medley_moe_grouped_topk (random configurations);
+MEDLEY_EMU_KERNEL=gate_grouped_v3 the same over the configurations its
+launcher gives it, with non-finite biases too. MEDLEY_EMU_PTX points it
+at another PTX file: five deliberate mutations of gate_topk_v3 (the +1
+that joins -0 and +0, the tie order, one sort comparator, the
+NaN-below--inf check, the +inf rows) each fail it, and five of
+gate_grouped_v3 (group tie order, the lane sort's index tie-break, the
+butterfly over a group's lanes, the top-2 merge, the scaling factor).
 """
 import ctypes
 import os
@@ -192,11 +197,15 @@ def step(lane, ins, mem, params, labels):
         mem.store32(lane.val(a[0].strip("[]")), lane.val(a[1]))
     elif base == "selp":
         R[a[0]] = lane.val(a[1]) if R[a[3]] else lane.val(a[2])
-    elif op in ("setp.eq.and.u32", "setp.le.and.u32", "setp.ne.and.u32"):
+    elif op in ("setp.eq.and.u32", "setp.le.and.u32", "setp.ne.and.u32", "setp.gt.and.u32", "setp.gt.or.u32",
+                "setp.gt.or.f32"):
         x, y = lane.val(a[1]), lane.val(a[2])
-        c = {"eq": x == y, "le": x <= y, "ne": x != y}[op.split(".")[1]]
+        if op.endswith("f32"):
+            x, y = b2f(x), b2f(y)
+        c = {"eq": x == y, "le": x <= y, "ne": x != y, "gt": x > y}[op.split(".")[1]]
         p = R[a[3].lstrip("!")]
-        R[a[0]] = c and (not p if a[3].startswith("!") else p)
+        p = not p if a[3].startswith("!") else p
+        R[a[0]] = (c and p) if op.split(".")[2] == "and" else (c or p)
     elif op == "setp.ne.u64":
         R[a[0]] = lane.val(a[1]) != lane.val(a[2])
     elif op == "div.u32":
@@ -212,6 +221,7 @@ def step(lane, ins, mem, params, labels):
             res = {
                 "lt": fx < fy, "le": fx <= fy, "gt": fx > fy, "ge": fx >= fy,
                 "eq": fx == fy, "ne": fx != fy, "nan": bool(np.isnan(fx) or np.isnan(fy)),
+                "neu": not (fx == fy), "equ": bool(fx == fy or np.isnan(fx) or np.isnan(fy)),
             }[cmp_]
         else:
             if t == "s32":
@@ -219,7 +229,8 @@ def step(lane, ins, mem, params, labels):
             res = {"lt": x < y, "le": x <= y, "gt": x > y, "ge": x >= y, "eq": x == y, "ne": x != y}[cmp_]
         R[a[0]] = bool(res)
     elif op in ("and.pred", "or.pred"):
-        x, y = R[a[1]], R[a[2]]
+        pv = lambda n: (not R[n[1:]]) if n.startswith("!") else R[n]
+        x, y = pv(a[1]), pv(a[2])
         R[a[0]] = (x and y) if base == "and" else (x or y)
     elif ty in ("u32", "s32", "b32") and base in ("add", "sub", "and", "or", "xor", "shl", "shr", "max", "min", "not", "mul", "mad"):
         x = lane.val(a[1])
@@ -463,36 +474,56 @@ class GroupedConfig(ctypes.Structure):
                 ("renormalize", ctypes.c_uint32), ("routed_scaling_factor", ctypes.c_float)]
 
 
-def grouped(lib, want_rows, seed):
-    """MEDLEY_EMU_KERNEL=gate_grouped_v2: grouped (DeepSeek-V3 style) routing
-    against medley_moe_grouped_topk, random configurations (finite bias:
-    the core refuses a non-finite one, the kernel makes a NaN row)."""
+def v3_groups(e, ng, tkg):
+    """gate_grouped_v3 takes no group limiting, or groups of whole lanes
+    (E / n_group a multiple of 8 whose eighth is a power of two)."""
+    size = e // ng
+    return tkg == ng or (size % 8 == 0 and (size // 8) & (size // 8 - 1) == 0)
+
+
+def grouped(lib, want_rows, seed, kernel="gate_grouped_v2"):
+    """MEDLEY_EMU_KERNEL=gate_grouped_v2 (or gate_grouped_v3): grouped
+    (DeepSeek-V3 style) routing against medley_moe_grouped_topk, random
+    configurations (v3: those its launcher gives it: sigmoid, 16-bit
+    logits, E <= 256, E % 8 == 0, groups of whole lanes). The core refuses
+    a non-finite bias, the kernels make a NaN row of every row that is not
+    NaN or masked already: v3's cases include such biases, checked
+    against that rule."""
     P, sz = ctypes.c_void_p, ctypes.c_size_t
     f = lib.medley_moe_grouped_topk
     f.argtypes = [P, P, P, sz, P, sz, P, sz, P]
     f.restype = ctypes.c_uint32
     global STRICT
     STRICT = False
-    prog, labels = load_entry("gate_grouped_v2")
+    v3 = kernel == "gate_grouped_v3"
+    STRICT = v3
+    prog, labels = load_entry(kernel)
     rng = np.random.default_rng(seed)
     done, cases, bad = 0, 0, []
     deepseek = os.environ.get("MEDLEY_EMU_COUNT") == "deepseek"
     issued = 0
     while done < want_rows:
-        e = int(rng.choice([8, 16, 64, 128, 160, 256, 384, 512]))
+        e = int(rng.choice([8, 16, 64, 128, 160, 256] if v3 else [8, 16, 64, 128, 160, 256, 384, 512]))
         divisors = [d for d in range(1, min(e, 256) + 1) if e % d == 0]
-        ng = int(rng.choice(divisors))
-        tkg = int(rng.integers(1, ng + 1))
+        while True:
+            ng = int(rng.choice(divisors))
+            tkg = int(rng.integers(1, ng + 1))
+            if not v3 or v3_groups(e, ng, tkg):
+                break
         gsc = int(rng.integers(0, 2)) if e // ng >= 2 else 1
-        scoring = int(rng.integers(0, 2))
+        scoring = 1 if v3 else int(rng.integers(0, 2))
         reach = tkg * (e // ng)
         k = int(rng.integers(1, min(reach, 32) + 1))
         renorm = int(rng.integers(0, 2))
         scale = float(rng.choice([1.0, 2.5]))
-        dtype = int(rng.integers(0, 3))
+        dtype = int(rng.integers(1, 3)) if v3 else int(rng.integers(0, 3))
         t = int(rng.integers(1, 20))
         x = case_rows(rng, e, t, dtype)
         bias = rng.uniform(-0.5, 0.5, size=e).astype(np.float32) if rng.random() < 0.6 else None
+        if bias is not None and rng.random() < 0.3:
+            # ties between selection scores and between group scores
+            bias = np.round(bias * 4) / 4
+        bad_bias = v3 and bias is not None and rng.random() < 0.08
         if deepseek:
             # DeepSeek-V3: E 256, 8 groups, top-4 groups, k 8, sigmoid,
             # top-2 sum, renormalized, x2.5, a bias; bf16 logits, no edge rows.
@@ -500,6 +531,7 @@ def grouped(lib, want_rows, seed):
             xf = rng.uniform(-8, 8, size=(t, e)).astype(np.float32).view(np.uint32)
             x = ((xf + ((xf >> 16) & 1) + 0x7FFF) >> 16).astype(np.uint16)
             bias = rng.uniform(-0.5, 0.5, size=e).astype(np.float32)
+            bad_bias = False
         cfg = GroupedConfig(ctypes.sizeof(GroupedConfig), k, scoring, gsc, ng, tkg, renorm, scale)
         buf = np.ascontiguousarray(x)
         rows = Rows(buf.ctypes.data, buf.size, dtype, t, e, 0)
@@ -513,6 +545,18 @@ def grouped(lib, want_rows, seed):
         mem.add(L, x.tobytes())
         mem.add(I, b"\xa5" * (4 * t * k))
         mem.add(W, b"\xa5" * (4 * t * k))
+        if bad_bias:
+            # the kernels' rule for a non-finite bias: every row that is
+            # neither NaN nor masked becomes a NaN row
+            ninf = 0xFC00 if dtype == 1 else 0xFF80
+            for row in range(t):
+                masked = bool(np.all(x[row] == ninf))
+                nanrow = bool(np.isnan(w_c[row * k]))
+                if not masked and not nanrow:
+                    ids_c[row * k : (row + 1) * k] = np.arange(k)
+                    w_c[row * k : (row + 1) * k] = np.nan
+            bias = bias.copy()
+            bias[rng.integers(e)] = rng.choice([np.inf, -np.inf, np.nan])
         if bias is not None:
             mem.add(B, bias.tobytes())
         size = 4 if dtype == 0 else 2
@@ -532,7 +576,7 @@ def grouped(lib, want_rows, seed):
                        f"core ({ids_c[at]}, {w_c.view(np.uint32)[at]:#x})")
         done += t
         cases += 1
-    print(f"gate_grouped_v2 emulated (seed {seed:#x}): {cases} cases, {done} rows, {len(bad)} differ from the core")
+    print(f"{kernel} emulated (seed {seed:#x}): {cases} cases, {done} rows, {len(bad)} differ from the core")
     if deepseek:
         print(f"  DeepSeek-V3 configuration: {issued / done:.0f} PTX warp instructions per token")
     for b in bad[:10]:
@@ -603,12 +647,12 @@ def main():
     lib.medley_moe_keep_topk_softmax.argtypes = [P, sz, P, sz, P, sz, P]
     lib.medley_moe_topk_softmax.restype = lib.medley_moe_keep_topk_softmax.restype = ctypes.c_uint32
     if os.environ.get("MEDLEY_EMU_COUNT") == "deepseek":
-        sys.exit(grouped(lib, 64, 1))
+        sys.exit(max(grouped(lib, 64, 1, kern) for kern in ("gate_grouped_v2", "gate_grouped_v3")))
     if os.environ.get("MEDLEY_EMU_COUNT"):
         return count(lib)
     kernel = os.environ.get("MEDLEY_EMU_KERNEL", "gate_topk_v3")
-    if kernel == "gate_grouped_v2":
-        sys.exit(grouped(lib, want_rows, int(os.environ.get("MEDLEY_EMU_SEED", "0x7E53"), 0)))
+    if kernel in ("gate_grouped_v2", "gate_grouped_v3"):
+        sys.exit(grouped(lib, want_rows, int(os.environ.get("MEDLEY_EMU_SEED", "0x7E53"), 0), kernel))
     v3 = kernel == "gate_topk_v3"
     assert kernel in ("gate_topk_v3", "gate_topk_v2"), kernel
     global STRICT
