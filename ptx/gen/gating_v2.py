@@ -306,6 +306,26 @@ def select_rounds(tag, record_key):
     label(f"V2_SEL{tag}_DONE")
 
 
+def load16(xs, op, lab):
+    """xs[0..8] = 8 16-bit values at [%a] as f32, by one 16-byte `op` (bf16
+    by a shift, f16 by cvt); ends on the f16 path, which falls through to
+    the caller's `{lab}_GOT` (the bf16 path branches there)."""
+    ws = [r(f"w{i}", "b32") for i in range(4)]
+    emit(f"    {op} {{{ws[0]}, {ws[1]}, {ws[2]}, {ws[3]}}}, [%a];")
+    emit(f"    @%isf16 bra     {lab}_F16;")
+    for i in range(4):
+        ins("shl.b32", "%t", ws[i], "16")
+        ins("mov.b32", xs[2 * i], "%t")
+        ins("and.b32", "%t", ws[i], "-65536")
+        ins("mov.b32", xs[2 * i + 1], "%t")
+    emit(f"    bra.uni         {lab}_GOT;")
+    label(f"{lab}_F16")
+    for i in range(4):
+        ins("mov.b32", "{%h0, %h1}", ws[i])
+        ins("cvt.f32.f16", xs[2 * i], "%h0")
+        ins("cvt.f32.f16", xs[2 * i + 1], "%h1")
+
+
 # ------------------------------------------------------------------ kernel
 def body(grouped):
     comment("the row: keys into registers (and shared memory, index order)")
@@ -336,20 +356,7 @@ def body(grouped):
         emit(f"    @%isf32 ld.global.v4.f32 {{{xs[0]}, {xs[1]}, {xs[2]}, {xs[3]}}}, [%a];")
         emit(f"    @%isf32 ld.global.v4.f32 {{{xs[4]}, {xs[5]}, {xs[6]}, {xs[7]}}}, [%a+16];")
         emit(f"    @%isf32 bra     {lab}_GOT;")
-        ws = [r(f"w{i}", "b32") for i in range(4)]
-        emit(f"    ld.global.v4.b32 {{{ws[0]}, {ws[1]}, {ws[2]}, {ws[3]}}}, [%a];")
-        emit(f"    @%isf16 bra     {lab}_F16;")
-        for i in range(4):
-            ins("shl.b32", "%t", ws[i], "16")
-            ins("mov.b32", xs[2 * i], "%t")
-            ins("and.b32", "%t", ws[i], "-65536")
-            ins("mov.b32", xs[2 * i + 1], "%t")
-        emit(f"    bra.uni         {lab}_GOT;")
-        label(f"{lab}_F16")
-        for i in range(4):
-            ins("mov.b32", "{%h0, %h1}", ws[i])
-            ins("cvt.f32.f16", xs[2 * i], "%h0")
-            ins("cvt.f32.f16", xs[2 * i + 1], "%h1")
+        load16(xs, "ld.global.v4.b32", lab)
         emit(f"    bra.uni         {lab}_GOT;")
         label(f"{lab}_SCALAR")
         # predicated scalar loads, issued together
@@ -982,26 +989,6 @@ def entry_v3():
 
 
 # --------------------------------------------------------- gate_grouped_v3
-def g3_load16(xs):
-    """xs[0..8] = this lane's 8 logits as f32 (16-byte load of 16-bit
-    values; bf16 by a shift, f16 by cvt)."""
-    ws = [r(f"w{i}", "b32") for i in range(4)]
-    emit(f"    ld.global.nc.v4.b32 {{{ws[0]}, {ws[1]}, {ws[2]}, {ws[3]}}}, [%a];")
-    emit("    @%isf16 bra     G3_F16;")
-    for i in range(4):
-        ins("shl.b32", "%t", ws[i], "16")
-        ins("mov.b32", xs[2 * i], "%t")
-        ins("and.b32", "%t", ws[i], "-65536")
-        ins("mov.b32", xs[2 * i + 1], "%t")
-    emit("    bra.uni         G3_GOT;")
-    label("G3_F16")
-    for i in range(4):
-        ins("mov.b32", "{%h0, %h1}", ws[i])
-        ins("cvt.f32.f16", xs[2 * i], "%h0")
-        ins("cvt.f32.f16", xs[2 * i + 1], "%h1")
-    label("G3_GOT")
-
-
 def top2_merge(a1, a2, b1, b2, t):
     """(a1, a2) = the two largest of the multiset {a1, a2, b1, b2}, given
     a1 >= a2 and b1 >= b2 (finite values: max/min select exactly)."""
@@ -1033,7 +1020,8 @@ def g3_body():
     ins("add.u64", "%ba", "%biasg", "%o")
     emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[0]}, {bs[1]}, {bs[2]}, {bs[3]}}}, [%ba];")
     emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[4]}, {bs[5]}, {bs[6]}, {bs[7]}}}, [%ba+16];")
-    g3_load16(xs)
+    load16(xs, "ld.global.nc.v4.b32", "G3")
+    label("G3_GOT")
     comment("NaN anywhere (a non-finite bias too, as gate_grouped_v2), all -inf (masked)")
     ins("setp.ne.u32", "%nan", "0", "0")
     ins("setp.ne.u32", "%bnan", "0", "0")
