@@ -47,7 +47,7 @@ def main():
     print()
     print("| M | B | V | mode | medley back-to-back (us) | medley graph (us) | <= 5 us (V 128256) | PyTorch eager in a graph (us) | torch.compile in a graph (us) | best PyTorch graph / medley graph |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in p["ensemble"]:
+    for r in p.get("ensemble", []):
         mm, bb, v = r["M"], r["B"], r["V"]
         for mode in ("linear", "loglinear"):
             b = f"cuda/ensemble/M{mm}_B{bb}_V{v}/{mode}/"
