@@ -6,8 +6,8 @@
 #      kernel against the core, the v3 suites, the refusals, the
 #      non-finite-bias rule; cuda/tests/graph.rs; the kernel registry);
 #   2. compute-sanitizer memcheck and synccheck on the v3 and grouped tests
-#      (MEDLEY_MOE_CASES=24), racecheck on the v3 test, memcheck on the
-#      graph tests;
+#      (MEDLEY_MOE_CASES=24), racecheck on the v3 test (RACECHECK= skips
+#      it: the v3 kernels use no shared memory), memcheck on the graph tests;
 #   3. the gating benches (Auto, v1, v2, v3; Auto, v2 and v3 replayed from
 #      graphs), then benches/tools/graph_peers.py's gating rows;
 #   4. ncu of gate_topk_v3 and gate_grouped_v3 at T 16384, E 256.
@@ -33,16 +33,10 @@ run_san() {  # tool, log name, binary and filters...
 }
 run_san memcheck memcheck-moe .device/test-moe v3 grouped
 run_san synccheck synccheck-moe .device/test-moe v3 grouped
-run_san racecheck racecheck-moe .device/test-moe gate_v3_kernels_match
+[ -n "${RACECHECK-1}" ] && run_san racecheck racecheck-moe .device/test-moe gate_v3_kernels_match
 run_san memcheck memcheck-graph .device/test-graph
 lap sanitizers
 CRITERION_HOME=$out/criterion timeout 240 .device/bench_main --bench 'cuda/gating/' > "$out/bench-gating.log" 2>&1; lap "bench gating rc $?"
-OUT=$out GRAPH_PEERS_ONLY=gating timeout 150 python3 benches/tools/graph_peers.py > "$out/peers.log" 2>&1; lap "graph peers rc $?"
-sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section InstructionStats"
-for kv in "gate_topk_v3 topk_softmax" "gate_grouped_v3 deepseek_v3"; do
-  set -- $kv
-  timeout 60 ncu --kernel-name "$1" --launch-skip 20 --launch-count 1 $sections .device/bench_main --bench "cuda/gating/E256_k8_T16384/$2/bf16_v3\$" > "$out/ncu-$1.txt" 2>&1; lap "ncu $1 rc $?"
-done
 python3 - "$out" <<'PY' > "$out/medley.json"
 import json, pathlib, sys
 r = {}
@@ -52,5 +46,12 @@ for est in pathlib.Path(sys.argv[1], "criterion").glob("**/new/estimates.json"):
 print(json.dumps(r, indent=0))
 PY
 rm -rf "$out/criterion"
+python3 benches/tools/graph_table.py "$out" > "$out/tables.md" 2>/dev/null
+OUT=$out GRAPH_PEERS_ONLY=gating timeout 150 python3 benches/tools/graph_peers.py > "$out/peers.log" 2>&1; lap "graph peers rc $?"
+sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section InstructionStats"
+for kv in "gate_topk_v3 topk_softmax" "gate_grouped_v3 deepseek_v3"; do
+  set -- $kv
+  timeout 60 ncu --kernel-name "$1" --launch-skip 20 --launch-count 1 $sections .device/bench_main --bench "cuda/gating/E256_k8_T16384/$2/bf16_v3\$" > "$out/ncu-$1.txt" 2>&1; lap "ncu $1 rc $?"
+done
 python3 benches/tools/graph_table.py "$out" | tee "$out/tables.md"
 lap done
