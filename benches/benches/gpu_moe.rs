@@ -4,7 +4,8 @@
 //! plus ids and weights written. Shapes of the PyTorch baselines (E, k) =
 //! (8, 2), (64, 6), (128, 8), (256, 8) for T in {1, 64, 1024, 16384}, plus
 //! DeepSeek-V3 grouped routing at E = 256. `bf16` runs the default kernel
-//! (`GateKernel::Auto`: `gate_topk_v3` / `gate_grouped_v3` at these sizes),
+//! (`GateKernel::Auto`: `gate_topk_v2` / `gate_grouped_v2` at these sizes
+//! until the v3 kernels have run on a GPU),
 //! `bf16_v1` the reference `gate_topk`, `bf16_v2` `gate_topk_v2` /
 //! `gate_grouped_v2`, `bf16_v3` the v3 kernel; the `_graph` variants
 //! replay the same kernel from a CUDA graph that holds [`GRAPH_CALLS`]

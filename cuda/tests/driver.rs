@@ -123,6 +123,11 @@ fn loading_the_kernels_is_timed() {
             "{name}"
         );
         assert_eq!(
+            has(&k, Kernel::GateGroupedV3),
+            set.contains(Modules::GATING),
+            "{name}"
+        );
+        assert_eq!(
             has(&k, Kernel::MoeAlign),
             set.contains(Modules::ROUTING),
             "{name}"

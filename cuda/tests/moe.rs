@@ -491,7 +491,7 @@ fn gate_v3_kernels_match_the_core_bit_for_bit() {
         let (ids, w) = c.cpu();
         rows += c.t;
         special += w.iter().filter(|x| x.is_nan() || **x == 0.0).count();
-        // V3 forced, Auto (v3 too where it applies) and V2 beside them.
+        // V3 forced, Auto (v2 until v3 has run on a GPU) and V2 beside them.
         for kernel in [GateKernel::V3, GateKernel::Auto, GateKernel::V2] {
             match c.gpu(&g, kernel) {
                 Err(e) => failures.push(format!("{kernel:?} T={} E={} k={}: {e}", c.t, c.e, c.k)),
