@@ -5,7 +5,9 @@
 The shapes of cuda/gating/E{e}_k{k}_T{t} (softmax -> topk -> renormalize,
 bf16 router logits) and of the decode ensembles cuda/ensemble/M{m}_B{1,8}_V{v}
 (linear: logsumexp of log w_m + log_softmax(z_m); log-linear:
-log_softmax(sum c_m log_softmax(z_m))), eager and torch.compile. Each
+log_softmax(sum c_m log_softmax(z_m))), and DeepSeek-V3 grouped routing at
+E 256 (cuda/gating/E256_k8_T{t}/deepseek_v3: `grouped_gate`), eager and
+torch.compile. Each
 timing captures CALLS calls into one torch.cuda.CUDAGraph, inputs rotating
 over the same sets as the criterion group (call i reads set i % sets,
 >= 120 MB of sets where a set is large), and reports the replay time divided
@@ -78,6 +80,22 @@ def topk_gate(lg, k):
     return v / v.sum(-1, keepdim=True), i
 
 
+def grouped_gate(lg, bias, k=8, n_group=8, topk_group=4, scale=2.5):
+    """DeepSeek-V3 routing as PyTorch users write it (vLLM's grouped_topk
+    algorithm): sigmoid scores, bias for selection, top-2-sum group scores,
+    the best topk_group groups, top-k over their experts, weights the
+    unbiased scores renormalized and scaled."""
+    s = torch.sigmoid(lg.float())
+    sel = s + bias
+    t, e = sel.shape
+    gs = sel.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(gs).scatter_(1, gs.topk(topk_group, dim=-1).indices, 1.0)
+    keep = keep.repeat_interleave(e // n_group, dim=1)
+    ids = sel.masked_fill(keep == 0, float("-inf")).topk(k, dim=-1).indices
+    w = s.gather(1, ids)
+    return w / w.sum(-1, keepdim=True) * scale, ids
+
+
 def lin(L, w):
     lp = torch.log_softmax(L.float(), dim=-1)
     return torch.logsumexp(lp + torch.log(w)[:, None, None], dim=0)
@@ -106,7 +124,27 @@ def main():
             print("gate", {a: (round(b, 2) if isinstance(b, float) else b) for a, b in row.items()})
             del sets
     res["gating"] = gate
+    finish(res)  # each section is saved as it completes (a cut-short run keeps them)
+    # DeepSeek-V3 grouped routing (E 256), as the medley benches' deepseek_v3
+    # rows (a zero bias there too).
+    grouped_c = torch.compile(grouped_gate, dynamic=False)
+    bias = torch.zeros(256, device=dev)
+    grp = []
+    for t in (1, 64, 1024, 16384):
+        nsets = max(1, min(1024, -(-ROTATE // (t * 256 * 2))))
+        sets = [torch.randn(t, 256, device=dev, dtype=torch.bfloat16) for _ in range(nsets)]
+        row = {"E": 256, "k": 8, "T": t}
+        for name, fn in (("eager_us", grouped_gate), ("compile_us", grouped_c)):
+            try:
+                row[name] = graph_time(lambda lg: fn(lg, bias), sets, 1024) * 1e6
+            except Exception as ex:  # a peer that fails is recorded, not fatal
+                row[name.replace("_us", "_error")] = str(ex)[:200]
+        grp.append(row)
+        print("grouped", {a: (round(b, 2) if isinstance(b, float) else b) for a, b in row.items()})
+        del sets
+    res["grouped"] = grp
     res["ensemble"] = []
+    finish(res)
     if os.environ.get("GRAPH_PEERS_ONLY") == "gating":
         finish(res)
         return

@@ -36,14 +36,16 @@ def main():
         ratio = "-" if g is None else "%.1fx" % (best / g)
         print(f"| {e} | {k} | {t} | {fmt(m.get(b + 'bf16'))} | {fmt(g)} | {pair(m, b, '')} | {pair(m, b, '_graph')} | {tgt or '-'} | {met} | {fmt(r['eager_us'])} | {fmt(r.get('compile_us'))} | {ratio} |")
     print()
-    print("| T | medley back-to-back (us) | medley graph (us) | v2 / v3 back-to-back (us) | v2 / v3 graph (us) | target (graph) | met |")
-    print("|---|---|---|---|---|---|---|")
+    print("| T | medley back-to-back (us) | medley graph (us) | v2 / v3 back-to-back (us) | v2 / v3 graph (us) | target (graph) | met | PyTorch eager in a graph (us) | torch.compile in a graph (us) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    peers = {r["T"]: r for r in p.get("grouped", [])}
     for t in (1, 64, 1024, 16384):
         b = f"cuda/gating/E256_k8_T{t}/deepseek_v3/"
         g = m.get(b + "bf16_graph")
         tgt = 4.0 if t <= 1024 else None
         met = "-" if tgt is None or g is None else ("yes" if g <= tgt else "no, %.2fx" % (g / tgt))
-        print(f"| {t} | {fmt(m.get(b + 'bf16'))} | {fmt(g)} | {pair(m, b, '')} | {pair(m, b, '_graph')} | {tgt or '-'} | {met} |")
+        pr = peers.get(t, {})
+        print(f"| {t} | {fmt(m.get(b + 'bf16'))} | {fmt(g)} | {pair(m, b, '')} | {pair(m, b, '_graph')} | {tgt or '-'} | {met} | {fmt(pr.get('eager_us'))} | {fmt(pr.get('compile_us'))} |")
     print()
     print("| M | B | V | mode | medley back-to-back (us) | medley graph (us) | <= 5 us (V 128256) | PyTorch eager in a graph (us) | torch.compile in a graph (us) | best PyTorch graph / medley graph |")
     print("|---|---|---|---|---|---|---|---|---|---|")

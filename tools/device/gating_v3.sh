@@ -9,7 +9,8 @@
 #      (MEDLEY_MOE_CASES=24), racecheck on the v3 test (RACECHECK= skips
 #      it: the v3 kernels use no shared memory), memcheck on the graph tests;
 #   3. the gating benches (Auto, v1, v2, v3; Auto, v2 and v3 replayed from
-#      graphs), then benches/tools/graph_peers.py's gating rows;
+#      graphs), then benches/tools/graph_peers.py's gating rows (softmax
+#      top-k and DeepSeek-V3 grouped);
 #   4. ncu of gate_topk_v3 and gate_grouped_v3 at T 16384, E 256.
 # Everything under $OUT (default /tmp/gating-v3): medley.json (criterion
 # medians, us), graph-peers.json, tables.md. Tar it for the device tool:
