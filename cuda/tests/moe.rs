@@ -536,51 +536,35 @@ fn gate_v3_kernels_match_the_core_bit_for_bit() {
 fn gate_v3_kernels_refuse_what_they_do_not_take() {
     let Some(g) = gpu() else { return };
     let grouped = GateCase::random_grouped_v3(0x7E53_F001);
-    for (what, f) in [
+    let topk = GateCase::random_v3(0x7E53_F000);
+    for (base, what, f) in [
         (
+            &grouped,
             "grouped softmax scores",
             (|c: &mut GateCase| c.scoring = Scoring::Softmax) as fn(&mut GateCase),
         ),
-        ("misaligned bias", |c| {
+        (&grouped, "misaligned bias", |c| {
             c.bias = Some(vec![0.125; c.e]);
             c.bias_offset = 1;
         }),
-        ("groups of 24 experts", |c| {
+        (&grouped, "groups of 24 experts", |c| {
             c.e = 192;
             c.logits.resize(c.t * 192, 0.5);
             (c.n_group, c.topk_group, c.k) = (8, 3, c.k.min(24));
             c.bias = None;
         }),
-        ("f32 logits, grouped", |c| c.dtype = 0),
-    ] {
-        let mut c = grouped.clone();
-        c.t = c.t.max(1);
-        c.logits.resize(c.t * c.e, 1.0);
-        f(&mut c);
-        assert!(!c.v3_applies(), "{what}");
-        let err = c.gpu(&g, GateKernel::V3).unwrap_err();
-        assert!(err.contains("Unsupported"), "{what}: {err}");
-        let (gi, gw) = c.gpu(&g, GateKernel::Auto).unwrap();
-        let (ids, w) = c.cpu();
-        assert_eq!(gi, ids, "{what}");
-        assert_eq!(wb(&gw), wb(&w), "{what}");
-    }
-    let base = GateCase::random_v3(0x7E53_F000);
-    for (what, f) in [
-        (
-            "f32 logits",
-            (|c: &mut GateCase| c.dtype = 0) as fn(&mut GateCase),
-        ),
-        ("E = 60", |c| {
+        (&grouped, "f32 logits, grouped", |c| c.dtype = 0),
+        (&topk, "f32 logits", |c| c.dtype = 0),
+        (&topk, "E = 60", |c| {
             c.e = 60;
             c.k = c.k.min(60);
             c.logits.truncate(c.t * 60);
         }),
-        ("E = 264", |c| {
+        (&topk, "E = 264", |c| {
             c.e = 264;
             c.logits.resize(c.t * 264, 0.0);
         }),
-        ("softmax over E (mode 0)", |c| c.mode = 0),
+        (&topk, "softmax over E (mode 0)", |c| c.mode = 0),
     ] {
         let mut c = base.clone();
         c.t = c.t.max(1);

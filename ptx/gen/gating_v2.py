@@ -913,7 +913,10 @@ def v3_body():
     tail("V3")
 
 
-V3_PROLOGUE = """\
+def warp_row_prologue(pre):
+    """The v3 kernels' first lines: this warp's token row (8 warps a block),
+    an exit past T, the three pointers every kernel takes."""
+    return f"""\
     mov.u32         %th, %tid.x;
     shr.u32         %warp, %th, 5;
     mov.u32         %lane, %laneid;
@@ -921,10 +924,14 @@ V3_PROLOGUE = """\
     mad.lo.u32      %row, %t, 8, %warp;
     ld.param.u32    %T, [p+32];
     setp.ge.u32     %q, %row, %T;
-    @%q bra         V3_EXIT;
+    @%q bra         {pre}_EXIT;
     ld.param.u64    %logits, [p+0];
     ld.param.u64    %ids, [p+8];
     ld.param.u64    %wts, [p+16];
+"""
+
+
+V3_PROLOGUE = warp_row_prologue("V3") + """\
     ld.param.u32    %E, [p+36];
     ld.param.u32    %stride, [p+40];
     ld.param.u32    %k, [p+44];
@@ -948,44 +955,20 @@ V3_FIXED = {
 }
 
 
-def entry_v3():
-    out.clear()
-    regs.clear()
-    for ty, names in V3_FIXED.items():
-        for n in names.split():
-            r(n, ty)
-    v3_body()
-    code = out[:]
-    by_ty = {}
-    for n, ty in regs.items():
-        by_ty.setdefault(ty, []).append("%" + n)
-    decl = []
-    for ty in ("pred", "b16", "b32", "b64", "f32"):
-        names = by_ty.get(ty, [])
-        for i in range(0, len(names), 12):
-            decl.append(f"    .reg .{ty:<5} " + ", ".join(names[i : i + 12]) + ";")
-    text = [
-        "// gate_topk_v3: mode 1 (top-k, then softmax over the kept logits:",
-        "// renormalized topk_softmax and keep_topk_softmax) for 16-bit logits",
-        "// (f16, bf16) with E <= 256, E % 8 == 0 and 16-byte aligned rows (the",
-        "// launcher checks; the others run gate_topk_v2). Lane l holds elements",
-        "// 8l..8l+7 as unique 32-bit keys: the high half is the f32 order key of",
-        "// the value plus one (so -0 and +0 meet: the core canonicalizes -0), the",
-        "// low half 0xFFFF - index (ties to the lower index). A lane sorts its 8",
-        "// keys once (19 compare-exchanges); a selection round is one",
-        "// redux.sync.max over the lanes' heads and a shift in the winning lane.",
-        "// NaN shows as a key above +inf's or below -inf's. Same parameter block,",
-        "// launch shape (one warp per token, 8 per block) and bits as gate_topk;",
-        "// no shared memory.",
-        ".visible .entry gate_topk_v3(.param .align 8 .b8 p[80]) .maxnreg 40",
-        "{",
-        *decl,
-        "",
-        V3_PROLOGUE.rstrip("\n"),
-        *code,
-        "}",
-    ]
-    return "\n".join(text) + "\n"
+V3_HEAD = [
+    "gate_topk_v3: mode 1 (top-k, then softmax over the kept logits:",
+    "renormalized topk_softmax and keep_topk_softmax) for 16-bit logits",
+    "(f16, bf16) with E <= 256, E % 8 == 0 and 16-byte aligned rows (the",
+    "launcher checks; the others run gate_topk_v2). Lane l holds elements",
+    "8l..8l+7 as unique 32-bit keys: the high half is the f32 order key of",
+    "the value plus one (so -0 and +0 meet: the core canonicalizes -0), the",
+    "low half 0xFFFF - index (ties to the lower index). A lane sorts its 8",
+    "keys once (19 compare-exchanges); a selection round is one",
+    "redux.sync.max over the lanes' heads and a shift in the winning lane.",
+    "NaN shows as a key above +inf's or below -inf's. Same parameter block,",
+    "launch shape (one warp per token, 8 per block) and bits as gate_topk;",
+    "no shared memory.",
+]
 
 
 # --------------------------------------------------------- gate_grouped_v3
@@ -1167,18 +1150,7 @@ def g3_body():
     tail("G3")
 
 
-G3_PROLOGUE = """\
-    mov.u32         %th, %tid.x;
-    shr.u32         %warp, %th, 5;
-    mov.u32         %lane, %laneid;
-    mov.u32         %t, %ctaid.x;
-    mad.lo.u32      %row, %t, 8, %warp;
-    ld.param.u32    %T, [p+32];
-    setp.ge.u32     %q, %row, %T;
-    @%q bra         G3_EXIT;
-    ld.param.u64    %logits, [p+0];
-    ld.param.u64    %ids, [p+8];
-    ld.param.u64    %wts, [p+16];
+G3_PROLOGUE = warp_row_prologue("G3") + """\
     ld.param.u64    %bias, [p+24];
     ld.param.u32    %E, [p+36];
     ld.param.u32    %stride, [p+40];
@@ -1211,14 +1183,8 @@ G3_FIXED = {
 }
 
 
-def entry_small(name, body, fixed, prologue, head, maxnreg):
-    out.clear()
-    regs.clear()
-    for ty, names in fixed.items():
-        for n in names.split():
-            r(n, ty)
-    body()
-    code = out[:]
+def declarations():
+    """The .reg lines of every register `r` declared, by type, 12 a line."""
     by_ty = {}
     for n, ty in regs.items():
         by_ty.setdefault(ty, []).append("%" + n)
@@ -1227,6 +1193,18 @@ def entry_small(name, body, fixed, prologue, head, maxnreg):
         names = by_ty.get(ty, [])
         for i in range(0, len(names), 12):
             decl.append(f"    .reg .{ty:<5} " + ", ".join(names[i : i + 12]) + ";")
+    return decl
+
+
+def entry_small(name, body, fixed, prologue, head, maxnreg):
+    out.clear()
+    regs.clear()
+    for ty, names in fixed.items():
+        for n in names.split():
+            r(n, ty)
+    body()
+    code = out[:]
+    decl = declarations()
     nreg = f" .maxnreg {maxnreg}" if maxnreg else ""
     text = [
         *("// " + ln if ln else "//" for ln in head),
@@ -1260,8 +1238,11 @@ G3_HEAD = [
 
 def generate():
     v3_self_check()
-    return "\n".join([*(entry(*e) for e in ENTRIES), entry_v3(),
-                      entry_small("gate_grouped_v3", g3_body, G3_FIXED, G3_PROLOGUE, G3_HEAD, 0)])
+    return "\n".join([
+        *(entry(*e) for e in ENTRIES),
+        entry_small("gate_topk_v3", v3_body, V3_FIXED, V3_PROLOGUE, V3_HEAD, 40),
+        entry_small("gate_grouped_v3", g3_body, G3_FIXED, G3_PROLOGUE, G3_HEAD, 0),
+    ])
 
 
 def entry(name, grouped, what):
@@ -1273,14 +1254,7 @@ def entry(name, grouped, what):
             r(n, ty)
     body(grouped)
     code = out[:]
-    decl = []
-    by_ty = {}
-    for n, ty in regs.items():
-        by_ty.setdefault(ty, []).append("%" + n)
-    for ty in ("pred", "b16", "b32", "b64", "f32"):
-        names = by_ty.get(ty, [])
-        for i in range(0, len(names), 12):
-            decl.append(f"    .reg .{ty:<5} " + ", ".join(names[i : i + 12]) + ";")
+    decl = declarations()
     text = [
         f"// {name}: the tuned gating kernel for {what}; see the",
         "// generator's docstring for what differs from gate_topk. Same parameter",

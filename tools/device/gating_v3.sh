@@ -38,14 +38,8 @@ run_san synccheck synccheck-moe .device/test-moe v3 grouped
 run_san memcheck memcheck-graph .device/test-graph
 lap sanitizers
 CRITERION_HOME=$out/criterion timeout 240 .device/bench_main --bench 'cuda/gating/' > "$out/bench-gating.log" 2>&1; lap "bench gating rc $?"
-python3 - "$out" <<'PY' > "$out/medley.json"
-import json, pathlib, sys
-r = {}
-for est in pathlib.Path(sys.argv[1], "criterion").glob("**/new/estimates.json"):
-    b = json.loads((est.parent / "benchmark.json").read_text())
-    r[b["full_id"]] = json.loads(est.read_text())["median"]["point_estimate"] / 1e3
-print(json.dumps(r, indent=0))
-PY
+# criterion medians (us) by benchmark id: gpu_report.load
+python3 -c 'import json, sys; sys.path.insert(0, "benches/tools"); import gpu_report; print(json.dumps(gpu_report.load(sys.argv[1]), indent=0))' "$out/criterion" > "$out/medley.json"
 rm -rf "$out/criterion"
 python3 benches/tools/graph_table.py "$out" > "$out/tables.md" 2>/dev/null
 OUT=$out GRAPH_PEERS_ONLY=gating timeout 150 python3 benches/tools/graph_peers.py > "$out/peers.log" 2>&1; lap "graph peers rc $?"

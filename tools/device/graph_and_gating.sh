@@ -48,14 +48,8 @@ done
 for m in 8 2; do
   timeout 90 ncu --kernel-name ensemble_v2 --launch-skip 20 --launch-count 1 $sections --section MemoryWorkloadAnalysis .device/bench_main --bench "cuda/ensemble/M${m}_B256_V128256/loglinear/v2\$" > "$out/ncu-ensemble-loglinear-M$m-B256.txt" 2>&1; lap "ncu ensemble loglinear M$m B256 rc $?"
 done
-python3 - "$out" <<'PY' > "$out/medley.json"
-import json, pathlib, sys
-r = {}
-for est in pathlib.Path(sys.argv[1], "criterion").glob("**/new/estimates.json"):
-    b = json.loads((est.parent / "benchmark.json").read_text())
-    r[b["full_id"]] = json.loads(est.read_text())["median"]["point_estimate"] / 1e3
-print(json.dumps(r, indent=0))
-PY
+# criterion medians (us) by benchmark id: gpu_report.load
+python3 -c 'import json, sys; sys.path.insert(0, "benches/tools"); import gpu_report; print(json.dumps(gpu_report.load(sys.argv[1]), indent=0))' "$out/criterion" > "$out/medley.json"
 rm -rf "$out/criterion"
 python3 benches/tools/graph_table.py "$out" | tee "$out/tables.md"
 lap done
