@@ -309,8 +309,9 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
     let v3_kernel = match p.mode {
         1 if v3_rows => Some(Kernel::GateTopkV3),
         2 if v3_rows && p.scoring == 1 && p.bias.is_multiple_of(16) && {
-            let (lanes, ng) = (e / p.n_group as usize, p.n_group);
-            p.topk_group == ng || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two())
+            // experts per group: 8 per lane, a power of two of lanes
+            let size = e / p.n_group as usize;
+            p.topk_group == p.n_group || (size.is_multiple_of(8) && (size / 8).is_power_of_two())
         } =>
         {
             Some(Kernel::GateGroupedV3)
