@@ -175,9 +175,9 @@ impl GateCase {
     /// bias and groups of whole lanes, or none (`gate_grouped_v3`).
     fn v3_applies(&self) -> bool {
         let rows = matches!(self.dtype, 1 | 2) && self.e.is_multiple_of(8) && self.e <= V3_MAX_EXPERTS;
-        let lanes = self.e / self.n_group;
+        let size = self.e / self.n_group;
         let groups =
-            self.topk_group == self.n_group || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two());
+            self.topk_group == self.n_group || (size.is_multiple_of(8) && (size / 8).is_power_of_two());
         rows && match self.mode {
             1 | 2 => true,
             3 => self.scoring == Scoring::Sigmoid && self.bias_offset == 0 && groups,
@@ -205,8 +205,8 @@ impl GateCase {
                 .filter(|d| c.e.is_multiple_of(*d))
                 .flat_map(|d| (1..=d).map(move |t| (d, t)))
                 .filter(|&(d, t)| {
-                    let lanes = c.e / d;
-                    t == d || (lanes.is_multiple_of(8) && (lanes / 8).is_power_of_two())
+                    let size = c.e / d;
+                    t == d || (size.is_multiple_of(8) && (size / 8).is_power_of_two())
                 })
                 .collect();
             (c.n_group, c.topk_group) = ok[g.below(ok.len())];
