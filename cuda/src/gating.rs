@@ -49,9 +49,9 @@ pub enum GateKernel {
     /// pick; `gate_grouped_v3` for [`Gating::Grouped`] with
     /// [`Scoring::Sigmoid`]: the experts' sigmoids in registers, group
     /// scores by an xor butterfly over a group's lanes, two `redux.sync`
-    /// per pick. Both take f16 or bf16 logits with `E <= V3_MAX_EXPERTS`
-    /// (256), `E % 8 == 0` and rows starting 16-byte aligned;
-    /// `gate_grouped_v3` also a 16-byte aligned bias (or none) and either
+    /// per pick. Both take f16 or bf16 logits (`gate_grouped_v3` f32 too)
+    /// with `E <= V3_MAX_EXPERTS` (256), `E % 8 == 0` and rows starting
+    /// 16-byte aligned; `gate_grouped_v3` also a 16-byte aligned bias (or none) and either
     /// no group limiting (`topk_group == n_group`) or groups of
     /// `8 * 2^j` experts. Anything else is [`CudaError::Unsupported`].
     ///
@@ -299,16 +299,19 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
         }
     }
     // The v3 kernels: 16-bit logits in whole 16-byte vectors per lane, at
-    // most 8 per lane; gate_topk_v3 renormalized top-k softmax,
+    // most 8 per lane (gate_grouped_v3: f32 too, two vectors per lane);
+    // gate_topk_v3 renormalized top-k softmax,
     // gate_grouped_v3 sigmoid grouped routing with a 16-byte aligned bias
     // and groups of whole lanes (or none).
     let v3_rows = (p.dtype & 255 == 1 || p.dtype & 255 == 2)
         && p.dtype & 256 != 0
         && e.is_multiple_of(8)
         && e <= V3_MAX_EXPERTS;
+    // gate_grouped_v3 also reads f32 logits (two 16-byte loads per lane).
+    let v3_f32 = p.dtype & 255 == 0 && p.dtype & 256 != 0 && e.is_multiple_of(8) && e <= V3_MAX_EXPERTS;
     let v3_kernel = match p.mode {
         1 if v3_rows => Some(Kernel::GateTopkV3),
-        2 if v3_rows && p.scoring == 1 && p.bias.is_multiple_of(16) && {
+        2 if (v3_rows || v3_f32) && p.scoring == 1 && p.bias.is_multiple_of(16) && {
             // experts per group: 8 per lane, a power of two of lanes
             let size = e / p.n_group as usize;
             p.topk_group == p.n_group || (size.is_multiple_of(8) && (size / 8).is_power_of_two())
@@ -334,8 +337,9 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
         (GateKernel::V3, Some(v3)) => v3,
         (GateKernel::V3, None) => {
             return Err(CudaError::Unsupported {
-                what: "the v3 gating kernels take f16/bf16 logits with E <= 256, E % 8 == 0 and 16-byte \
-                       aligned rows, and either renormalized top-k softmax or sigmoid grouped routing \
+                what: "the v3 gating kernels take f16/bf16 logits (grouped routing: f32 too) with E <= 256, \
+                       E % 8 == 0 and 16-byte aligned rows, and either renormalized top-k softmax or \
+                       sigmoid grouped routing \
                        (16-byte aligned bias; groups of a power-of-two multiple of 8 experts, or \
                        topk_group == n_group)",
             });
@@ -356,8 +360,9 @@ fn gate_with(kernels: &Kernels, call: Gate<'_>, stream: Stream<'_>) -> Result<()
     // gate_topk_v2, gate_grouped_v2, gate_topk_v3 and gate_grouped_v3 (same
     // layout; size asserted; the v2 kernels run only modes they implement,
     // E <= V2_MAX_EXPERTS; the v3 kernels only as `v3_kernel` chose them:
-    // their mode, 16-bit logits, E <= 256 in whole aligned 16-byte vectors,
-    // so the one vector load per lane stays inside the row, and for
+    // their mode, E <= 256 logits in whole aligned 16-byte vectors (16-bit;
+    // f32 for gate_grouped_v3), so each lane's one or two vector loads stay
+    // inside the row, and for
     // gate_grouped_v3 a 16-byte aligned bias of E values read as 8 per
     // lane); every device view was checked above against the extent the
     // kernel touches (T rows of stride elements, T * k ids and weights, E

@@ -169,20 +169,23 @@ impl GateCase {
         c
     }
 
-    /// Whether a v3 kernel takes this case: 16-bit logits, E a multiple of
-    /// 8 up to 256 (the buffers are aligned), and either renormalized top-k
-    /// softmax (`gate_topk_v3`) or sigmoid grouped routing with an aligned
-    /// bias and groups of whole lanes, or none (`gate_grouped_v3`).
+    /// Whether a v3 kernel takes this case: E a multiple of 8 up to 256 (the
+    /// buffers are aligned), and either renormalized top-k softmax over
+    /// 16-bit logits (`gate_topk_v3`) or sigmoid grouped routing over any
+    /// dtype with an aligned bias and groups of whole lanes, or none
+    /// (`gate_grouped_v3`).
     fn v3_applies(&self) -> bool {
-        let rows = matches!(self.dtype, 1 | 2) && self.e.is_multiple_of(8) && self.e <= V3_MAX_EXPERTS;
+        let shape = self.e.is_multiple_of(8) && self.e <= V3_MAX_EXPERTS;
+        let half = matches!(self.dtype, 1 | 2);
         let size = self.e / self.n_group;
         let groups =
             self.topk_group == self.n_group || (size.is_multiple_of(8) && (size / 8).is_power_of_two());
-        rows && match self.mode {
-            1 | 2 => true,
-            3 => self.scoring == Scoring::Sigmoid && self.bias_offset == 0 && groups,
-            _ => false,
-        }
+        shape
+            && match self.mode {
+                1 | 2 => half,
+                3 => self.scoring == Scoring::Sigmoid && self.bias_offset == 0 && groups,
+                _ => false,
+            }
     }
 
     /// A grouped case `gate_grouped_v3` takes (half of them DeepSeek-V3's
@@ -193,6 +196,9 @@ impl GateCase {
         let mut c = GateCase::random_v3(seed);
         let mut g = Gen(seed ^ 0x6E0_0000);
         c.mode = 3;
+        if g.chance(0.3) {
+            c.dtype = 0; // the logits are f16/bf16 values: exact in f32 too
+        }
         c.scoring = Scoring::Sigmoid;
         c.renorm = g.chance(0.7);
         c.scale = if g.chance(0.5) { 1.0 } else { 2.5 };
@@ -553,7 +559,12 @@ fn gate_v3_kernels_refuse_what_they_do_not_take() {
             (c.n_group, c.topk_group, c.k) = (8, 3, c.k.min(24));
             c.bias = None;
         }),
-        (&grouped, "f32 logits, grouped", |c| c.dtype = 0),
+        (&grouped, "grouped, E = 264", |c| {
+            c.e = 264;
+            c.logits.resize(c.t * 264, 0.0);
+            (c.n_group, c.topk_group) = (1, 1);
+            c.bias = None;
+        }),
         (&topk, "f32 logits", |c| c.dtype = 0),
         (&topk, "E = 60", |c| {
             c.e = 60;

@@ -987,10 +987,13 @@ def g3_body():
     ins("shl.b32", "%e", "%lane", "3")
     ins("setp.lt.u32", "%hv", "%e", "%E")
     ins("mul.wide.u32", "%o", "%row", "%stride")
-    ins("shl.b64", "%o", "%o", "1")
+    ins("cvt.u64.u32", "%oe", "%e")
+    ins("shl.b64", "%o", "%o", "2", pred="%isf32")
+    ins("shl.b64", "%oe", "%oe", "2", pred="%isf32")
+    ins("shl.b64", "%o", "%o", "1", pred="!%isf32")
+    ins("shl.b64", "%oe", "%oe", "1", pred="!%isf32")
     ins("add.u64", "%rowp", "%logits", "%o")
-    ins("mul.wide.u32", "%o", "%e", "2")
-    ins("add.u64", "%a", "%rowp", "%o")
+    ins("add.u64", "%a", "%rowp", "%oe")
     xs = [r(f"x{j}", "f32") for j in range(8)]
     bs = [r(f"b{j}", "f32") for j in range(8)]
     ss = [r(f"s{j}", "f32") for j in range(8)]
@@ -1003,6 +1006,11 @@ def g3_body():
     ins("add.u64", "%ba", "%biasg", "%o")
     emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[0]}, {bs[1]}, {bs[2]}, {bs[3]}}}, [%ba];")
     emit(f"    @%hasb ld.global.nc.v4.f32 {{{bs[4]}, {bs[5]}, {bs[6]}, {bs[7]}}}, [%ba+16];")
+    emit("    @!%isf32 bra    G3_16;")
+    emit(f"    ld.global.nc.v4.f32 {{{xs[0]}, {xs[1]}, {xs[2]}, {xs[3]}}}, [%a];")
+    emit(f"    ld.global.nc.v4.f32 {{{xs[4]}, {xs[5]}, {xs[6]}, {xs[7]}}}, [%a+16];")
+    emit("    bra.uni         G3_GOT;")
+    label("G3_16")
     load16(xs, "ld.global.nc.v4.b32", "G3")
     label("G3_GOT")
     comment("NaN anywhere (a non-finite bias too, as gate_grouped_v2), all -inf (masked)")
@@ -1158,6 +1166,7 @@ G3_PROLOGUE = warp_row_prologue("G3") + """\
     ld.param.u32    %dtype, [p+48];
     and.b32         %dtype, %dtype, 255;
     setp.eq.u32     %isf16, %dtype, 1;
+    setp.eq.u32     %isf32, %dtype, 0;
     ld.param.u32    %ng, [p+60];
     ld.param.u32    %tkg, [p+64];
     ld.param.u32    %gsc, [p+68];
@@ -1175,10 +1184,10 @@ G3_PROLOGUE = warp_row_prologue("G3") + """\
 """
 
 G3_FIXED = {
-    "pred": "q qw lt_k isf16 hv hasb nan bnan live drop",
+    "pred": "q qw lt_k isf16 isf32 hv hasb nan bnan live drop",
     "b16": "h0 h1",
     "b32": "th warp lane row T E stride k dtype ng tkg gsc renorm L e g rank src ib t u rk ri myi",
-    "b64": "logits ids wts bias biasg rowp a ba o",
+    "b64": "logits ids wts bias biasg rowp a ba o oe",
     "f32": "scale w s y",
 }
 
@@ -1221,7 +1230,7 @@ def entry_small(name, body, fixed, prologue, head, maxnreg):
 
 G3_HEAD = [
     "gate_grouped_v3: mode 2 (grouped, biased routing) with sigmoid scores",
-    "over 16-bit logits (f16, bf16), E <= 256, E % 8 == 0, 16-byte aligned",
+    "over f32, f16 or bf16 logits, E <= 256, E % 8 == 0, 16-byte aligned",
     "rows and bias, and groups of whole lanes (E / n_group a multiple of 8",
     "whose eighth is a power of two), or no group limiting (topk_group ==",
     "n_group); the launcher checks, the others run gate_grouped_v2. Lane l",

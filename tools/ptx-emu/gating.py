@@ -484,8 +484,7 @@ def v3_groups(e, ng, tkg):
 def grouped(lib, want_rows, seed, kernel="gate_grouped_v2"):
     """MEDLEY_EMU_KERNEL=gate_grouped_v2 (or gate_grouped_v3): grouped
     (DeepSeek-V3 style) routing against medley_moe_grouped_topk, random
-    configurations (v3: those its launcher gives it: sigmoid, 16-bit
-    logits, E <= 256, E % 8 == 0, groups of whole lanes). The core refuses
+    configurations (v3: those its launcher gives it: sigmoid, E <= 256, E % 8 == 0, groups of whole lanes). The core refuses
     a non-finite bias, the kernels make a NaN row of every row that is not
     NaN or masked already: v3's cases include such biases, checked
     against that rule."""
@@ -516,7 +515,7 @@ def grouped(lib, want_rows, seed, kernel="gate_grouped_v2"):
         k = int(rng.integers(1, min(reach, 32) + 1))
         renorm = int(rng.integers(0, 2))
         scale = float(rng.choice([1.0, 2.5]))
-        dtype = int(rng.integers(1, 3)) if v3 else int(rng.integers(0, 3))
+        dtype = int(rng.integers(0, 3))
         t = int(rng.integers(1, 20))
         x = case_rows(rng, e, t, dtype)
         bias = rng.uniform(-0.5, 0.5, size=e).astype(np.float32) if rng.random() < 0.6 else None
@@ -548,7 +547,7 @@ def grouped(lib, want_rows, seed, kernel="gate_grouped_v2"):
         if bad_bias:
             # the kernels' rule for a non-finite bias: every row that is
             # neither NaN nor masked becomes a NaN row
-            ninf = 0xFC00 if dtype == 1 else 0xFF80
+            ninf = {0: -np.inf, 1: 0xFC00, 2: 0xFF80}[dtype]
             for row in range(t):
                 masked = bool(np.all(x[row] == ninf))
                 nanrow = bool(np.isnan(w_c[row * k]))
