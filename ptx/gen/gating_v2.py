@@ -723,6 +723,20 @@ def tail(pre="V2"):
     ins("ret")
 
 
+# The grouped-routing parameters and the output pointers, shared by the
+# v2 and grouped v3 prologues.
+GROUP_PARAMS = """\
+    ld.param.u32    %ng, [p+60];
+    ld.param.u32    %tkg, [p+64];
+    ld.param.u32    %gsc, [p+68];
+    ld.param.u32    %renorm, [p+72];
+    ld.param.f32    %scale, [p+76];
+    cvta.to.global.u64 %logits, %logits;
+    cvta.to.global.u64 %ids, %ids;
+    cvta.to.global.u64 %wts, %wts;
+"""
+
+
 PROLOGUE = """\
     mov.u32         %th, %tid.x;
     shr.u32         %warp, %th, 5;
@@ -748,14 +762,7 @@ PROLOGUE = """\
     setp.eq.u32     %isf16, %dtype, 1;
     ld.param.u32    %mode, [p+52];
     ld.param.u32    %scoring, [p+56];
-    ld.param.u32    %ng, [p+60];
-    ld.param.u32    %tkg, [p+64];
-    ld.param.u32    %gsc, [p+68];
-    ld.param.u32    %renorm, [p+72];
-    ld.param.f32    %scale, [p+76];
-    cvta.to.global.u64 %logits, %logits;
-    cvta.to.global.u64 %ids, %ids;
-    cvta.to.global.u64 %wts, %wts;
+""" + GROUP_PARAMS + """\
     setp.lt.u32     %lt_k, %lane, %k;
     // this warp's shared memory: keys [E], then group scores [256]
     add.u32         %t, %E, 256;
@@ -1167,14 +1174,7 @@ G3_PROLOGUE = warp_row_prologue("G3") + """\
     and.b32         %dtype, %dtype, 255;
     setp.eq.u32     %isf16, %dtype, 1;
     setp.eq.u32     %isf32, %dtype, 0;
-    ld.param.u32    %ng, [p+60];
-    ld.param.u32    %tkg, [p+64];
-    ld.param.u32    %gsc, [p+68];
-    ld.param.u32    %renorm, [p+72];
-    ld.param.f32    %scale, [p+76];
-    cvta.to.global.u64 %logits, %logits;
-    cvta.to.global.u64 %ids, %ids;
-    cvta.to.global.u64 %wts, %wts;
+""" + GROUP_PARAMS + """\
     setp.ne.u64     %hasb, %bias, 0;
     cvta.to.global.u64 %biasg, %bias;
     setp.lt.u32     %lt_k, %lane, %k;
